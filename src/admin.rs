@@ -1,0 +1,253 @@
+//! The admin HTTP endpoint: health of the process, readiness and status.
+//!
+//! A deliberately small HTTP/1.1 server: one request per connection, answered with
+//! `Connection: close`. The request head is limited in size and time, so garbage or a
+//! slow client on the admin port costs one task and an error answer, never the server.
+//! Routing is one flat `match` on method and path.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::Ballast;
+
+/// Largest request head accepted.
+const MAX_HEAD: usize = 16 * 1024;
+/// How long a client may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the admin endpoint on `listener` until `stopped` turns true.
+pub async fn serve(listener: TcpListener, ballast: Ballast, mut stopped: watch::Receiver<bool>) {
+    info!(bind = ?listener.local_addr().ok(), "admin endpoint listening");
+    loop {
+        let accepted = tokio::select! {
+            _ = stopped.wait_for(|s| *s) => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let ballast = ballast.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, &ballast).await {
+                        debug!(client = %peer, error = %e, "admin request failed");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A parsed request head.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub headers: Vec<(String, String)>,
+}
+
+/// An answer: status, content type and body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Response {
+    pub fn text(status: u16, body: impl Into<String>) -> Response {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+
+    pub fn json(status: u16, value: &serde_json::Value) -> Response {
+        Response {
+            status,
+            content_type: "application/json",
+            body: format!("{value}\n"),
+        }
+    }
+
+    pub fn error(status: u16, message: &str) -> Response {
+        Response::json(status, &serde_json::json!({ "error": message }))
+    }
+}
+
+async fn handle(mut stream: TcpStream, ballast: &Ballast) -> std::io::Result<()> {
+    let response = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
+        Err(_) => Response::error(408, "request not received in time"),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(head)) => match parse_request(&head) {
+            Ok(request) => route(ballast, &request),
+            Err(why) => Response::error(why.status(), why.message()),
+        },
+    };
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        response.status,
+        reason(response.status),
+        response.content_type,
+        response.body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(response.body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// The admin API: one flat match on method and path.
+pub fn route(ballast: &Ballast, request: &Request) -> Response {
+    let path = request.path.trim_end_matches('/');
+    match (request.method.as_str(), path) {
+        ("GET", "/healthz") => Response::text(200, "ok\n"),
+        ("GET", "/readyz") => {
+            if ballast.is_shutting_down() {
+                Response::text(503, "shutting down\n")
+            } else if ballast.is_ready() {
+                Response::text(200, "ready\n")
+            } else {
+                Response::text(503, "not ready\n")
+            }
+        }
+        ("GET", "/api/v1/status") => Response::json(200, &ballast.status()),
+        (_, "/healthz" | "/readyz" | "/api/v1/status") => {
+            Response::error(405, &format!("{} is not allowed here", request.method))
+        }
+        _ => Response::error(
+            404,
+            &format!("no such route: {} {}", request.method, request.path),
+        ),
+    }
+}
+
+/// Reads up to the end of the request head (`\r\n\r\n`), at most [`MAX_HEAD`] bytes.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(head);
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.len() > MAX_HEAD {
+            return Ok(head);
+        }
+    }
+}
+
+/// Why a request head was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BadRequest {
+    TooLarge,
+    Malformed(&'static str),
+}
+
+impl BadRequest {
+    fn status(&self) -> u16 {
+        match self {
+            BadRequest::TooLarge => 431,
+            BadRequest::Malformed(_) => 400,
+        }
+    }
+    fn message(&self) -> &'static str {
+        match self {
+            BadRequest::TooLarge => "request head too large",
+            BadRequest::Malformed(why) => why,
+        }
+    }
+}
+
+/// Parses an HTTP/1.x request head.
+pub fn parse_request(head: &[u8]) -> Result<Request, BadRequest> {
+    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Err(if head.len() > MAX_HEAD {
+            BadRequest::TooLarge
+        } else {
+            BadRequest::Malformed("incomplete request head")
+        });
+    };
+    let text = std::str::from_utf8(&head[..end])
+        .map_err(|_| BadRequest::Malformed("request head is not UTF-8"))?;
+    let mut lines = text.split("\r\n");
+    let request_line = lines.next().unwrap_or_default();
+    let mut parts = request_line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(BadRequest::Malformed("malformed request line"));
+    };
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(BadRequest::Malformed("malformed method"));
+    }
+    if !version.starts_with("HTTP/1.") || !target.starts_with('/') {
+        return Err(BadRequest::Malformed("malformed request line"));
+    }
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut headers = Vec::new();
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(BadRequest::Malformed("malformed header line"));
+        };
+        headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+    }
+    Ok(Request {
+        method: method.to_string(),
+        path: path.to_string(),
+        query: query.to_string(),
+        headers,
+    })
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        422 => "Unprocessable Entity",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_head_parses() {
+        let r = parse_request(b"GET /api/v1/status?x=1 HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        assert_eq!(r.method, "GET");
+        assert_eq!(r.path, "/api/v1/status");
+        assert_eq!(r.query, "x=1");
+        assert_eq!(r.headers, vec![("host".to_string(), "a".to_string())]);
+    }
+
+    #[test]
+    fn garbage_is_a_bad_request() {
+        for garbage in [
+            &b"\x00\x01\x02\r\n\r\n"[..],
+            b"GET\r\n\r\n",
+            b"GET / HTTP/1.1",
+            b"get / HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(parse_request(garbage).is_err(), "{garbage:?}");
+        }
+        let huge = vec![b'a'; MAX_HEAD + 10];
+        assert_eq!(parse_request(&huge), Err(BadRequest::TooLarge));
+    }
+}

@@ -1,0 +1,67 @@
+//! `round_robin`: cycles the available backends in config order; weights are ignored.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::{Balancer, Candidate};
+
+#[derive(Debug, Default)]
+pub struct RoundRobin {
+    /// Where the next scan for an available backend starts.
+    next: AtomicUsize,
+}
+
+impl Balancer for RoundRobin {
+    fn pick(&self, candidates: &[Candidate], _client: IpAddr) -> Option<usize> {
+        let n = candidates.len();
+        if n == 0 {
+            return None;
+        }
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = turn % n;
+        let skipped = (0..n).find(|&k| candidates[(start + k) % n].available)?;
+        // Continue after the chosen one, so that an unavailable backend does not make
+        // its successor get two turns in a row. Lost to a concurrent pick, this only
+        // costs one extra turn for the successor.
+        if skipped > 0 {
+            let _ = self.next.compare_exchange(
+                turn.wrapping_add(1),
+                turn.wrapping_add(1 + skipped),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        Some((start + skipped) % n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::*;
+
+    #[test]
+    fn cycles_in_config_order_ignoring_weights() {
+        let rr = RoundRobin::default();
+        let mut c = weights(&[5, 1, 1]);
+        assert_eq!(sequence(&rr, &mut c, 7), "abcabca");
+    }
+
+    #[test]
+    fn skips_unavailable_backends_without_doubling_the_next() {
+        let rr = RoundRobin::default();
+        let mut c = weights(&[1, 1, 1, 1]);
+        c[1].available = false;
+        // a (b skipped) c d a c d ...
+        assert_eq!(sequence(&rr, &mut c, 6), "acdacd");
+    }
+
+    #[test]
+    fn none_when_nothing_is_available() {
+        let rr = RoundRobin::default();
+        let mut c = weights(&[1, 1]);
+        c.iter_mut().for_each(|c| c.available = false);
+        assert_eq!(rr.pick(&c, CLIENT), None);
+        assert_eq!(rr.pick(&[], CLIENT), None);
+    }
+}

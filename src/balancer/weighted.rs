@@ -1,0 +1,76 @@
+//! `weighted`: smooth weighted round-robin (the algorithm of nginx's upstream module).
+//!
+//! Each pick adds every available backend's weight to its running score, picks the
+//! highest score and subtracts the total weight from the winner. Over any run of
+//! sum(weights) picks each backend gets exactly its weight, and the picks interleave:
+//! weights 5:1:1 give `a a b a c a a`, not `a a a a a b c`.
+
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use super::{Balancer, Candidate};
+
+#[derive(Debug, Default)]
+pub struct Weighted {
+    /// The running score of each backend, in config order. A short critical section per
+    /// pick; the listener's accept loop is the main caller.
+    current: Mutex<Vec<i128>>,
+}
+
+impl Balancer for Weighted {
+    fn pick(&self, candidates: &[Candidate], _client: IpAddr) -> Option<usize> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        current.resize(candidates.len(), 0);
+        let mut total: i128 = 0;
+        let mut best: Option<usize> = None;
+        for (i, c) in candidates.iter().enumerate() {
+            if !c.available {
+                // An unavailable backend takes no part and builds up no credit.
+                current[i] = 0;
+                continue;
+            }
+            let weight = i128::from(c.weight.max(1));
+            current[i] += weight;
+            total += weight;
+            if best.is_none_or(|b| current[i] > current[b]) {
+                best = Some(i);
+            }
+        }
+        let best = best?;
+        current[best] -= total;
+        Some(best)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::*;
+
+    #[test]
+    fn five_one_one_interleaves() {
+        let w = Weighted::default();
+        let mut c = weights(&[5, 1, 1]);
+        //            period 1   period 2   period 3
+        let expected = "aabacaa".repeat(3);
+        assert_eq!(sequence(&w, &mut c, 21), expected);
+    }
+
+    #[test]
+    fn equal_weights_alternate() {
+        let w = Weighted::default();
+        let mut c = weights(&[2, 2]);
+        assert_eq!(sequence(&w, &mut c, 6), "ababab");
+    }
+
+    #[test]
+    fn an_unavailable_backend_is_never_picked_and_shares_stay_exact() {
+        let w = Weighted::default();
+        let mut c = weights(&[3, 1, 2]);
+        c[0].available = false;
+        let s = sequence(&w, &mut c, 30);
+        assert_eq!(s.matches('a').count(), 0);
+        assert_eq!(s.matches('b').count(), 10);
+        assert_eq!(s.matches('c').count(), 20);
+    }
+}

@@ -1,0 +1,130 @@
+//! The `ballast` command: parses the command line, sets up logging, calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use ballast::config::Config;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ballast",
+    version,
+    about = "A layer-4 TCP/WebSocket load balancer"
+)]
+struct Cli {
+    /// error | warn | info | debug | trace (RUST_LOG, when set, takes precedence)
+    #[arg(long, global = true, default_value = "info")]
+    log_level: LogLevel,
+    /// text | json
+    #[arg(long, global = true, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[arg(long, default_value = "conf/ballast.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file as `run` would, without binding anything.
+    Check {
+        #[arg(long, default_value = "conf/ballast.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Exit codes of the user-facing contract.
+const EXIT_BAD_CONFIG: u8 = 1;
+const EXIT_START_FAILURE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_BAD_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_logging(cli.log_level, cli.log_format);
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            let bound = match ballast::bind(&config) {
+                Ok(bound) => bound,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_START_FAILURE);
+                }
+            };
+            for (name, socket) in &bound.listeners {
+                if let Ok(addr) = socket.local_addr() {
+                    tracing::info!(listener = %name, %addr, "listener bound");
+                }
+            }
+            if let Some(addr) = bound.admin.as_ref().and_then(|s| s.local_addr().ok()) {
+                tracing::info!(%addr, "admin bound");
+            }
+            ballast::shell::run(config, bound);
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn init_logging(level: LogLevel, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let level = match level {
+        LogLevel::Error => "error",
+        LogLevel::Warn => "warn",
+        LogLevel::Info => "info",
+        LogLevel::Debug => "debug",
+        LogLevel::Trace => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

@@ -1,0 +1,188 @@
+//! One listener's accept loop and the life of one client connection:
+//! accept -> limits -> pick -> connect (timeout, retries) -> relay -> account.
+//!
+//! The first pick happens in the accept loop, before the connection's task is spawned,
+//! and the pick immediately counts against the chosen backend. Picks of one listener are
+//! therefore serialised and each one sees the counts of all the picks before it, so
+//! `least_conn` fills exactly even under a burst of new connections.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::relay::{self, RelayEnd};
+use crate::routing::ListenerRoute;
+use crate::state::{BackendGuard, ListenerGuard, RejectReason};
+use crate::Ballast;
+
+/// How long the accept loop pauses after running out of file descriptors or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Accepts connections on `listener` for the listener called `name` until `shutdown`
+/// turns true. Never returns early on an accept error: a transient one (EMFILE, ...) is
+/// logged and retried after a short pause.
+pub async fn serve(
+    listener: TcpListener,
+    name: String,
+    ballast: Ballast,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let local = listener.local_addr().ok();
+    info!(listener = %name, bind = ?local, "accepting connections");
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((client, peer)) => admit(&ballast, &name, client, peer),
+            Err(e) if is_resource_exhaustion(&e) => {
+                warn!(listener = %name, error = %e, "accept failed; pausing");
+                tokio::select! {
+                    _ = shutdown.wait_for(|stop| *stop) => break,
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
+            }
+            Err(e) => debug!(listener = %name, error = %e, "accept failed"),
+        }
+    }
+    info!(listener = %name, "stopped accepting connections");
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)
+    )
+}
+
+/// The errno values the accept loop backs off on (Linux and the BSDs agree on these).
+mod libc_errno {
+    pub const ENOMEM: i32 = 12;
+    pub const ENFILE: i32 = 23;
+    pub const EMFILE: i32 = 24;
+    #[cfg(target_os = "linux")]
+    pub const ENOBUFS: i32 = 105;
+    #[cfg(not(target_os = "linux"))]
+    pub const ENOBUFS: i32 = 55;
+}
+
+/// Applies the listener's limits and the first pick, then hands the connection to its
+/// own task. Runs in the accept loop: no awaits.
+fn admit(ballast: &Ballast, name: &str, client: TcpStream, peer: SocketAddr) {
+    let routing = ballast.routing();
+    let Some(route) = routing.listener(name).cloned() else {
+        // The listener left the config; its accept loop is being stopped.
+        return;
+    };
+    drop(routing);
+    if route
+        .config
+        .max_conns
+        .is_some_and(|max| route.state.active() >= max)
+    {
+        route.state.record_rejected(RejectReason::MaxConns);
+        debug!(listener = %name, client = %peer, "rejected: listener at max_conns");
+        return;
+    }
+    let Some(first) = route.pick(peer.ip(), &[]) else {
+        route.state.record_rejected(RejectReason::NoBackend);
+        warn!(listener = %name, client = %peer, "rejected: no backend available");
+        return;
+    };
+    let listener_guard = route.state.accept();
+    let backend_guard = route.backends[first].state.acquire();
+    let span = tracing::info_span!("conn", listener = %name, client = %peer);
+    let stop = ballast.close_signal();
+    tokio::spawn(
+        async move {
+            let _listener_guard: ListenerGuard = listener_guard;
+            proxy(route, client, peer, first, backend_guard, stop).await;
+        }
+        .instrument(span),
+    );
+}
+
+/// Connects to the picked backend (or, failing that, up to `retries` others) and relays.
+async fn proxy(
+    route: Arc<ListenerRoute>,
+    client: TcpStream,
+    peer: SocketAddr,
+    first: usize,
+    first_guard: BackendGuard,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some((index, guard, backend)) = connect(&route, peer, first, first_guard).await else {
+        route.state.record_rejected(RejectReason::NoBackend);
+        warn!("no backend could be reached; closing the client");
+        return;
+    };
+    let state = Arc::clone(guard.backend());
+    debug!(backend = %route.backends[index].config.name, "connected");
+    let _ = client.set_nodelay(true);
+    let _ = backend.set_nodelay(true);
+    let result = relay::relay(
+        client,
+        backend,
+        &|n| state.add_sent(n),
+        &|n| state.add_received(n),
+        route.config.idle_timeout,
+        async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        },
+    )
+    .await;
+    match result {
+        Ok(RelayEnd::Done) => debug!("closed"),
+        Ok(RelayEnd::Idle) => debug!("closed after idle_timeout"),
+        Ok(RelayEnd::Stopped) => debug!("closed by ballast"),
+        Err(e) => debug!(error = %e, "closed on error"),
+    }
+    drop(guard);
+}
+
+/// Tries the picked backend, then up to `retries` other available ones. The client is
+/// not touched until a backend answers, so it sees no error while any backend is
+/// reachable.
+async fn connect(
+    route: &ListenerRoute,
+    peer: SocketAddr,
+    first: usize,
+    first_guard: BackendGuard,
+) -> Option<(usize, BackendGuard, TcpStream)> {
+    let mut tried = vec![first];
+    let mut attempt = Some((first, first_guard));
+    while let Some((index, guard)) = attempt.take() {
+        let backend = &route.backends[index];
+        let addr = backend.config.addr;
+        match tokio::time::timeout(route.config.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                backend.state.record_connected();
+                return Some((index, guard, stream));
+            }
+            Ok(Err(e)) => {
+                warn!(backend = %backend.config.name, %addr, error = %e, "connect failed")
+            }
+            Err(_) => warn!(
+                backend = %backend.config.name, %addr,
+                timeout = ?route.config.connect_timeout, "connect timed out"
+            ),
+        }
+        backend.state.record_connect_failure();
+        drop(guard);
+        if tried.len() > route.config.retries as usize {
+            break;
+        }
+        if let Some(next) = route.pick(peer.ip(), &tried) {
+            tried.push(next);
+            attempt = Some((next, route.backends[next].state.acquire()));
+        }
+    }
+    None
+}

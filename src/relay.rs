@@ -1,0 +1,157 @@
+//! The byte relay between a client and its backend.
+//!
+//! Two directions are pumped concurrently in one task. Each direction waits until its
+//! source is readable, reads into a per-thread scratch buffer and writes straight on;
+//! only bytes the destination cannot take at once are kept in a buffer owned by the
+//! connection. So an idle connection holds no relay buffer at all, which keeps the
+//! memory of many long-lived, mostly idle (WebSocket) connections small.
+//!
+//! Half-close is kept: when one side ends its writes (FIN), the other side's write half
+//! is shut down once every byte has been delivered, and the opposite direction goes on
+//! until it ends too. An error on either side ends both directions.
+//!
+//! Bytes are counted as they are relayed, so counters move while a connection is open.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Size of the per-thread scratch buffer: one read moves at most this much.
+const SCRATCH_SIZE: usize = 64 * 1024;
+
+thread_local! {
+    /// Borrowed only between two awaits, never across one.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_SIZE]);
+}
+
+/// How a relay ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// Both sides closed their writes; every byte was delivered.
+    Done,
+    /// Nothing moved either way for `idle_timeout`.
+    Idle,
+    /// The `stop` future resolved (shutdown, drain deadline).
+    Stopped,
+}
+
+/// Which way bytes move, for counting.
+pub trait Counter: Sync {
+    fn add(&self, bytes: u64);
+}
+
+impl<F: Fn(u64) + Sync> Counter for F {
+    fn add(&self, bytes: u64) {
+        self(bytes)
+    }
+}
+
+/// Relays between `client` and `backend` until both directions are done, one fails,
+/// nothing moves for `idle_timeout`, or `stop` resolves. Both sockets are closed when
+/// this returns (they are dropped).
+pub async fn relay(
+    client: TcpStream,
+    backend: TcpStream,
+    to_backend: &dyn Counter,
+    to_client: &dyn Counter,
+    idle_timeout: Option<Duration>,
+    stop: impl Future<Output = ()>,
+) -> io::Result<RelayEnd> {
+    let start = Instant::now();
+    // Millis since `start` of the last byte moved either way, for the idle timer.
+    let last_activity = AtomicU64::new(0);
+    let both = async {
+        tokio::try_join!(
+            pump(&client, &backend, to_backend, &last_activity, start),
+            pump(&backend, &client, to_client, &last_activity, start),
+        )
+    };
+    let idle = async {
+        let Some(limit) = idle_timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
+            let deadline = start + last + limit;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::select! {
+        result = both => result.map(|_| RelayEnd::Done),
+        () = idle => Ok(RelayEnd::Idle),
+        () = stop => Ok(RelayEnd::Stopped),
+    }
+}
+
+/// Moves bytes from `from` to `to` until `from` ends its writes, then shuts down the
+/// write half of `to`. Cancel-safe in the sense that matters here: dropping it loses
+/// only bytes that the connection is being closed over anyway.
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    counter: &dyn Counter,
+    last_activity: &AtomicU64,
+    start: Instant,
+) -> io::Result<()> {
+    // Bytes read but not yet written; empty (and unallocated) in the common case.
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        from.readable().await?;
+        let read = SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let n = match from.try_read(&mut scratch) {
+                Ok(0) => return Ok(None),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
+                Err(e) => return Err(e),
+            };
+            let mut written = 0;
+            while written < n {
+                match to.try_write(&scratch[written..n]) {
+                    Ok(w) => written += w,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            pending.extend_from_slice(&scratch[written..n]);
+            Ok(Some(n))
+        })?;
+        let Some(n) = read else { break };
+        if n == 0 {
+            continue;
+        }
+        counter.add(n as u64);
+        last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let mut written = 0;
+        while written < pending.len() {
+            to.writable().await?;
+            match to.try_write(&pending[written..]) {
+                Ok(w) => {
+                    written += w;
+                    last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        pending.clear();
+        if pending.capacity() > SCRATCH_SIZE {
+            pending = Vec::new();
+        }
+    }
+    // `from` sent FIN: pass it on. The peer may already be gone, which is not an error
+    // worth failing the other direction for.
+    match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
+        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,167 @@
+//! The routing table: one immutable snapshot of the config joined with runtime state.
+//!
+//! A [`Routing`] is built from a validated [`Config`] and the [`Registry`], and lives in
+//! one `ArcSwap` (see `lib.rs`). A connection loads it once and keeps its `Arc` for its
+//! whole life, so the backend it picked stays meaningful even if a reload swaps in a new
+//! snapshot meanwhile. The snapshot holds config and balancers; everything that changes
+//! while it is in use (live counts, health, drain) is in the shared runtime state.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::balancer::{self, Balancer, Candidate, WEIGHT_SCALE};
+use crate::config::{BackendConfig, Config, ListenerConfig};
+use crate::state::{BackendState, ListenerState, Registry};
+
+/// One generation of the whole routing table.
+#[derive(Debug)]
+pub struct Routing {
+    /// 1 for the config loaded at start, +1 at every successful reload.
+    pub generation: u64,
+    pub config: Arc<Config>,
+    pub listeners: Vec<Arc<ListenerRoute>>,
+}
+
+impl Routing {
+    pub fn build(config: Config, generation: u64, registry: &Registry) -> Routing {
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| Arc::new(ListenerRoute::build(l.clone(), registry)))
+            .collect();
+        Routing {
+            generation,
+            config: Arc::new(config),
+            listeners,
+        }
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&Arc<ListenerRoute>> {
+        self.listeners.iter().find(|l| l.config.name == name)
+    }
+}
+
+/// A listener's part of the routing table.
+#[derive(Debug)]
+pub struct ListenerRoute {
+    pub config: ListenerConfig,
+    pub state: Arc<ListenerState>,
+    pub backends: Vec<BackendRoute>,
+    balancer: Box<dyn Balancer>,
+}
+
+/// A backend as configured, with its runtime state.
+#[derive(Debug)]
+pub struct BackendRoute {
+    pub config: BackendConfig,
+    pub state: Arc<BackendState>,
+}
+
+/// What an operator sees as a backend's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendStatus {
+    Up,
+    Down,
+    Draining,
+}
+
+impl BackendStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendStatus::Up => "up",
+            BackendStatus::Down => "down",
+            BackendStatus::Draining => "draining",
+        }
+    }
+}
+
+impl BackendRoute {
+    /// Draining: drained by an operator or configured with `max_conns = 0`.
+    pub fn is_draining(&self) -> bool {
+        self.state.is_drained() || self.config.max_conns == Some(0)
+    }
+
+    pub fn status(&self) -> BackendStatus {
+        if self.is_draining() {
+            BackendStatus::Draining
+        } else if self.state.is_up() {
+            BackendStatus::Up
+        } else {
+            BackendStatus::Down
+        }
+    }
+
+    /// Up, not draining and below its `max_conns`: may get a new connection.
+    pub fn is_available(&self) -> bool {
+        !self.is_draining()
+            && self.state.is_up()
+            && self
+                .config
+                .max_conns
+                .is_none_or(|max| self.state.active() < max)
+    }
+
+    /// The weight a strategy should use now, reduced while the backend is in slow start.
+    fn effective_weight(&self, slow_start: Option<Duration>) -> u64 {
+        let full = u64::from(self.config.weight) * WEIGHT_SCALE;
+        match slow_start {
+            Some(window) => {
+                let elapsed = self.state.in_service_for();
+                if elapsed >= window {
+                    full
+                } else {
+                    // Ramp linearly from 5% of the weight to all of it.
+                    let frac = elapsed.as_secs_f64() / window.as_secs_f64();
+                    ((full as f64) * (0.05 + 0.95 * frac)).max(1.0) as u64
+                }
+            }
+            None => full,
+        }
+    }
+}
+
+impl ListenerRoute {
+    pub fn build(config: ListenerConfig, registry: &Registry) -> ListenerRoute {
+        let names: Vec<(&str, u32)> = config
+            .backends
+            .iter()
+            .map(|b| (b.name.as_str(), b.weight))
+            .collect();
+        let balancer = balancer::build(config.strategy, &names);
+        let backends = config
+            .backends
+            .iter()
+            .map(|b| BackendRoute {
+                config: b.clone(),
+                state: registry.backend(&config.name, &b.name),
+            })
+            .collect();
+        ListenerRoute {
+            state: registry.listener(&config.name),
+            config,
+            backends,
+            balancer,
+        }
+    }
+
+    /// Picks the backend for a new connection from `client`, leaving out the backends
+    /// in `tried` (already failed for this client). `None` when nothing is available.
+    pub fn pick(&self, client: IpAddr, tried: &[usize]) -> Option<usize> {
+        let candidates: Vec<Candidate> = self
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| Candidate {
+                available: b.is_available() && !tried.contains(&i),
+                weight: b.effective_weight(self.config.slow_start),
+                active: b.state.active(),
+            })
+            .collect();
+        self.balancer.pick(&candidates, client)
+    }
+
+    pub fn backend(&self, name: &str) -> Option<&BackendRoute> {
+        self.backends.iter().find(|b| b.config.name == name)
+    }
+}
