@@ -1,0 +1,172 @@
+//! Shared helpers for the integration tests: test backends on 127.0.0.1:0, a ballast
+//! started from TOML text, waiting on conditions with deadlines.
+#![allow(dead_code)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A test backend: greets every connection with its name and a newline, then echoes.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn greeter(name: &str) -> Backend {
+        Backend::spawn(name, true).await
+    }
+
+    /// A plain echo backend (no greeting).
+    pub async fn echo(name: &str) -> Backend {
+        Backend::spawn(name, false).await
+    }
+
+    async fn spawn(name: &str, greet: bool) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        let greeting = format!("{name}\n");
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let greeting = greeting.clone();
+                tokio::spawn(async move {
+                    if greet && stream.write_all(greeting.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Backend {
+            name: name.to_string(),
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting; the port is closed.
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An address on which nothing listens (bound, then closed).
+pub async fn dead_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// TOML for the backends of one listener.
+pub fn backends_toml(backends: &[(&str, SocketAddr, u32)]) -> String {
+    backends
+        .iter()
+        .map(|(name, addr, weight)| {
+            format!("\n  [[listeners.backends]]\n  name = \"{name}\"\n  addr = \"{addr}\"\n  weight = {weight}\n")
+        })
+        .collect()
+}
+
+/// Starts ballast on the current runtime from TOML text.
+pub async fn start(toml: &str) -> ballast::Running {
+    let config = ballast::config::Config::parse(toml, "test.toml").expect("valid test config");
+    ballast::start(config).await.expect("ballast starts")
+}
+
+/// Connects to `addr` and reads the backend's greeting line.
+pub async fn connect_and_greet(addr: SocketAddr) -> (TcpStream, String) {
+    connect_from_and_greet(None, addr).await
+}
+
+/// Connects from source IP `from` (any 127.x.y.z works on Linux) and reads the greeting.
+pub async fn connect_from_and_greet(from: Option<IpAddr>, addr: SocketAddr) -> (TcpStream, String) {
+    let stream = tokio::time::timeout(DEADLINE, async {
+        match from {
+            Some(ip) => {
+                let socket = TcpSocket::new_v4().unwrap();
+                socket.bind(SocketAddr::new(ip, 0)).unwrap();
+                socket.connect(addr).await
+            }
+            None => TcpStream::connect(addr).await,
+        }
+    })
+    .await
+    .expect("connect in time")
+    .expect("connect");
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    tokio::time::timeout(DEADLINE, reader.read_line(&mut line))
+        .await
+        .expect("greeting in time")
+        .expect("greeting");
+    assert!(line.ends_with('\n'), "connection closed before a greeting: {line:?}");
+    line.pop();
+    (reader.into_inner(), line)
+}
+
+/// Waits until `cond` holds, checking every 10 ms, failing the test after [`DEADLINE`].
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Asserts that the peer closes `stream` (EOF or reset) within the deadline.
+pub async fn assert_closed(stream: &mut TcpStream) {
+    let mut buf = [0u8; 64];
+    let result = tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+        .await
+        .expect("the connection should be closed in time");
+    match result {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("expected a close, got {n} bytes"),
+    }
+}
+
+/// One HTTP/1.1 request to the admin endpoint: (status, body).
+pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut answer))
+        .await
+        .expect("admin answers in time")
+        .unwrap();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
