@@ -34,14 +34,22 @@ fn toml_for(backends: &[Backend], weights: &[u32]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_lands_300_connections_100_100_100() {
     let backends = three_backends().await;
-    let ballast = start(&listener_toml("round_robin", "", &toml_for(&backends, &[5, 1, 1]))).await;
+    let ballast = start(&listener_toml(
+        "round_robin",
+        "",
+        &toml_for(&backends, &[5, 1, 1]),
+    ))
+    .await;
     let addr = ballast.listener_addr("web");
     let mut landed: HashMap<String, usize> = HashMap::new();
     for _ in 0..300 {
         let (_stream, name) = connect_and_greet(addr).await;
         *landed.entry(name).or_default() += 1;
     }
-    assert_eq!(landed, HashMap::from([("a".into(), 100), ("b".into(), 100), ("c".into(), 100)]));
+    assert_eq!(
+        landed,
+        HashMap::from([("a".into(), 100), ("b".into(), 100), ("c".into(), 100)])
+    );
     for b in &backends {
         assert_eq!(b.accepted(), 100, "backend {} counted", b.name);
     }
@@ -50,7 +58,12 @@ async fn round_robin_lands_300_connections_100_100_100() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_five_one_one_is_exact_and_interleaved_in_every_period() {
     let backends = three_backends().await;
-    let ballast = start(&listener_toml("weighted", "", &toml_for(&backends, &[5, 1, 1]))).await;
+    let ballast = start(&listener_toml(
+        "weighted",
+        "",
+        &toml_for(&backends, &[5, 1, 1]),
+    ))
+    .await;
     let addr = ballast.listener_addr("web");
     let mut sequence = String::new();
     for _ in 0..21 {
@@ -64,7 +77,12 @@ async fn weighted_five_one_one_is_exact_and_interleaved_in_every_period() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_conn_with_weights_two_one_one_holds_twenty_ten_ten_and_refills_an_emptied_backend() {
     let backends = three_backends().await;
-    let ballast = start(&listener_toml("least_conn", "", &toml_for(&backends, &[2, 1, 1]))).await;
+    let ballast = start(&listener_toml(
+        "least_conn",
+        "",
+        &toml_for(&backends, &[2, 1, 1]),
+    ))
+    .await;
     let addr = ballast.listener_addr("web");
     let mut held: Vec<(tokio::net::TcpStream, String)> = Vec::new();
     for _ in 0..40 {
@@ -81,8 +99,17 @@ async fn least_conn_with_weights_two_one_one_holds_twenty_ten_ten_and_refills_an
     // Every connection of c closes; ballast sees them go, and c is refilled first.
     held.retain(|(_, name)| name != "c");
     let route = ballast.ballast.routing();
-    let c_state = route.listener("web").unwrap().backend("c").unwrap().state.clone();
-    wait_until("c's connections to be counted closed", || c_state.active() == 0).await;
+    let c_state = route
+        .listener("web")
+        .unwrap()
+        .backend("c")
+        .unwrap()
+        .state
+        .clone();
+    wait_until("c's connections to be counted closed", || {
+        c_state.active() == 0
+    })
+    .await;
     for _ in 0..10 {
         held.push(connect_and_greet(addr).await);
     }
@@ -103,7 +130,12 @@ async fn ip_hash_keeps_each_client_on_one_backend_and_spreads_1000_ips_evenly_ov
     let addr = ballast.listener_addr("web");
     let mut per_backend: HashMap<String, usize> = HashMap::new();
     for i in 0..1000u32 {
-        let ip = IpAddr::V4(Ipv4Addr::new(127, 1 + (i / 250) as u8, (i % 250) as u8, 1 + (i % 7) as u8));
+        let ip = IpAddr::V4(Ipv4Addr::new(
+            127,
+            1 + (i / 250) as u8,
+            (i % 250) as u8,
+            1 + (i % 7) as u8,
+        ));
         let (_first, name) = connect_from_and_greet(Some(ip), addr).await;
         let (_second, again) = connect_from_and_greet(Some(ip), addr).await;
         assert_eq!(name, again, "client {ip} moved between backends");
@@ -111,7 +143,10 @@ async fn ip_hash_keeps_each_client_on_one_backend_and_spreads_1000_ips_evenly_ov
     }
     for name in names {
         let n = per_backend.get(name).copied().unwrap_or(0);
-        assert!((140..=260).contains(&n), "backend {name} got {n} of 1000 clients: {per_backend:?}");
+        assert!(
+            (140..=260).contains(&n),
+            "backend {name} got {n} of 1000 clients: {per_backend:?}"
+        );
     }
 }
 
@@ -137,7 +172,11 @@ async fn one_dead_backend_among_three_costs_clients_no_failed_connection() {
     assert!(!landed.contains_key("b"));
     let route = ballast.ballast.routing();
     let b = route.listener("web").unwrap().backend("b").unwrap();
-    assert!(b.state.connect_failures() >= 100, "failures: {}", b.state.connect_failures());
+    assert!(
+        b.state.connect_failures() >= 100,
+        "failures: {}",
+        b.state.connect_failures()
+    );
     assert_eq!(b.state.active(), 0, "failed connects give their slot back");
 }
 
@@ -149,18 +188,27 @@ async fn no_available_backend_closes_the_client_at_once_and_counts_it() {
         a.addr
     );
     let ballast = start(&toml).await;
-    let mut stream = tokio::net::TcpStream::connect(ballast.listener_addr("web")).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(ballast.listener_addr("web"))
+        .await
+        .unwrap();
     assert_closed(&mut stream).await;
     assert_eq!(a.accepted(), 0);
     let route = ballast.ballast.routing();
     let web = route.listener("web").unwrap();
-    assert_eq!(web.state.rejected(ballast::state::RejectReason::NoBackend), 1);
+    assert_eq!(
+        web.state.rejected(ballast::state::RejectReason::NoBackend),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_max_conns_refuses_the_connection_over_the_cap() {
     let a = Backend::greeter("a").await;
-    let toml = listener_toml("round_robin", "max_conns = 2", &backends_toml(&[("a", a.addr, 1)]));
+    let toml = listener_toml(
+        "round_robin",
+        "max_conns = 2",
+        &backends_toml(&[("a", a.addr, 1)]),
+    );
     let ballast = start(&toml).await;
     let addr = ballast.listener_addr("web");
     let _one = connect_and_greet(addr).await;
@@ -170,7 +218,11 @@ async fn listener_max_conns_refuses_the_connection_over_the_cap() {
     assert_eq!(a.accepted(), 2);
     let route = ballast.ballast.routing();
     assert_eq!(
-        route.listener("web").unwrap().state.rejected(ballast::state::RejectReason::MaxConns),
+        route
+            .listener("web")
+            .unwrap()
+            .state
+            .rejected(ballast::state::RejectReason::MaxConns),
         1
     );
 }
@@ -198,7 +250,11 @@ async fn backend_max_conns_sends_the_overflow_to_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_closed_after_idle_timeout() {
     let a = Backend::greeter("a").await;
-    let toml = listener_toml("round_robin", "idle_timeout = \"300ms\"", &backends_toml(&[("a", a.addr, 1)]));
+    let toml = listener_toml(
+        "round_robin",
+        "idle_timeout = \"300ms\"",
+        &backends_toml(&[("a", a.addr, 1)]),
+    );
     let ballast = start(&toml).await;
     let (mut stream, _) = connect_and_greet(ballast.listener_addr("web")).await;
     let started = std::time::Instant::now();
@@ -220,12 +276,19 @@ async fn a_backend_failing_health_checks_is_marked_down_and_skipped() {
     b.stop();
     let route = ballast.ballast.routing();
     let web = route.listener("web").unwrap();
-    wait_until("b to be marked down", || !web.backend("b").unwrap().state.is_up()).await;
+    wait_until("b to be marked down", || {
+        !web.backend("b").unwrap().state.is_up()
+    })
+    .await;
     let status = ballast.ballast.status();
     assert_eq!(status["listeners"][0]["backends"][1]["state"], "down");
     for _ in 0..10 {
         let (_s, name) = connect_and_greet(addr).await;
         assert_eq!(name, "a");
     }
-    assert_eq!(web.backend("b").unwrap().state.connect_failures(), 0, "a down backend is not even tried");
+    assert_eq!(
+        web.backend("b").unwrap().state.connect_failures(),
+        0,
+        "a down backend is not even tried"
+    );
 }

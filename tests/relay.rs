@@ -31,7 +31,9 @@ fn payload(len: usize) -> Vec<u8> {
 async fn a_50_mib_payload_echoes_back_intact() {
     let backend = Backend::echo("echo").await;
     let ballast = start(&one_backend(backend.addr)).await;
-    let stream = TcpStream::connect(ballast.listener_addr("web")).await.unwrap();
+    let stream = TcpStream::connect(ballast.listener_addr("web"))
+        .await
+        .unwrap();
     let (mut reader, mut writer) = stream.into_split();
     let data = payload(50 * 1024 * 1024);
     let sent = data.clone();
@@ -40,17 +42,28 @@ async fn a_50_mib_payload_echoes_back_intact() {
         writer.shutdown().await.unwrap();
     });
     let mut echoed = Vec::with_capacity(data.len());
-    tokio::time::timeout(std::time::Duration::from_secs(60), reader.read_to_end(&mut echoed))
-        .await
-        .expect("echo in time")
-        .unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        reader.read_to_end(&mut echoed),
+    )
+    .await
+    .expect("echo in time")
+    .unwrap();
     write.await.unwrap();
     assert_eq!(echoed.len(), data.len());
     assert!(echoed == data, "echoed bytes differ");
 
     let route = ballast.ballast.routing();
-    let state = &route.listener("web").unwrap().backend("only").unwrap().state;
-    wait_until("byte counters", || state.received_bytes() == data.len() as u64).await;
+    let state = &route
+        .listener("web")
+        .unwrap()
+        .backend("only")
+        .unwrap()
+        .state;
+    wait_until("byte counters", || {
+        state.received_bytes() == data.len() as u64
+    })
+    .await;
     assert_eq!(state.sent_bytes(), data.len() as u64);
 }
 
@@ -70,7 +83,9 @@ async fn a_client_that_half_closes_still_receives_the_whole_answer() {
         stream.shutdown().await.unwrap();
     });
     let ballast = start(&one_backend(backend_addr)).await;
-    let mut stream = TcpStream::connect(ballast.listener_addr("web")).await.unwrap();
+    let mut stream = TcpStream::connect(ballast.listener_addr("web"))
+        .await
+        .unwrap();
     stream.write_all(&payload(100_000)).await.unwrap();
     stream.shutdown().await.unwrap();
     let mut answer = Vec::new();
@@ -99,13 +114,18 @@ async fn a_backend_that_half_closes_still_receives_the_rest_of_the_client_stream
         let _ = tx.send(request);
     });
     let ballast = start(&one_backend(backend_addr)).await;
-    let mut stream = TcpStream::connect(ballast.listener_addr("web")).await.unwrap();
+    let mut stream = TcpStream::connect(ballast.listener_addr("web"))
+        .await
+        .unwrap();
     let mut hello = Vec::new();
     stream.read_to_end(&mut hello).await.unwrap();
     assert_eq!(hello, b"hello");
     let data = payload(1024 * 1024);
     stream.write_all(&data).await.unwrap();
     stream.shutdown().await.unwrap();
-    let received = tokio::time::timeout(DEADLINE, rx).await.expect("in time").unwrap();
+    let received = tokio::time::timeout(DEADLINE, rx)
+        .await
+        .expect("in time")
+        .unwrap();
     assert!(received == data);
 }

@@ -126,7 +126,10 @@ pub async fn connect_from_and_greet(from: Option<IpAddr>, addr: SocketAddr) -> (
         .await
         .expect("greeting in time")
         .expect("greeting");
-    assert!(line.ends_with('\n'), "connection closed before a greeting: {line:?}");
+    assert!(
+        line.ends_with('\n'),
+        "connection closed before a greeting: {line:?}"
+    );
     line.pop();
     (reader.into_inner(), line)
 }
@@ -135,7 +138,10 @@ pub async fn connect_from_and_greet(from: Option<IpAddr>, addr: SocketAddr) -> (
 pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -167,6 +173,9 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
-    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }

@@ -1,0 +1,247 @@
+//! The `ballast` command as an operator uses it: `check` on good and bad files, exit
+//! codes, `--version`, and `run` from start to a graceful SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ballast");
+
+fn ballast(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().expect("ballast runs")
+}
+
+fn toml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn version_prints_the_name_and_version() {
+    let out = ballast(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("ballast {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn a_usage_error_exits_1() {
+    let out = ballast(&["run", "--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = ballast(&["frobnicate"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn check_accepts_every_shipped_config_and_every_valid_fixture() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = toml_files(&root.join("conf"));
+    files.extend(toml_files(&root.join("tests/config/valid")));
+    assert!(files.len() >= 4, "{files:?}");
+    for file in files {
+        let out = ballast(&["check", "--config", file.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{} should be valid: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    }
+}
+
+#[test]
+fn check_rejects_every_invalid_fixture_with_exit_1_and_a_message_naming_the_problem() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let files = toml_files(&root.join("tests/config/invalid"));
+    assert!(files.len() >= 25);
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} has no '# expect:' line", file.display()));
+        let out = ballast(&["check", "--config", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {stderr}", file.display());
+        assert!(out.stdout.is_empty());
+        assert!(
+            stderr.contains(expect),
+            "{}: expected {expect:?} in:\n{stderr}",
+            file.display()
+        );
+        assert!(
+            stderr.contains(file.to_str().unwrap()),
+            "the message names the file: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn semantic_errors_name_line_and_column() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let file = root.join("tests/config/invalid/weight_zero.toml");
+    let out = ballast(&["check", "--config", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The backend table starts on line 6 of the fixture.
+    assert!(
+        stderr.contains(&format!("{}:6:", file.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_of_a_missing_file_exits_1() {
+    let out = ballast(&["check", "--config", "/nonexistent/ballast.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/ballast.toml: cannot read"));
+}
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+    let path = dir.path().join("ballast.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn run_exits_2_naming_the_listener_when_its_port_is_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        &format!("[[listeners]]\nname = \"web\"\nbind = \"{addr}\"\n\n  [[listeners.backends]]\n  addr = \"127.0.0.1:1\"\n"),
+    );
+    let out = ballast(&["run", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("listener \"web\""), "{stderr}");
+    assert!(stderr.contains(&addr.to_string()), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn run_exits_1_on_a_bad_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, "[[listeners]]\nname = \"web\"\n");
+    let out = ballast(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+/// Reads stderr lines until one contains `needle`; returns that line.
+fn wait_for_line(lines: &mut impl Iterator<Item = String>, needle: &str) -> String {
+    for line in lines {
+        if line.contains(needle) {
+            return line;
+        }
+    }
+    panic!("ballast's log ended before a line with {needle:?}");
+}
+
+fn addr_in(line: &str) -> std::net::SocketAddr {
+    let at = line.find("addr=").expect("addr= in the line") + 5;
+    line[at..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_proxies_and_exits_0_on_sigterm() {
+    let backend = common::Backend::greeter("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        &format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\n\n[runtime]\nthreads = 1\nshutdown_timeout = \"5s\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n{}",
+            common::backends_toml(&[("app", backend.addr, 1)])
+        ),
+    );
+    let mut child = Command::new(BIN)
+        .args([
+            "run",
+            "--log-format",
+            "text",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut lines = stderr.lines().map_while(Result::ok).map(|l| strip_ansi(&l));
+    let web = addr_in(&wait_for_line(&mut lines, "listener bound"));
+    let admin = addr_in(&wait_for_line(&mut lines, "admin bound"));
+    // Keep draining the log so that ballast never blocks on a full pipe.
+    let log = std::thread::spawn(move || lines.collect::<Vec<_>>());
+
+    let deadline = Instant::now() + common::DEADLINE;
+    loop {
+        if tokio::net::TcpStream::connect(admin).await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "admin never answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = common::http(admin, "GET", "/readyz").await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    let (status, body) = common::http(admin, "GET", "/api/v1/status").await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["listeners"][0]["bind"], web.to_string());
+
+    let (_held, name) = common::connect_and_greet(web).await;
+    assert_eq!(name, "app");
+    drop(_held);
+
+    let started = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "exit waits for connections, not a fixed grace"
+    );
+    let log = log.join().unwrap().join("\n");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
