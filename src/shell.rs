@@ -52,7 +52,7 @@ pub fn run(config: Config, bound: Bound) {
         }
         server.add_service(ListenerService {
             service_name: format!("listener {name}"),
-            name,
+            listener: name,
             socket: Some(socket),
             ballast: ballast.clone(),
             threads,
@@ -75,7 +75,7 @@ pub fn run(config: Config, bound: Bound) {
 
 /// One listener: its accept loop on its own runtime.
 struct ListenerService {
-    name: String,
+    listener: String,
     /// pingora names threads after the service.
     service_name: String,
     /// Taken when the service starts.
@@ -98,9 +98,9 @@ impl Service for ListenerService {
         match tokio::net::TcpListener::from_std(socket) {
             Ok(listener) => {
                 let stop = self.ballast.accept_signal();
-                proxy::serve(listener, self.name.clone(), self.ballast.clone(), stop).await;
+                proxy::serve(listener, self.listener.clone(), self.ballast.clone(), stop).await;
             }
-            Err(e) => error!(listener = %self.name, error = %e, "cannot serve listener"),
+            Err(e) => error!(listener = %self.listener, error = %e, "cannot serve listener"),
         }
     }
 

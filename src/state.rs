@@ -273,11 +273,10 @@ mod tests {
         let g2 = b.acquire();
         assert_eq!(b.active(), 2);
         drop(g1);
-        let result: Result<(), ()> = (move || {
-            let _g = g2;
+        fn fails_early(_guard: BackendGuard) -> Result<(), ()> {
             Err(())
-        })();
-        assert!(result.is_err());
+        }
+        assert!(fails_early(g2).is_err());
         assert_eq!(b.active(), 0);
     }
 

@@ -124,7 +124,7 @@ fn gcd(a: u32, b: u32) -> u32 {
 }
 
 fn next_prime(mut n: usize) -> usize {
-    let is_prime = |n: usize| n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0);
+    let is_prime = |n: usize| n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d));
     while !is_prime(n) {
         n += 1;
     }
