@@ -50,7 +50,17 @@ pub struct Request {
     pub method: String,
     pub path: String,
     pub query: String,
+    /// Header names in lower case.
     pub headers: Vec<(String, String)>,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// An answer: status, content type and body.
@@ -88,7 +98,10 @@ async fn handle(mut stream: TcpStream, ballast: &Ballast) -> std::io::Result<()>
         Err(_) => Response::error(408, "request not received in time"),
         Ok(Err(e)) => return Err(e),
         Ok(Ok(head)) => match parse_request(&head) {
-            Ok(request) => route(ballast, &request),
+            Ok(request) => match discard_body(&mut stream, &request, &head).await {
+                Ok(()) => route(ballast, &request),
+                Err(response) => response,
+            },
             Err(why) => Response::error(why.status(), why.message()),
         },
     };
@@ -104,12 +117,16 @@ async fn handle(mut stream: TcpStream, ballast: &Ballast) -> std::io::Result<()>
     stream.shutdown().await
 }
 
-/// The admin API: one flat match on method and path.
+/// The admin API: one flat match on method and path segments.
 pub fn route(ballast: &Ballast, request: &Request) -> Response {
-    let path = request.path.trim_end_matches('/');
-    match (request.method.as_str(), path) {
-        ("GET", "/healthz") => Response::text(200, "ok\n"),
-        ("GET", "/readyz") => {
+    let segments: Vec<&str> = request.path.split('/').filter(|s| !s.is_empty()).collect();
+    let method = request.method.as_str();
+    if method == "POST" && !authorized(ballast, request) {
+        return Response::error(401, "missing or wrong bearer token");
+    }
+    match (method, segments.as_slice()) {
+        ("GET", ["healthz"]) => Response::text(200, "ok\n"),
+        ("GET", ["readyz"]) => {
             if ballast.is_shutting_down() {
                 Response::text(503, "shutting down\n")
             } else if ballast.is_ready() {
@@ -118,15 +135,146 @@ pub fn route(ballast: &Ballast, request: &Request) -> Response {
                 Response::text(503, "not ready\n")
             }
         }
-        ("GET", "/api/v1/status") => Response::json(200, &ballast.status()),
-        (_, "/healthz" | "/readyz" | "/api/v1/status") => {
-            Response::error(405, &format!("{} is not allowed here", request.method))
+        ("GET", ["metrics"]) => Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: ballast.render_metrics(),
+        },
+        ("GET", ["api", "v1", "status"]) => Response::json(200, &ballast.status()),
+        ("POST", ["api", "v1", "reload"]) => {
+            Response::error(501, "reload is not available in this version")
         }
-        _ => Response::error(
-            404,
-            &format!("no such route: {} {}", request.method, request.path),
-        ),
+        ("POST", ["api", "v1", "listeners", listener, "backends", backend, action])
+            if *action == "drain" || *action == "undrain" =>
+        {
+            drain(ballast, listener, backend, *action == "drain")
+        }
+        ("GET", ["api", "v1", "listeners", listener, "pick"]) => {
+            pick(ballast, listener, &request.query)
+        }
+        (_, ["healthz" | "readyz" | "metrics"] | ["api", "v1", "status"])
+        | (_, ["api", "v1", "listeners", _, "pick"]) => {
+            Response::error(405, &format!("{method} is not allowed here; use GET"))
+        }
+        (_, ["api", "v1", "reload"])
+        | (_, ["api", "v1", "listeners", _, "backends", _, "drain" | "undrain"]) => {
+            Response::error(405, &format!("{method} is not allowed here; use POST"))
+        }
+        _ => Response::error(404, &format!("no such route: {method} {}", request.path)),
     }
+}
+
+/// POSTs need `Authorization: Bearer <token>` when `admin.token_file` is set.
+fn authorized(ballast: &Ballast, request: &Request) -> bool {
+    let Some(expected) = ballast.admin_token() else {
+        return true;
+    };
+    let given = request
+        .header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Compare every byte, so the time taken does not tell how much of a guess was right.
+    given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn drain(ballast: &Ballast, listener: &str, backend: &str, drained: bool) -> Response {
+    let routing = ballast.routing();
+    let Some(l) = routing.listener(listener) else {
+        return Response::error(404, &format!("no listener named {listener:?}"));
+    };
+    let Some(b) = l.backend(backend) else {
+        return Response::error(
+            404,
+            &format!("listener {listener:?} has no backend named {backend:?}"),
+        );
+    };
+    b.state.set_drained(drained);
+    tracing::info!(
+        listener,
+        backend,
+        drained,
+        "backend drain state changed by the admin API"
+    );
+    Response::json(
+        200,
+        &serde_json::json!({ "listener": listener, "backend": backend, "state": b.status().as_str() }),
+    )
+}
+
+fn pick(ballast: &Ballast, listener: &str, query: &str) -> Response {
+    let mut client = std::net::IpAddr::from([0, 0, 0, 0]);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("client", value)) => match value.parse() {
+                Ok(ip) => client = ip,
+                Err(_) => {
+                    return Response::error(400, &format!("client {value:?} is not an IP address"))
+                }
+            },
+            _ => {
+                return Response::error(
+                    400,
+                    &format!("unknown query parameter {pair:?}; expected client=IP"),
+                )
+            }
+        }
+    }
+    let routing = ballast.routing();
+    let Some(l) = routing.listener(listener) else {
+        return Response::error(404, &format!("no listener named {listener:?}"));
+    };
+    match l.peek(client) {
+        Some(i) => {
+            let b = &l.backends[i];
+            Response::json(
+                200,
+                &serde_json::json!({ "backend": b.config.name, "addr": b.config.addr_text }),
+            )
+        }
+        None => Response::error(503, "no backend is available"),
+    }
+}
+
+/// Largest request body read (and ignored): no admin route takes a body.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Reads and drops a request body announced by `Content-Length`, so that closing the
+/// connection after the answer does not reset it before the client has read it.
+async fn discard_body(
+    stream: &mut TcpStream,
+    request: &Request,
+    head: &[u8],
+) -> Result<(), Response> {
+    let Some(length) = request.header("content-length") else {
+        return Ok(());
+    };
+    let length: usize = length
+        .parse()
+        .map_err(|_| Response::error(400, "malformed Content-Length"))?;
+    if length > MAX_BODY {
+        return Err(Response::error(413, "request body too large"));
+    }
+    let head_end = head
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(head.len(), |i| i + 4);
+    let mut remaining = length.saturating_sub(head.len() - head_end);
+    let mut buf = [0u8; 4096];
+    while remaining > 0 {
+        let want = remaining.min(buf.len());
+        match tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf[..want])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => {
+                return Err(Response::error(400, "incomplete request body"))
+            }
+            Ok(Ok(n)) => remaining -= n,
+        }
+    }
+    Ok(())
 }
 
 /// Reads up to the end of the request head (`\r\n\r\n`), at most [`MAX_HEAD`] bytes.
@@ -216,6 +364,7 @@ fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        413 => "Payload Too Large",
         422 => "Unprocessable Entity",
         431 => "Request Header Fields Too Large",
         501 => "Not Implemented",

@@ -279,6 +279,9 @@ pub struct Config {
 pub struct AdminConfig {
     pub bind: SocketAddr,
     pub token_file: Option<PathBuf>,
+    /// The bearer token read from `token_file` (a relative path is taken from the config
+    /// file's folder); every POST must carry it when set.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -400,10 +403,20 @@ impl Validator<'_> {
                 threads: r.threads,
                 shutdown_timeout: r.shutdown_timeout.0,
             });
-        let admin = raw.admin.map(|a| AdminConfig {
-            bind: a.bind.0,
-            token_file: a.token_file,
-        });
+        let admin = match raw.admin {
+            None => None,
+            Some(a) => {
+                let token = match &a.token_file {
+                    None => None,
+                    Some(path) => Some(self.read_token(path)?),
+                };
+                Some(AdminConfig {
+                    bind: a.bind.0,
+                    token_file: a.token_file,
+                    token,
+                })
+            }
+        };
 
         let mut listeners: Vec<ListenerConfig> = Vec::with_capacity(raw.listeners.len());
         for raw_listener in raw.listeners {
@@ -444,6 +457,31 @@ impl Validator<'_> {
             runtime,
             listeners,
         })
+    }
+
+    fn read_token(&self, path: &Path) -> Result<String, ConfigError> {
+        let path = match Path::new(self.file).parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_path_buf(),
+        };
+        let at = self.text.find("token_file").unwrap_or(0);
+        let token = std::fs::read_to_string(&path).map_err(|e| {
+            self.error(
+                at..at,
+                format!("admin.token_file: cannot read {}: {e}", path.display()),
+            )
+        })?;
+        let token = token.trim();
+        if token.is_empty() || token.chars().any(char::is_whitespace) {
+            return Err(self.error(
+                at..at,
+                format!(
+                    "admin.token_file: {} must hold one token with no spaces",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(token.to_string())
     }
 
     fn listener(&self, raw: RawListener) -> Result<ListenerConfig, ConfigError> {

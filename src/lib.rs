@@ -17,11 +17,13 @@ pub mod admin;
 pub mod balancer;
 pub mod config;
 pub mod health;
+pub mod metrics;
 pub mod proxy;
 pub mod relay;
 pub mod routing;
 pub mod shell;
 pub mod state;
+pub mod status;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -71,6 +73,9 @@ impl Ballast {
     pub fn new(config: Config) -> Ballast {
         let registry = Registry::default();
         let routing = Routing::build(config, 1, &registry);
+        let metrics = registry.metrics();
+        metrics.config_generation.set(1);
+        metrics.config_last_reload_success.set(unix_now());
         Ballast {
             inner: Arc::new(Inner {
                 routing: ArcSwap::from_pointee(routing),
@@ -89,6 +94,15 @@ impl Ballast {
     /// block reloads.
     pub fn routing(&self) -> Arc<Routing> {
         self.inner.routing.load_full()
+    }
+
+    /// The bearer token every admin POST needs, when `admin.token_file` is set.
+    pub fn admin_token(&self) -> Option<String> {
+        self.routing()
+            .config
+            .admin
+            .as_ref()
+            .and_then(|a| a.token.clone())
     }
 
     pub fn registry(&self) -> &Registry {
@@ -180,6 +194,24 @@ impl Ballast {
         }
     }
 
+    /// The text of `GET /metrics`: gauges that describe the current snapshot (up,
+    /// draining, weight, imbalance, generation) are set first, then all is encoded.
+    pub fn render_metrics(&self) -> String {
+        let routing = self.routing();
+        for l in &routing.listeners {
+            for b in &l.backends {
+                let m = b.state.metrics();
+                m.up.set(i64::from(b.state.is_up()));
+                m.draining.set(i64::from(b.is_draining()));
+                m.weight.set(i64::from(b.config.weight));
+            }
+            l.state.metrics().imbalance.set(l.imbalance());
+        }
+        let metrics = self.inner.registry.metrics();
+        metrics.config_generation.set(routing.generation as i64);
+        metrics.encode()
+    }
+
     /// The JSON of `GET /api/v1/status`.
     pub fn status(&self) -> serde_json::Value {
         let routing = self.routing();
@@ -214,6 +246,12 @@ impl Ballast {
             .collect();
         serde_json::json!({ "generation": routing.generation, "listeners": listeners })
     }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// A listen address could not be bound.

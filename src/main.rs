@@ -36,6 +36,11 @@ enum Command {
         #[arg(long, default_value = "conf/ballast.toml")]
         config: PathBuf,
     },
+    /// Show listeners and backends of a running ballast (read from its admin endpoint).
+    Status {
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: std::net::SocketAddr,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -79,6 +84,16 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::Status { admin } => match ballast::status::fetch(admin) {
+            Ok(status) => {
+                print!("{}", ballast::status::render(&status));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_START_FAILURE)
             }
         },
         Command::Run { config } => {

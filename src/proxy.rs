@@ -161,9 +161,10 @@ async fn connect(
     while let Some((index, guard)) = attempt.take() {
         let backend = &route.backends[index];
         let addr = backend.config.addr;
+        let started = tokio::time::Instant::now();
         match tokio::time::timeout(route.config.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
-                backend.state.record_connected();
+                backend.state.record_connected(started.elapsed());
                 return Some((index, guard, stream));
             }
             Ok(Err(e)) => {
@@ -174,7 +175,7 @@ async fn connect(
                 timeout = ?route.config.connect_timeout, "connect timed out"
             ),
         }
-        backend.state.record_connect_failure();
+        backend.state.record_connect_failure(started.elapsed());
         drop(guard);
         if tried.len() > route.config.retries as usize {
             break;

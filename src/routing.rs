@@ -148,8 +148,17 @@ impl ListenerRoute {
     /// Picks the backend for a new connection from `client`, leaving out the backends
     /// in `tried` (already failed for this client). `None` when nothing is available.
     pub fn pick(&self, client: IpAddr, tried: &[usize]) -> Option<usize> {
-        let candidates: Vec<Candidate> = self
-            .backends
+        self.balancer.pick(&self.candidates(tried), client)
+    }
+
+    /// Where a new connection from `client` would go now, without opening one or
+    /// advancing any rotation.
+    pub fn peek(&self, client: IpAddr) -> Option<usize> {
+        self.balancer.peek(&self.candidates(&[]), client)
+    }
+
+    fn candidates(&self, tried: &[usize]) -> Vec<Candidate> {
+        self.backends
             .iter()
             .enumerate()
             .map(|(i, b)| Candidate {
@@ -157,8 +166,33 @@ impl ListenerRoute {
                 weight: b.effective_weight(self.config.slow_start),
                 active: b.state.active(),
             })
+            .collect()
+    }
+
+    /// The largest `active / fair share` among available backends, where the fair share
+    /// of a backend is `total_active * weight / sum(weights of available backends)`,
+    /// capped by its `max_conns`. 1 is perfectly even; 1 also when nothing is open.
+    pub fn imbalance(&self) -> f64 {
+        let available: Vec<&BackendRoute> = self
+            .backends
+            .iter()
+            .filter(|b| !b.is_draining() && b.state.is_up())
             .collect();
-        self.balancer.pick(&candidates, client)
+        let total: u64 = available.iter().map(|b| b.state.active()).sum();
+        let weights: u64 = available.iter().map(|b| u64::from(b.config.weight)).sum();
+        if total == 0 || weights == 0 {
+            return 1.0;
+        }
+        available
+            .iter()
+            .map(|b| {
+                let mut fair = total as f64 * f64::from(b.config.weight) / weights as f64;
+                if let Some(max) = b.config.max_conns {
+                    fair = fair.min(max as f64);
+                }
+                b.state.active() as f64 / fair.max(f64::MIN_POSITIVE)
+            })
+            .fold(0.0, f64::max)
     }
 
     pub fn backend(&self, name: &str) -> Option<&BackendRoute> {

@@ -13,6 +13,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use crate::metrics::{BackendMetrics, ListenerMetrics, Metrics};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,15 +23,9 @@ use std::time::{Duration, Instant};
 pub struct BackendState {
     pub listener: String,
     pub name: String,
-    /// Connections counted against this backend right now (from pick to close).
-    active: AtomicU64,
-    /// Connections established to this backend since start.
-    total: AtomicU64,
-    connect_failures: AtomicU64,
-    /// Bytes relayed client -> backend.
-    sent_bytes: AtomicU64,
-    /// Bytes relayed backend -> client.
-    received_bytes: AtomicU64,
+    /// Live count (from pick to close), totals and byte counters: the Prometheus handles
+    /// themselves, so `/metrics` and the admin API read the same atomics.
+    metrics: BackendMetrics,
     /// Health: `false` after `fall` failed checks, `true` again after `rise` good ones.
     up: AtomicBool,
     /// Drained through the admin API; survives reloads while the backend exists.
@@ -42,15 +38,11 @@ pub struct BackendState {
 }
 
 impl BackendState {
-    pub fn new(listener: &str, name: &str) -> BackendState {
+    pub fn new(listener: &str, name: &str, metrics: BackendMetrics) -> BackendState {
         BackendState {
             listener: listener.to_string(),
             name: name.to_string(),
-            active: AtomicU64::new(0),
-            total: AtomicU64::new(0),
-            connect_failures: AtomicU64::new(0),
-            sent_bytes: AtomicU64::new(0),
-            received_bytes: AtomicU64::new(0),
+            metrics,
             up: AtomicBool::new(true),
             drained: AtomicBool::new(false),
             health_streak: AtomicU32::new(0),
@@ -60,19 +52,22 @@ impl BackendState {
     }
 
     pub fn active(&self) -> u64 {
-        self.active.load(Ordering::Relaxed)
+        self.metrics.active.get().max(0) as u64
     }
     pub fn total(&self) -> u64 {
-        self.total.load(Ordering::Relaxed)
+        self.metrics.total.get()
     }
     pub fn connect_failures(&self) -> u64 {
-        self.connect_failures.load(Ordering::Relaxed)
+        self.metrics.connect_failures.get()
     }
     pub fn sent_bytes(&self) -> u64 {
-        self.sent_bytes.load(Ordering::Relaxed)
+        self.metrics.sent_bytes.get()
     }
     pub fn received_bytes(&self) -> u64 {
-        self.received_bytes.load(Ordering::Relaxed)
+        self.metrics.received_bytes.get()
+    }
+    pub fn metrics(&self) -> &BackendMetrics {
+        &self.metrics
     }
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
@@ -90,23 +85,25 @@ impl BackendState {
 
     /// Counts a new connection against this backend until the guard is dropped.
     pub fn acquire(self: &Arc<Self>) -> BackendGuard {
-        self.active.fetch_add(1, Ordering::Relaxed);
+        self.metrics.active.inc();
         BackendGuard {
             backend: Arc::clone(self),
         }
     }
 
-    pub fn record_connected(&self) {
-        self.total.fetch_add(1, Ordering::Relaxed);
+    pub fn record_connected(&self, took: Duration) {
+        self.metrics.total.inc();
+        self.metrics.connect_duration.observe(took.as_secs_f64());
     }
-    pub fn record_connect_failure(&self) {
-        self.connect_failures.fetch_add(1, Ordering::Relaxed);
+    pub fn record_connect_failure(&self, took: Duration) {
+        self.metrics.connect_failures.inc();
+        self.metrics.connect_duration.observe(took.as_secs_f64());
     }
     pub fn add_sent(&self, bytes: u64) {
-        self.sent_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.metrics.sent_bytes.inc_by(bytes);
     }
     pub fn add_received(&self, bytes: u64) {
-        self.received_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.metrics.received_bytes.inc_by(bytes);
     }
 
     /// Feeds one health check result; returns the new up/down state when it flipped.
@@ -159,7 +156,7 @@ impl BackendGuard {
 
 impl Drop for BackendGuard {
     fn drop(&mut self) {
-        self.backend.active.fetch_sub(1, Ordering::Relaxed);
+        self.backend.metrics.active.dec();
     }
 }
 
@@ -176,49 +173,49 @@ pub enum RejectReason {
 #[derive(Debug)]
 pub struct ListenerState {
     pub name: String,
-    active: AtomicU64,
-    total: AtomicU64,
-    rejected_max_conns: AtomicU64,
-    rejected_no_backend: AtomicU64,
+    /// Live count, totals and rejections: the Prometheus handles themselves.
+    metrics: ListenerMetrics,
 }
 
 impl ListenerState {
-    pub fn new(name: &str) -> ListenerState {
+    pub fn new(name: &str, metrics: ListenerMetrics) -> ListenerState {
         ListenerState {
             name: name.to_string(),
-            active: AtomicU64::new(0),
-            total: AtomicU64::new(0),
-            rejected_max_conns: AtomicU64::new(0),
-            rejected_no_backend: AtomicU64::new(0),
+            metrics,
         }
     }
 
     pub fn active(&self) -> u64 {
-        self.active.load(Ordering::Relaxed)
+        self.metrics.active.get().max(0) as u64
     }
     pub fn total(&self) -> u64 {
-        self.total.load(Ordering::Relaxed)
+        self.metrics.total.get()
+    }
+    pub fn metrics(&self) -> &ListenerMetrics {
+        &self.metrics
+    }
+    fn rejected_counter(&self, reason: RejectReason) -> &prometheus::IntCounter {
+        match reason {
+            RejectReason::MaxConns => &self.metrics.rejected_max_conns,
+            RejectReason::NoBackend => &self.metrics.rejected_no_backend,
+        }
     }
     pub fn rejected(&self, reason: RejectReason) -> u64 {
-        match reason {
-            RejectReason::MaxConns => self.rejected_max_conns.load(Ordering::Relaxed),
-            RejectReason::NoBackend => self.rejected_no_backend.load(Ordering::Relaxed),
-        }
+        self.rejected_counter(reason).get()
     }
+    /// Counts a client connection closed without a backend. Every accepted connection
+    /// counts in the listener's total, rejected or not.
     pub fn record_rejected(&self, reason: RejectReason) {
-        match reason {
-            RejectReason::MaxConns => &self.rejected_max_conns,
-            RejectReason::NoBackend => &self.rejected_no_backend,
-        }
-        .fetch_add(1, Ordering::Relaxed);
+        self.rejected_counter(reason).inc();
     }
 
     /// Counts an accepted client connection until the guard is dropped.
     pub fn accept(self: &Arc<Self>) -> ListenerGuard {
-        self.active.fetch_add(1, Ordering::Relaxed);
-        self.total.fetch_add(1, Ordering::Relaxed);
+        self.metrics.active.inc();
+        self.metrics.total.inc();
         ListenerGuard {
             listener: Arc::clone(self),
+            opened: Instant::now(),
         }
     }
 }
@@ -227,28 +224,37 @@ impl ListenerState {
 #[derive(Debug)]
 pub struct ListenerGuard {
     listener: Arc<ListenerState>,
+    opened: Instant,
 }
 
 impl Drop for ListenerGuard {
     fn drop(&mut self) {
-        self.listener.active.fetch_sub(1, Ordering::Relaxed);
+        self.listener.metrics.active.dec();
+        let lasted = self.opened.elapsed().as_secs_f64();
+        self.listener.metrics.connection_duration.observe(lasted);
     }
 }
 
 /// All runtime state by name; outlives every config snapshot.
 #[derive(Debug, Default)]
 pub struct Registry {
+    /// Where the handles of new states come from.
+    metrics: Metrics,
     listeners: Mutex<HashMap<String, Arc<ListenerState>>>,
     backends: Mutex<HashMap<(String, String), Arc<BackendState>>>,
 }
 
 impl Registry {
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// The state of listener `name`, created on first use.
     pub fn listener(&self, name: &str) -> Arc<ListenerState> {
         let mut map = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(
             map.entry(name.to_string())
-                .or_insert_with(|| Arc::new(ListenerState::new(name))),
+                .or_insert_with(|| Arc::new(ListenerState::new(name, self.metrics.listener(name)))),
         )
     }
 
@@ -257,7 +263,13 @@ impl Registry {
         let mut map = self.backends.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(
             map.entry((listener.to_string(), name.to_string()))
-                .or_insert_with(|| Arc::new(BackendState::new(listener, name))),
+                .or_insert_with(|| {
+                    Arc::new(BackendState::new(
+                        listener,
+                        name,
+                        self.metrics.backend(listener, name),
+                    ))
+                }),
         )
     }
 }
@@ -268,7 +280,11 @@ mod tests {
 
     #[test]
     fn the_guard_gives_the_slot_back_on_every_path() {
-        let b = Arc::new(BackendState::new("web", "a"));
+        let b = Arc::new(BackendState::new(
+            "web",
+            "a",
+            Metrics::new().backend("web", "a"),
+        ));
         let g1 = b.acquire();
         let g2 = b.acquire();
         assert_eq!(b.active(), 2);
@@ -282,7 +298,7 @@ mod tests {
 
     #[test]
     fn health_flips_only_after_rise_or_fall_consecutive_results() {
-        let b = BackendState::new("web", "a");
+        let b = BackendState::new("web", "a", Metrics::new().backend("web", "a"));
         assert_eq!(b.record_health(false, 2, 3), None);
         assert_eq!(b.record_health(false, 2, 3), None);
         assert_eq!(

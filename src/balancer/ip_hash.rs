@@ -98,6 +98,10 @@ impl Balancer for Maglev {
             .map(|k| self.table[(start + k) % size] as usize)
             .find(|&i| candidates.get(i).is_some_and(|c| c.available))
     }
+
+    fn peek(&self, candidates: &[Candidate], client: IpAddr) -> Option<usize> {
+        self.pick(candidates, client)
+    }
 }
 
 /// FNV-1a over the bytes, then a SplitMix64 finalizer: stable across builds and
@@ -124,7 +128,12 @@ fn gcd(a: u32, b: u32) -> u32 {
 }
 
 fn next_prime(mut n: usize) -> usize {
-    let is_prime = |n: usize| n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d));
+    let is_prime = |n: usize| {
+        n >= 2
+            && (2..)
+                .take_while(|d| d * d <= n)
+                .all(|d| !n.is_multiple_of(d))
+    };
     while !is_prime(n) {
         n += 1;
     }

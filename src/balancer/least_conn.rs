@@ -30,15 +30,26 @@ impl Balancer for LeastConn {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        let mut best: Option<usize> = None;
-        for i in (0..n).map(|k| (start + k) % n) {
-            let c = &candidates[i];
-            if c.available && best.is_none_or(|b| load_cmp(c, &candidates[b]).is_lt()) {
-                best = Some(i);
-            }
-        }
-        best
+        least_loaded(candidates, start)
     }
+
+    fn peek(&self, candidates: &[Candidate], _client: IpAddr) -> Option<usize> {
+        let start = self.next.load(Ordering::Relaxed) % candidates.len().max(1);
+        least_loaded(candidates, start)
+    }
+}
+
+/// The available candidate with the lowest load; ties go to the first from `start`.
+fn least_loaded(candidates: &[Candidate], start: usize) -> Option<usize> {
+    let n = candidates.len();
+    let mut best: Option<usize> = None;
+    for i in (0..n).map(|k| (start + k) % n) {
+        let c = &candidates[i];
+        if c.available && best.is_none_or(|b| load_cmp(c, &candidates[b]).is_lt()) {
+            best = Some(i);
+        }
+    }
+    best
 }
 
 #[cfg(test)]

@@ -50,6 +50,10 @@ pub trait Balancer: Send + Sync + fmt::Debug {
     /// Picks the backend for a new connection from `client`, or `None` when no candidate
     /// is available. `candidates` has one entry per configured backend, in config order.
     fn pick(&self, candidates: &[Candidate], client: IpAddr) -> Option<usize>;
+
+    /// Where [`pick`](Balancer::pick) would send a connection from `client` now, without
+    /// advancing any rotation (for the admin API's "pick" route).
+    fn peek(&self, candidates: &[Candidate], client: IpAddr) -> Option<usize>;
 }
 
 /// Builds the balancer of `strategy` for backends with these names and weights (config

@@ -19,7 +19,7 @@ impl Balancer for RoundRobin {
         }
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         let start = turn % n;
-        let skipped = (0..n).find(|&k| candidates[(start + k) % n].available)?;
+        let skipped = first_available(candidates, start)?;
         // Continue after the chosen one, so that an unavailable backend does not make
         // its successor get two turns in a row. Lost to a concurrent pick, this only
         // costs one extra turn for the successor.
@@ -33,6 +33,18 @@ impl Balancer for RoundRobin {
         }
         Some((start + skipped) % n)
     }
+
+    fn peek(&self, candidates: &[Candidate], _client: IpAddr) -> Option<usize> {
+        let n = candidates.len();
+        let start = self.next.load(Ordering::Relaxed) % n.max(1);
+        first_available(candidates, start).map(|skipped| (start + skipped) % n)
+    }
+}
+
+/// How many backends after `start` (cyclically) the first available one is.
+fn first_available(candidates: &[Candidate], start: usize) -> Option<usize> {
+    let n = candidates.len();
+    (0..n).find(|&k| candidates[(start + k) % n].available)
 }
 
 #[cfg(test)]

@@ -20,26 +20,40 @@ pub struct Weighted {
 impl Balancer for Weighted {
     fn pick(&self, candidates: &[Candidate], _client: IpAddr) -> Option<usize> {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        current.resize(candidates.len(), 0);
-        let mut total: i128 = 0;
-        let mut best: Option<usize> = None;
-        for (i, c) in candidates.iter().enumerate() {
-            if !c.available {
-                // An unavailable backend takes no part and builds up no credit.
-                current[i] = 0;
-                continue;
-            }
-            let weight = i128::from(c.weight.max(1));
-            current[i] += weight;
-            total += weight;
-            if best.is_none_or(|b| current[i] > current[b]) {
-                best = Some(i);
-            }
-        }
-        let best = best?;
-        current[best] -= total;
-        Some(best)
+        step(&mut current, candidates)
     }
+
+    fn peek(&self, candidates: &[Candidate], _client: IpAddr) -> Option<usize> {
+        let mut scratch = self
+            .current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        step(&mut scratch, candidates)
+    }
+}
+
+/// One round of smooth weighted round-robin over the running scores `current`.
+fn step(current: &mut Vec<i128>, candidates: &[Candidate]) -> Option<usize> {
+    current.resize(candidates.len(), 0);
+    let mut total: i128 = 0;
+    let mut best: Option<usize> = None;
+    for (i, c) in candidates.iter().enumerate() {
+        if !c.available {
+            // An unavailable backend takes no part and builds up no credit.
+            current[i] = 0;
+            continue;
+        }
+        let weight = i128::from(c.weight.max(1));
+        current[i] += weight;
+        total += weight;
+        if best.is_none_or(|b| current[i] > current[b]) {
+            best = Some(i);
+        }
+    }
+    let best = best?;
+    current[best] -= total;
+    Some(best)
 }
 
 #[cfg(test)]

@@ -160,8 +160,70 @@ pub async fn assert_closed(stream: &mut TcpStream) {
 
 /// One HTTP/1.1 request to the admin endpoint: (status, body).
 pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    http_with(addr, method, path, "").await
+}
+
+/// Scrapes `/metrics` from the admin endpoint.
+pub async fn scrape(admin: SocketAddr) -> String {
+    let (status, body) = http(admin, "GET", "/metrics").await;
+    assert_eq!(status, 200);
+    body
+}
+
+/// The value of the sample of metric `name` whose labels include all of `labels`.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let present: Vec<(String, String)> = label_text
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| p.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+                .collect();
+            labels
+                .iter()
+                .all(|(k, v)| present.iter().any(|(pk, pv)| pk == k && pv == v))
+                .then(|| value.parse().ok())
+                .flatten()
+        })
+}
+
+/// Scrapes until metric `name` with `labels` satisfies `cond`, within the deadline.
+pub async fn wait_for_metric(
+    admin: SocketAddr,
+    name: &str,
+    labels: &[(&str, &str)],
+    cond: impl Fn(f64) -> bool,
+) -> f64 {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let text = scrape(admin).await;
+        let value = sample(&text, name, labels);
+        if let Some(v) = value.filter(|v| cond(*v)) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting on {name}{labels:?}: last value {value:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An HTTP/1.1 request with extra header lines: (status, body).
+pub async fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    let request =
+        format!("{method} {path} HTTP/1.1\r\nHost: test\r\n{headers}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut answer = String::new();
     tokio::time::timeout(DEADLINE, stream.read_to_string(&mut answer))
@@ -172,7 +234,7 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+        .unwrap_or(0);
     let body = answer
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
