@@ -278,7 +278,7 @@ async fn discard_body(
 }
 
 /// Reads up to the end of the request head (`\r\n\r\n`), at most [`MAX_HEAD`] bytes.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+pub async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 4096];
     loop {

@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod balancer;
 pub mod config;
+pub mod demo;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
@@ -24,6 +25,7 @@ pub mod routing;
 pub mod shell;
 pub mod state;
 pub mod status;
+pub mod websocket;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

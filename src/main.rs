@@ -36,6 +36,13 @@ enum Command {
         #[arg(long, default_value = "conf/ballast.toml")]
         config: PathBuf,
     },
+    /// Three demo backends behind ballast on loopback, and a guide of what to try.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: std::net::SocketAddr,
+    },
     /// Show listeners and backends of a running ballast (read from its admin endpoint).
     Status {
         #[arg(long, default_value = "127.0.0.1:9090")]
@@ -86,6 +93,30 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
+        Command::Demo { listen, admin } => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::from(EXIT_START_FAILURE);
+                }
+            };
+            let stop = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            match runtime.block_on(async {
+                tokio::select! {
+                    result = ballast::demo::run(listen, admin, stop) => result,
+                    _ = terminated() => Ok(()),
+                }
+            }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_START_FAILURE)
+                }
+            }
+        }
         Command::Status { admin } => match ballast::status::fetch(admin) {
             Ok(status) => {
                 print!("{}", ballast::status::render(&status));
@@ -122,6 +153,16 @@ fn main() -> ExitCode {
             ballast::shell::run(config, bound);
             ExitCode::SUCCESS
         }
+    }
+}
+
+/// Resolves on SIGTERM (the demo ends on it as on Ctrl-C).
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            term.recv().await;
+        }
+        Err(_) => std::future::pending().await,
     }
 }
 

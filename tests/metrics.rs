@@ -288,3 +288,67 @@ async fn every_metric_of_the_contract_is_exported_and_passes_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Every metric name (a `ballast_` or `process_` identifier) in a PromQL text.
+fn metric_names(promql: &str) -> Vec<String> {
+    promql
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|t| t.starts_with("ballast_") || t.starts_with("process_"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn collect_queries(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map {
+                match (key.as_str(), v) {
+                    ("expr" | "query", serde_json::Value::String(q)) => out.push(q.clone()),
+                    _ => collect_queries(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_queries(v, out)),
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_grafana_dashboard_queries_is_one_ballast_exports() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/grafana/ballast.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(
+        dashboard["templating"]["list"][0]["type"], "datasource",
+        "the datasource is a variable"
+    );
+    let mut queries = Vec::new();
+    collect_queries(&dashboard, &mut queries);
+    let names: std::collections::BTreeSet<String> =
+        queries.iter().flat_map(|q| metric_names(q)).collect();
+    assert!(names.len() >= 15, "{names:?}");
+
+    let a = Backend::greeter("a").await;
+    let ballast = start_with_admin("", &[("a", a.addr, 1)]).await;
+    let text = scrape(ballast.admin_addr().unwrap()).await;
+    for name in &names {
+        assert!(
+            sample(&text, name, &[]).is_some(),
+            "the dashboard queries {name}, which ballast does not export"
+        );
+    }
+    let panels = dashboard["panels"].as_array().unwrap();
+    for title in [
+        "Active connections per backend",
+        "Backend connect latency",
+        "Config reloads",
+        "Rebalance migrations per minute",
+        "Backend up",
+        "Backend draining",
+    ] {
+        assert!(
+            panels.iter().any(|p| p["title"] == title),
+            "no panel {title:?}"
+        );
+    }
+}

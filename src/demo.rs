@@ -1,0 +1,200 @@
+//! `ballast demo`: three demo backends and ballast in front of them, on loopback.
+//!
+//! Each demo backend answers HTTP `GET /` with its own name and echoes WebSocket
+//! messages, so a new user sees balancing (repeat `curl`), live counts (hold WebSockets
+//! open) and draining (the admin API) without setting anything up.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::Config;
+use crate::websocket::{self, OP_CLOSE, OP_PING, OP_PONG};
+
+/// Largest WebSocket frame a demo backend echoes.
+const MAX_FRAME: u64 = 16 * 1024 * 1024;
+
+/// The demo's names: the listener and its three backends.
+pub const LISTENER: &str = "demo";
+pub const BACKENDS: [&str; 3] = ["demo-1", "demo-2", "demo-3"];
+
+/// Starts the demo backends and ballast (listener on `listen`, admin on `admin`) on the
+/// current runtime, prints the guide, and runs until `stop` resolves.
+pub async fn run(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), crate::BindError> {
+    let mut backends = Vec::new();
+    for name in BACKENDS {
+        let listener =
+            TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|source| crate::BindError {
+                    what: "demo backend",
+                    name: name.to_string(),
+                    addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    source,
+                })?;
+        backends.push((
+            name,
+            listener.local_addr().map_err(|source| crate::BindError {
+                what: "demo backend",
+                name: name.to_string(),
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                source,
+            })?,
+        ));
+        tokio::spawn(serve_backend(listener, name));
+    }
+    let config = Config::parse(&config_text(listen, admin, &backends), "demo")
+        .expect("the demo config is valid");
+    let running = crate::start(config).await?;
+    let listen = running.listener_addr(LISTENER);
+    let admin = running.admin_addr().unwrap_or(admin);
+    println!("{}", guide(listen, admin));
+    stop.await;
+    running.shutdown(Duration::from_secs(2)).await;
+    Ok(())
+}
+
+fn config_text(listen: SocketAddr, admin: SocketAddr, backends: &[(&str, SocketAddr)]) -> String {
+    let mut text = format!(
+        "[admin]\nbind = \"{admin}\"\n\n[[listeners]]\nname = \"{LISTENER}\"\nbind = \"{listen}\"\nstrategy = \"least_conn\"\n\n  [listeners.health]\n  kind = \"http\"\n  path = \"/\"\n  interval = \"1s\"\n"
+    );
+    for (name, addr) in backends {
+        text.push_str(&format!(
+            "\n  [[listeners.backends]]\n  name = \"{name}\"\n  addr = \"{addr}\"\n"
+        ));
+    }
+    text
+}
+
+/// What to try, with the real addresses. Every line that starts with two spaces and
+/// `curl` or `ballast` is a command a user can paste (a test runs each one).
+pub fn guide(listen: SocketAddr, admin: SocketAddr) -> String {
+    format!(
+        "ballast demo: listener \"{LISTENER}\" on {listen} (least_conn over {b}), admin on {admin}
+
+Try these in another terminal:
+
+  curl http://{listen}/
+      a demo backend answers with its name; repeat it to see the connections spread
+
+  curl -s --max-time 2 -i -N -H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' http://{listen}/
+      a WebSocket handshake through ballast (101 Switching Protocols); any WebSocket
+      client pointed at ws://{listen}/ gets its messages echoed
+
+  ballast status --admin {admin}
+      listeners and backends with their live connection counts
+
+  curl -X POST http://{admin}/api/v1/listeners/{LISTENER}/backends/demo-1/drain
+      drain demo-1: it gets no new connections (undrain puts it back)
+
+  curl http://{admin}/api/v1/listeners/{LISTENER}/pick
+      where the next connection would go
+
+  curl http://{admin}/metrics
+      Prometheus metrics
+
+Ctrl-C stops the demo.",
+        b = BACKENDS.join(", ")
+    )
+}
+
+async fn serve_backend(listener: TcpListener, name: &'static str) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(async move {
+                    let _ = answer(stream, name).await;
+                });
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// One demo connection: a plain HTTP answer, or a WebSocket echo after an upgrade.
+async fn answer(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
+    let head = crate::admin::read_head(&mut stream).await?;
+    let Ok(request) = crate::admin::parse_request(&head) else {
+        return stream
+            .write_all(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+    };
+    let upgrade = request
+        .header("upgrade")
+        .is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
+    match (upgrade, request.header("sec-websocket-key")) {
+        (true, Some(key)) => {
+            let accept = websocket::accept_key(key);
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+            );
+            stream.write_all(answer.as_bytes()).await?;
+            echo_frames(stream).await
+        }
+        _ => {
+            let body = format!("{name}\n");
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(answer.as_bytes()).await?;
+            stream.shutdown().await
+        }
+    }
+}
+
+/// Echoes data frames, answers pings, and returns a close frame then closes.
+async fn echo_frames(mut stream: TcpStream) -> std::io::Result<()> {
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        while let Some(h) = websocket::parse_header(&buf) {
+            if h.payload_len > MAX_FRAME {
+                let close = websocket::encode_frame(OP_CLOSE, &1009u16.to_be_bytes());
+                stream.write_all(&close).await?;
+                return stream.shutdown().await;
+            }
+            let end = h.header_len + h.payload_len as usize;
+            if buf.len() < end {
+                break;
+            }
+            let mut payload = buf[h.header_len..end].to_vec();
+            buf.drain(..end);
+            if let Some(mask) = h.mask {
+                websocket::apply_mask(&mut payload, mask);
+            }
+            match h.opcode {
+                OP_CLOSE => {
+                    stream
+                        .write_all(&websocket::encode_frame(OP_CLOSE, &payload))
+                        .await?;
+                    return stream.shutdown().await;
+                }
+                OP_PING => {
+                    stream
+                        .write_all(&websocket::encode_frame(OP_PONG, &payload))
+                        .await?
+                }
+                OP_PONG => {}
+                opcode => {
+                    let mut frame = websocket::encode_frame(opcode, &payload);
+                    frame[0] = (u8::from(h.fin) << 7) | opcode;
+                    stream.write_all(&frame).await?;
+                }
+            }
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
