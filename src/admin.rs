@@ -99,7 +99,7 @@ async fn handle(mut stream: TcpStream, ballast: &Ballast) -> std::io::Result<()>
         Ok(Err(e)) => return Err(e),
         Ok(Ok(head)) => match parse_request(&head) {
             Ok(request) => match discard_body(&mut stream, &request, &head).await {
-                Ok(()) => route(ballast, &request),
+                Ok(()) => route(ballast, &request).await,
                 Err(response) => response,
             },
             Err(why) => Response::error(why.status(), why.message()),
@@ -118,7 +118,7 @@ async fn handle(mut stream: TcpStream, ballast: &Ballast) -> std::io::Result<()>
 }
 
 /// The admin API: one flat match on method and path segments.
-pub fn route(ballast: &Ballast, request: &Request) -> Response {
+pub async fn route(ballast: &Ballast, request: &Request) -> Response {
     let segments: Vec<&str> = request.path.split('/').filter(|s| !s.is_empty()).collect();
     let method = request.method.as_str();
     if method == "POST" && !authorized(ballast, request) {
@@ -141,9 +141,7 @@ pub fn route(ballast: &Ballast, request: &Request) -> Response {
             body: ballast.render_metrics(),
         },
         ("GET", ["api", "v1", "status"]) => Response::json(200, &ballast.status()),
-        ("POST", ["api", "v1", "reload"]) => {
-            Response::error(501, "reload is not available in this version")
-        }
+        ("POST", ["api", "v1", "reload"]) => reload(ballast).await,
         ("POST", ["api", "v1", "listeners", listener, "backends", backend, action])
             if *action == "drain" || *action == "undrain" =>
         {
@@ -204,6 +202,16 @@ fn drain(ballast: &Ballast, listener: &str, backend: &str, drained: bool) -> Res
         200,
         &serde_json::json!({ "listener": listener, "backend": backend, "state": b.status().as_str() }),
     )
+}
+
+async fn reload(ballast: &Ballast) -> Response {
+    let ballast = ballast.clone();
+    // A reload reads a file and may resolve host names: off the async threads.
+    match tokio::task::spawn_blocking(move || ballast.reload()).await {
+        Ok(Ok(generation)) => Response::json(200, &serde_json::json!({ "generation": generation })),
+        Ok(Err(e)) => Response::error(422, &e.to_string()),
+        Err(e) => Response::error(500, &format!("reload failed: {e}")),
+    }
 }
 
 fn pick(ballast: &Ballast, listener: &str, query: &str) -> Response {
@@ -366,6 +374,7 @@ fn reason(status: u16) -> &'static str {
         408 => "Request Timeout",
         413 => "Payload Too Large",
         422 => "Unprocessable Entity",
+        500 => "Internal Server Error",
         431 => "Request Header Fields Too Large",
         501 => "Not Implemented",
         503 => "Service Unavailable",

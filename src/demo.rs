@@ -26,7 +26,7 @@ pub async fn run(
     listen: SocketAddr,
     admin: SocketAddr,
     stop: impl std::future::Future<Output = ()>,
-) -> Result<(), crate::BindError> {
+) -> Result<(), crate::StartError> {
     let mut backends = Vec::new();
     for name in BACKENDS {
         let listener =
@@ -51,7 +51,7 @@ pub async fn run(
     }
     let config = Config::parse(&config_text(listen, admin, &backends), "demo")
         .expect("the demo config is valid");
-    let running = crate::start(config).await?;
+    let running = crate::start(config, None).await?;
     let listen = running.listener_addr(LISTENER);
     let admin = running.admin_addr().unwrap_or(admin);
     println!("{}", guide(listen, admin));

@@ -17,29 +17,34 @@ pub mod admin;
 pub mod balancer;
 pub mod config;
 pub mod demo;
+pub mod drain;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod relay;
+pub mod reload;
 pub mod routing;
 pub mod shell;
 pub mod state;
 pub mod status;
+pub mod systemd;
 pub mod websocket;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::routing::Routing;
-use crate::state::Registry;
+use crate::state::{BackendState, ListenerState, Registry};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -56,36 +61,75 @@ struct Inner {
     routing: ArcSwap<Routing>,
     /// Runtime state by name, carried across routing snapshots.
     registry: Registry,
+    /// The file the config came from; reloads read it again.
+    config_path: Option<PathBuf>,
     /// Every listener is bound (for `/readyz`).
     ready: AtomicBool,
     /// Graceful shutdown has begun (`/readyz` answers 503).
     shutting_down: AtomicBool,
-    /// The address each listener actually listens on (differs from the config for port 0).
-    bound: Mutex<HashMap<String, SocketAddr>>,
-    /// Turns true when listeners must stop accepting.
-    stop_accepting: watch::Sender<bool>,
+    /// The accept loop of each listener, by name.
+    listeners: Mutex<HashMap<String, ListenerHandle>>,
+    /// The runtime that accept loops run on (listeners that a reload adds too).
+    spawner: Mutex<Option<Handle>>,
+    /// Backends and listeners that left the config and still have connections.
+    removed: Mutex<Removed>,
+    /// One reload at a time.
+    reload_lock: Mutex<()>,
+    /// The config file's content as last read, so that the file watcher does not reload
+    /// a file that SIGHUP or the API already did.
+    last_loaded: Mutex<Option<Vec<u8>>>,
     /// Turns true when every open connection must be closed.
     close_all: watch::Sender<bool>,
     /// Turns true when shutdown is complete; background loops (admin, health) end then.
     stopped: watch::Sender<bool>,
 }
 
+/// A running accept loop.
+#[derive(Debug)]
+struct ListenerHandle {
+    /// The bind address from the config (a reload that changes it rebinds).
+    bind: SocketAddr,
+    /// The address really listened on.
+    local: SocketAddr,
+    /// Stops the accept loop.
+    stop: watch::Sender<bool>,
+}
+
+/// What a reload removed but connections still use; the drain supervisor closes their
+/// connections after `drain_timeout` and forgets them once the last one has ended.
+#[derive(Debug, Default)]
+pub(crate) struct Removed {
+    pub(crate) backends: Vec<RemovedBackend>,
+    pub(crate) listeners: Vec<Arc<ListenerState>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RemovedBackend {
+    pub(crate) state: Arc<BackendState>,
+    pub(crate) drain_timeout: Duration,
+}
+
 impl Ballast {
     /// A ballast for `config`, as generation 1, not yet serving anything.
-    pub fn new(config: Config) -> Ballast {
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Ballast {
         let registry = Registry::default();
         let routing = Routing::build(config, 1, &registry);
         let metrics = registry.metrics();
         metrics.config_generation.set(1);
         metrics.config_last_reload_success.set(unix_now());
+        let last_loaded = config_path.as_ref().and_then(|p| std::fs::read(p).ok());
         Ballast {
             inner: Arc::new(Inner {
                 routing: ArcSwap::from_pointee(routing),
                 registry,
+                config_path,
                 ready: AtomicBool::new(false),
                 shutting_down: AtomicBool::new(false),
-                bound: Mutex::new(HashMap::new()),
-                stop_accepting: watch::channel(false).0,
+                listeners: Mutex::new(HashMap::new()),
+                spawner: Mutex::new(None),
+                removed: Mutex::new(Removed::default()),
+                reload_lock: Mutex::new(()),
+                last_loaded: Mutex::new(last_loaded),
                 close_all: watch::channel(false).0,
                 stopped: watch::channel(false).0,
             }),
@@ -96,6 +140,14 @@ impl Ballast {
     /// block reloads.
     pub fn routing(&self) -> Arc<Routing> {
         self.inner.routing.load_full()
+    }
+
+    pub(crate) fn swap_routing(&self, routing: Routing) {
+        self.inner.routing.store(Arc::new(routing));
+    }
+
+    pub fn config_path(&self) -> Option<&PathBuf> {
+        self.inner.config_path.as_ref()
     }
 
     /// The bearer token every admin POST needs, when `admin.token_file` is set.
@@ -111,9 +163,40 @@ impl Ballast {
         &self.inner.registry
     }
 
-    /// Resolves when listeners must stop accepting.
-    pub fn accept_signal(&self) -> watch::Receiver<bool> {
-        self.inner.stop_accepting.subscribe()
+    pub(crate) fn removed(&self) -> MutexGuard<'_, Removed> {
+        self.inner.removed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_last_loaded(&self, content: &[u8]) {
+        let mut last = self
+            .inner
+            .last_loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *last = Some(content.to_vec());
+    }
+
+    pub(crate) fn is_last_loaded(&self, content: &[u8]) -> bool {
+        let last = self
+            .inner
+            .last_loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        last.as_deref() == Some(content)
+    }
+
+    pub(crate) fn lock_reload(&self) -> MutexGuard<'_, ()> {
+        self.inner
+            .reload_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn handles(&self) -> MutexGuard<'_, HashMap<String, ListenerHandle>> {
+        self.inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Resolves when every open connection must be closed.
@@ -126,19 +209,69 @@ impl Ballast {
         self.inner.stopped.subscribe()
     }
 
-    pub fn set_bound(&self, listener: &str, addr: SocketAddr) {
-        let mut bound = self.inner.bound.lock().unwrap_or_else(|e| e.into_inner());
-        bound.insert(listener.to_string(), addr);
+    /// Sets the runtime on which accept loops run (the current one, when called from
+    /// inside a runtime and nothing was set before).
+    pub fn set_spawner(&self, handle: Handle) {
+        let mut spawner = self.inner.spawner.lock().unwrap_or_else(|e| e.into_inner());
+        spawner.get_or_insert(handle);
+    }
+
+    /// Starts the accept loop of listener `name` on `socket` (already bound).
+    pub fn open_listener(
+        &self,
+        name: &str,
+        bind: SocketAddr,
+        socket: std::net::TcpListener,
+    ) -> std::io::Result<SocketAddr> {
+        let handle = {
+            let spawner = self.inner.spawner.lock().unwrap_or_else(|e| e.into_inner());
+            spawner.clone().or_else(|| Handle::try_current().ok())
+        }
+        .ok_or_else(|| std::io::Error::other("no runtime to run listeners on"))?;
+        let listener = {
+            let _entered = handle.enter();
+            tokio::net::TcpListener::from_std(socket)?
+        };
+        let local = listener.local_addr()?;
+        let (stop, stop_rx) = watch::channel(false);
+        handle.spawn(proxy::serve(
+            listener,
+            name.to_string(),
+            self.clone(),
+            stop_rx,
+        ));
+        let old = self
+            .handles()
+            .insert(name.to_string(), ListenerHandle { bind, local, stop });
+        if let Some(old) = old {
+            old.stop.send_replace(true);
+        }
+        Ok(local)
+    }
+
+    /// Stops the accept loop of listener `name`; its connections are not touched.
+    pub(crate) fn close_listener(&self, name: &str) {
+        if let Some(handle) = self.handles().remove(name) {
+            handle.stop.send_replace(true);
+        }
+    }
+
+    /// The config bind address of every running accept loop, by listener name.
+    pub(crate) fn listener_binds(&self) -> HashMap<String, SocketAddr> {
+        self.handles()
+            .iter()
+            .map(|(n, h)| (n.clone(), h.bind))
+            .collect()
     }
 
     /// The address listener `name` really listens on, once bound.
     pub fn bound_addr(&self, name: &str) -> Option<SocketAddr> {
-        let bound = self.inner.bound.lock().unwrap_or_else(|e| e.into_inner());
-        bound.get(name).copied()
+        self.handles().get(name).map(|h| h.local)
     }
 
     pub fn set_ready(&self) {
         self.inner.ready.store(true, Ordering::Relaxed);
+        systemd::notify("READY=1");
     }
 
     /// Every listener is bound and no shutdown has begun.
@@ -150,13 +283,9 @@ impl Ballast {
         self.inner.shutting_down.load(Ordering::Relaxed)
     }
 
-    /// Client connections open right now, over all listeners.
+    /// Client connections open right now, over all listeners (removed ones too).
     pub fn active_connections(&self) -> u64 {
-        self.routing()
-            .listeners
-            .iter()
-            .map(|l| l.state.active())
-            .sum()
+        self.inner.registry.active_connections()
     }
 
     /// Graceful shutdown: `/readyz` turns 503, listeners stop accepting, open connections
@@ -164,7 +293,10 @@ impl Ballast {
     /// soon as the last connection has ended.
     pub async fn shutdown(&self, timeout: Duration) {
         self.inner.shutting_down.store(true, Ordering::Relaxed);
-        self.inner.stop_accepting.send_replace(true);
+        systemd::notify("STOPPING=1");
+        for (_, handle) in self.handles().drain() {
+            handle.stop.send_replace(true);
+        }
         tracing::info!(
             open = self.active_connections(),
             ?timeout,
@@ -208,6 +340,9 @@ impl Ballast {
                 m.weight.set(i64::from(b.config.weight));
             }
             l.state.metrics().imbalance.set(l.imbalance());
+        }
+        for removed in &self.removed().backends {
+            removed.state.metrics().draining.set(1);
         }
         let metrics = self.inner.registry.metrics();
         metrics.config_generation.set(routing.generation as i64);
@@ -303,7 +438,7 @@ pub fn bind(config: &Config) -> Result<Bound, BindError> {
 
 /// A non-blocking listening socket with `SO_REUSEADDR` (so a restart does not wait for
 /// TIME_WAIT) and a deep accept backlog.
-fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+pub(crate) fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
@@ -344,41 +479,60 @@ impl Running {
 }
 
 /// Binds and serves `config` on the current tokio runtime: every listener, health
-/// checks and the admin endpoint.
-pub async fn start(config: Config) -> Result<Running, BindError> {
+/// checks, the drain supervisor and the admin endpoint. With `config_path`, reloads
+/// read that file, and it is watched for changes.
+pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Running, StartError> {
     let bound = bind(&config)?;
-    let ballast = Ballast::new(config);
+    let ballast = Ballast::new(config, config_path);
+    ballast.set_spawner(Handle::current());
     let mut tasks = JoinSet::new();
+    let admin_addr = bound.admin.as_ref().and_then(|s| s.local_addr().ok());
+    serve(&ballast, bound, &mut tasks)?;
+    ballast.set_ready();
+    Ok(Running {
+        ballast,
+        admin_addr,
+        tasks,
+    })
+}
+
+/// Why ballast could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("listener {name:?}: cannot serve: {source}")]
+    Serve {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Starts the accept loops on `bound` sockets and the background tasks (admin endpoint,
+/// health checks, drain supervisor, config file watcher) into `tasks`.
+pub fn serve(ballast: &Ballast, bound: Bound, tasks: &mut JoinSet<()>) -> Result<(), StartError> {
+    let routing = ballast.routing();
     for (name, socket) in bound.listeners {
-        let listener = tokio::net::TcpListener::from_std(socket).map_err(|source| BindError {
-            what: "listener",
-            name: name.clone(),
-            addr: ballast
-                .routing()
-                .listener(&name)
-                .map(|l| l.config.bind)
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
-            source,
-        })?;
-        if let Ok(addr) = listener.local_addr() {
-            ballast.set_bound(&name, addr);
-        }
-        tasks.spawn(proxy::serve(
-            listener,
-            name,
-            ballast.clone(),
-            ballast.accept_signal(),
-        ));
+        let bind = routing
+            .listener(&name)
+            .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |l| l.config.bind);
+        ballast
+            .open_listener(&name, bind, socket)
+            .map_err(|source| StartError::Serve {
+                name: name.clone(),
+                source,
+            })?;
     }
-    let mut admin_addr = None;
     if let Some(socket) = bound.admin {
-        let listener = tokio::net::TcpListener::from_std(socket).map_err(|source| BindError {
-            what: "admin",
+        let listener = {
+            let _entered = Handle::current().enter();
+            tokio::net::TcpListener::from_std(socket)
+        }
+        .map_err(|source| StartError::Serve {
             name: "admin".into(),
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         })?;
-        admin_addr = listener.local_addr().ok();
         tasks.spawn(admin::serve(
             listener,
             ballast.clone(),
@@ -386,10 +540,13 @@ pub async fn start(config: Config) -> Result<Running, BindError> {
         ));
     }
     tasks.spawn(health::run(ballast.clone(), ballast.stopped_signal()));
-    ballast.set_ready();
-    Ok(Running {
-        ballast,
-        admin_addr,
-        tasks,
-    })
+    tasks.spawn(drain::run(ballast.clone(), ballast.stopped_signal()));
+    if let Some(path) = ballast.config_path().cloned() {
+        tasks.spawn(reload::watch_file(
+            ballast.clone(),
+            path,
+            ballast.stopped_signal(),
+        ));
+    }
+    Ok(())
 }

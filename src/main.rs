@@ -127,8 +127,8 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_START_FAILURE)
             }
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(config) => config,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -150,7 +150,7 @@ fn main() -> ExitCode {
             if let Some(addr) = bound.admin.as_ref().and_then(|s| s.local_addr().ok()) {
                 tracing::info!(%addr, "admin bound");
             }
-            ballast::shell::run(config, bound);
+            ballast::shell::run(config, path, bound);
             ExitCode::SUCCESS
         }
     }

@@ -263,6 +263,35 @@ impl Metrics {
         }
     }
 
+    /// Drops every series of a backend that left the config and has no connection left.
+    pub fn remove_backend(&self, listener: &str, backend: &str) {
+        let lb = &[listener, backend];
+        let _ = self.backend_active.remove_label_values(lb);
+        let _ = self.backend_total.remove_label_values(lb);
+        let _ = self.backend_connect_failures.remove_label_values(lb);
+        let _ = self.backend_connect_duration.remove_label_values(lb);
+        let _ = self.backend_sent_bytes.remove_label_values(lb);
+        let _ = self.backend_received_bytes.remove_label_values(lb);
+        let _ = self.backend_up.remove_label_values(lb);
+        let _ = self.backend_draining.remove_label_values(lb);
+        let _ = self.backend_weight.remove_label_values(lb);
+        let _ = self.rebalance_migrations.remove_label_values(lb);
+    }
+
+    /// Drops every series of a listener that left the config and has no connection left.
+    pub fn remove_listener(&self, listener: &str) {
+        let l = &[listener];
+        let _ = self.listener_active.remove_label_values(l);
+        let _ = self.listener_total.remove_label_values(l);
+        for reason in ["max_conns", "no_backend"] {
+            let _ = self
+                .listener_rejected
+                .remove_label_values(&[listener, reason]);
+        }
+        let _ = self.listener_imbalance.remove_label_values(l);
+        let _ = self.connection_duration.remove_label_values(l);
+    }
+
     /// The text exposition format (version 0.0.4) of every metric.
     pub fn encode(&self) -> String {
         let mut out = Vec::new();

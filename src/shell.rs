@@ -1,17 +1,26 @@
 //! The process shell: ballast inside pingora's `Server`.
 //!
-//! pingora-core runs each service on its own tokio runtime with its own worker threads,
-//! handles the process lifecycle and will carry the listening sockets over to a new
-//! process on upgrade. ballast adds one pingora service per listener (each running
-//! [`proxy::serve`]) and one admin service (the admin endpoint and health checks).
+//! pingora-core runs each service on its own tokio runtime, handles the process
+//! lifecycle and will carry listening sockets over to a new process on upgrade. ballast
+//! runs two services:
+//!
+//! - `proxy`, with `runtime.threads` worker threads: the accept loop of every listener
+//!   and every proxied connection. Listeners that a reload adds are started on this
+//!   runtime too. (One pingora service per listener cannot work for listeners that come
+//!   and go: pingora fixes its services when the server starts, and each service would
+//!   bring `threads` more worker threads.)
+//!   Health checks, the drain supervisor and the config file watcher run there too.
+//! - the admin endpoint, on a thread and runtime of its own, so that a busy proxy never
+//!   delays `/metrics` or `/readyz`.
 //!
 //! Sockets are bound *before* the server starts (see [`crate::bind`]), so that a port in
 //! use is reported as an error naming the listener, with exit code 2, instead of a panic
-//! inside a service. Signals go through our own [`ShutdownSignalWatch`]: SIGTERM and
-//! SIGINT both mean a graceful shutdown as the user-facing contract says, and that watch
-//! only hands control back to pingora once every connection has ended (or
+//! inside a service. Signals go through our own [`ShutdownSignalWatch`]: SIGHUP reloads;
+//! SIGTERM and SIGINT both mean a graceful shutdown as the user-facing contract says, and
+//! the watch hands control back to pingora only once every connection has ended (or
 //! `shutdown_timeout` passed), so pingora's own runtime shutdown has nothing left to cut.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,20 +30,21 @@ use pingora_core::server::{
 };
 use pingora_core::services::Service;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinSet;
 use tracing::{error, info};
 
 use crate::config::Config;
-use crate::{admin, health, proxy, Ballast, Bound};
+use crate::{Ballast, Bound};
 
-/// Runs ballast for `config` on already `bound` sockets until a graceful shutdown ends.
-/// Blocks the calling thread.
-pub fn run(config: Config, bound: Bound) {
+/// Runs ballast for `config` (read from `path`) on already `bound` sockets until a
+/// graceful shutdown ends. Blocks the calling thread.
+pub fn run(config: Config, path: PathBuf, bound: Bound) {
     let threads = match config.runtime.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
     let shutdown_timeout = config.runtime.shutdown_timeout;
-    let ballast = Ballast::new(config);
+    let ballast = Ballast::new(config, Some(path));
 
     let conf = ServerConf {
         threads,
@@ -45,67 +55,96 @@ pub fn run(config: Config, bound: Bound) {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-
-    for (name, socket) in bound.listeners {
-        if let Ok(addr) = socket.local_addr() {
-            ballast.set_bound(&name, addr);
-        }
-        server.add_service(ListenerService {
-            service_name: format!("listener {name}"),
-            listener: name,
-            socket: Some(socket),
-            ballast: ballast.clone(),
-            threads,
-        });
-    }
-    server.add_service(AdminService {
-        socket: bound.admin,
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    server.add_service(ProxyService {
         ballast: ballast.clone(),
+        bound: Some(bound),
+        threads,
+        ready: Some(ready_tx),
     });
-    ballast.set_ready();
-    info!(version = crate::VERSION, threads, "ballast started");
+    info!(version = crate::VERSION, threads, "ballast starting");
+    let signals = Signals {
+        ballast,
+        shutdown_timeout,
+        ready: std::sync::Mutex::new(Some(ready_rx)),
+    };
     server.run(RunArgs {
-        shutdown_signal: Box::new(Signals {
-            ballast,
-            shutdown_timeout,
-        }),
+        shutdown_signal: Box::new(signals),
     });
     info!("ballast stopped");
 }
 
-/// One listener: its accept loop on its own runtime.
-struct ListenerService {
-    listener: String,
-    /// pingora names threads after the service.
-    service_name: String,
-    /// Taken when the service starts.
-    socket: Option<std::net::TcpListener>,
+/// Every listener's accept loop and connections; starts the admin side on a runtime of
+/// its own.
+struct ProxyService {
     ballast: Ballast,
+    /// Taken when the service starts.
+    bound: Option<Bound>,
     threads: usize,
+    /// Says whether every listener is being served.
+    ready: Option<std::sync::mpsc::Sender<bool>>,
 }
 
 #[async_trait]
-impl Service for ListenerService {
+impl Service for ProxyService {
     async fn start_service(
         &mut self,
         _fds: Option<ListenFds>,
         _shutdown: ShutdownWatch,
         _listeners_per_fd: usize,
     ) {
-        let Some(socket) = self.socket.take() else {
+        let Some(mut bound) = self.bound.take() else {
             return;
         };
-        match tokio::net::TcpListener::from_std(socket) {
-            Ok(listener) => {
-                let stop = self.ballast.accept_signal();
-                proxy::serve(listener, self.listener.clone(), self.ballast.clone(), stop).await;
-            }
-            Err(e) => error!(listener = %self.listener, error = %e, "cannot serve listener"),
+        self.ballast.set_spawner(tokio::runtime::Handle::current());
+        let admin_socket = bound.admin.take();
+        let mut tasks = JoinSet::new();
+        let started = crate::serve(&self.ballast, bound, &mut tasks);
+        if let Err(e) = &started {
+            error!(error = %e, "cannot start");
         }
+        if let Some(ready) = self.ready.take() {
+            let _ = ready.send(started.is_ok());
+        }
+        // The admin side gets a small runtime of its own, so that a busy proxy never
+        // delays /metrics or health checks.
+        let ballast = self.ballast.clone();
+        let admin = std::thread::Builder::new()
+            .name("ballast-admin".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => return error!(error = %e, "cannot start the admin runtime"),
+                };
+                runtime.block_on(async move {
+                    let mut tasks = JoinSet::new();
+                    if let Some(socket) = admin_socket {
+                        match tokio::net::TcpListener::from_std(socket) {
+                            Ok(listener) => {
+                                let stopped = ballast.stopped_signal();
+                                tasks.spawn(crate::admin::serve(
+                                    listener,
+                                    ballast.clone(),
+                                    stopped,
+                                ));
+                            }
+                            Err(e) => error!(error = %e, "cannot serve the admin endpoint"),
+                        }
+                    }
+                    while tasks.join_next().await.is_some() {}
+                });
+            });
+        if let Err(e) = admin {
+            error!(error = %e, "cannot start the admin thread");
+        }
+        while tasks.join_next().await.is_some() {}
     }
 
     fn name(&self) -> &str {
-        &self.service_name
+        "proxy"
     }
 
     fn threads(&self) -> Option<usize> {
@@ -113,67 +152,49 @@ impl Service for ListenerService {
     }
 }
 
-/// The admin endpoint and the health checks, on one small runtime.
-struct AdminService {
-    socket: Option<std::net::TcpListener>,
-    ballast: Ballast,
-}
-
-#[async_trait]
-impl Service for AdminService {
-    async fn start_service(
-        &mut self,
-        _fds: Option<ListenFds>,
-        _shutdown: ShutdownWatch,
-        _listeners_per_fd: usize,
-    ) {
-        let health = tokio::spawn(health::run(
-            self.ballast.clone(),
-            self.ballast.stopped_signal(),
-        ));
-        if let Some(socket) = self.socket.take() {
-            match tokio::net::TcpListener::from_std(socket) {
-                Ok(listener) => {
-                    let stopped = self.ballast.stopped_signal();
-                    admin::serve(listener, self.ballast.clone(), stopped).await;
-                }
-                Err(e) => error!(error = %e, "cannot serve the admin endpoint"),
-            }
-        }
-        let _ = health.await;
-    }
-
-    fn name(&self) -> &str {
-        "admin"
-    }
-
-    fn threads(&self) -> Option<usize> {
-        Some(1)
-    }
-}
-
-/// SIGTERM and SIGINT: graceful shutdown, returning to pingora once it is complete.
+/// SIGHUP reloads; SIGTERM and SIGINT shut down gracefully and return to pingora once
+/// that is complete.
 struct Signals {
     ballast: Ballast,
     shutdown_timeout: Duration,
+    /// Whether the proxy service started; a failure there ends the process.
+    ready: std::sync::Mutex<Option<std::sync::mpsc::Receiver<bool>>>,
 }
 
 #[async_trait]
 impl ShutdownSignalWatch for Signals {
     async fn recv(&self) -> ShutdownSignal {
-        let (mut term, mut int) = match (
+        let ready = self.ready.lock().ok().and_then(|mut r| r.take());
+        if let Some(ready) = ready {
+            let started = tokio::task::spawn_blocking(move || ready.recv().unwrap_or(false)).await;
+            if !matches!(started, Ok(true)) {
+                return ShutdownSignal::FastShutdown;
+            }
+            self.ballast.set_ready();
+            info!("ready");
+        }
+        let signals = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) {
-            (Ok(term), Ok(int)) => (term, int),
-            (Err(e), _) | (_, Err(e)) => {
+            signal(SignalKind::hangup()),
+        );
+        let (mut term, mut int, mut hup) = match signals {
+            (Ok(term), Ok(int), Ok(hup)) => (term, int, hup),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                 error!(error = %e, "cannot install signal handlers; shutting down");
                 return ShutdownSignal::FastShutdown;
             }
         };
-        let which = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let which = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = hup.recv() => {
+                    info!(signal = "SIGHUP", "reloading the config");
+                    let ballast = self.ballast.clone();
+                    let _ = tokio::task::spawn_blocking(move || ballast.reload()).await;
+                }
+            }
         };
         info!(signal = which, "graceful shutdown");
         self.ballast.shutdown(self.shutdown_timeout).await;

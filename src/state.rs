@@ -11,12 +11,14 @@
 //! guard's drop is the only place the live count goes down, so every exit path of a
 //! connection (success, error, timeout, panic) gives its slot back.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::metrics::{BackendMetrics, ListenerMetrics, Metrics};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 /// Runtime state of one backend of one listener.
 #[derive(Debug)]
@@ -34,7 +36,15 @@ pub struct BackendState {
     health_streak: AtomicU32,
     /// When the backend (re)entered service, for slow start; millis since `epoch`.
     in_service_since_ms: AtomicU64,
+    /// When the drain supervisor first saw the backend draining; millis since `epoch`
+    /// plus one (0 = not draining).
+    draining_since_ms: AtomicU64,
     epoch: Instant,
+    /// The connections established to this backend and still open, by id (ids grow
+    /// with time, so the map is ordered oldest first). Touched once when a connection
+    /// is established and once when it ends, never per byte.
+    connections: Mutex<BTreeMap<u64, Arc<Notify>>>,
+    next_connection_id: AtomicU64,
 }
 
 impl BackendState {
@@ -47,7 +57,10 @@ impl BackendState {
             drained: AtomicBool::new(false),
             health_streak: AtomicU32::new(0),
             in_service_since_ms: AtomicU64::new(0),
+            draining_since_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            connections: Mutex::new(BTreeMap::new()),
+            next_connection_id: AtomicU64::new(0),
         }
     }
 
@@ -129,6 +142,62 @@ impl BackendState {
         Some(ok)
     }
 
+    /// Puts an established connection in the registry; it leaves it when the returned
+    /// registration is dropped. The `Notify` is how ballast asks it to close.
+    pub fn register(self: &Arc<Self>) -> Registration {
+        let id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
+        let close = Arc::new(Notify::new());
+        self.lock_connections().insert(id, Arc::clone(&close));
+        Registration {
+            backend: Arc::clone(self),
+            id,
+            close,
+        }
+    }
+
+    fn lock_connections(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Notify>>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Established connections open right now.
+    pub fn open_connections(&self) -> usize {
+        self.lock_connections().len()
+    }
+
+    /// Asks up to `n` open connections to close, the newest first when `newest` is set,
+    /// else the oldest first; returns how many were asked. A connection asked twice
+    /// closes once.
+    pub fn close_connections(&self, n: usize, newest: bool) -> usize {
+        let conns = self.lock_connections();
+        let chosen: Vec<&Arc<Notify>> = if newest {
+            conns.values().rev().take(n).collect()
+        } else {
+            conns.values().take(n).collect()
+        };
+        chosen.iter().for_each(|c| c.notify_one());
+        chosen.len()
+    }
+
+    /// For the drain supervisor: how long the backend has been draining, starting the
+    /// clock at the first call while draining; `None` (and the clock reset) when not.
+    pub fn draining_for(&self, draining: bool) -> Option<Duration> {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        if !draining {
+            self.draining_since_ms.store(0, Ordering::Relaxed);
+            return None;
+        }
+        let since = match self.draining_since_ms.compare_exchange(
+            0,
+            now,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => now,
+            Err(since) => since,
+        };
+        Some(Duration::from_millis(now - since))
+    }
+
     fn mark_in_service(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.in_service_since_ms.store(ms, Ordering::Relaxed);
@@ -157,6 +226,28 @@ impl BackendGuard {
 impl Drop for BackendGuard {
     fn drop(&mut self) {
         self.backend.metrics.active.dec();
+    }
+}
+
+/// An established connection's entry in its backend's registry.
+#[derive(Debug)]
+pub struct Registration {
+    backend: Arc<BackendState>,
+    id: u64,
+    close: Arc<Notify>,
+}
+
+impl Registration {
+    /// Resolves when ballast asks this connection to close (drain deadline, migration).
+    /// Cancel-safe: a request made before this is polled is not lost.
+    pub async fn closed(&self) {
+        self.close.notified().await
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.backend.lock_connections().remove(&self.id);
     }
 }
 
@@ -256,6 +347,32 @@ impl Registry {
             map.entry(name.to_string())
                 .or_insert_with(|| Arc::new(ListenerState::new(name, self.metrics.listener(name)))),
         )
+    }
+
+    /// Client connections open right now over every listener, removed ones included.
+    pub fn active_connections(&self) -> u64 {
+        let map = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        map.values().map(|l| l.active()).sum()
+    }
+
+    /// Forgets a backend whose last connection has ended after it left the config; its
+    /// metric series go with it.
+    pub fn remove_backend(&self, state: &Arc<BackendState>) {
+        let mut map = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (state.listener.clone(), state.name.clone());
+        if map.get(&key).is_some_and(|s| Arc::ptr_eq(s, state)) {
+            map.remove(&key);
+            self.metrics.remove_backend(&state.listener, &state.name);
+        }
+    }
+
+    /// Forgets a listener that left the config once its last connection has ended.
+    pub fn remove_listener(&self, state: &Arc<ListenerState>) {
+        let mut map = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&state.name).is_some_and(|s| Arc::ptr_eq(s, state)) {
+            map.remove(&state.name);
+            self.metrics.remove_listener(&state.name);
+        }
     }
 
     /// The state of backend `name` of `listener`, created (in service) on first use.

@@ -161,7 +161,7 @@ async fn unknown_names_are_404_and_malformed_requests_400() {
         ("GET", "/api/v1/listeners/web/pick?color=blue", 400),
         ("POST", "/healthz", 405),
         ("GET", "/api/v1/listeners/web/backends/a/drain", 405),
-        ("POST", "/api/v1/reload", 501),
+        ("POST", "/api/v1/reload", 422),
     ] {
         let (status, body) = http(admin, method, path).await;
         assert_eq!(status, expected, "{method} {path}: {body}");

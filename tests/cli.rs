@@ -171,20 +171,22 @@ async fn run_serves_proxies_and_exits_0_on_sigterm() {
             common::backends_toml(&[("app", backend.addr, 1)])
         ),
     );
-    let mut child = Command::new(BIN)
-        .args([
-            "run",
-            "--log-format",
-            "text",
-            "--config",
-            config.to_str().unwrap(),
-        ])
-        .env_remove("RUST_LOG")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut child = common::KillOnDrop(
+        Command::new(BIN)
+            .args([
+                "run",
+                "--log-format",
+                "text",
+                "--config",
+                config.to_str().unwrap(),
+            ])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = BufReader::new(child.0.stderr.take().unwrap());
     let mut lines = stderr.lines().map_while(Result::ok).map(|l| strip_ansi(&l));
     let web = addr_in(&wait_for_line(&mut lines, "listener bound"));
     let admin = addr_in(&wait_for_line(&mut lines, "admin bound"));
@@ -193,14 +195,14 @@ async fn run_serves_proxies_and_exits_0_on_sigterm() {
 
     let deadline = Instant::now() + common::DEADLINE;
     loop {
-        if tokio::net::TcpStream::connect(admin).await.is_ok() {
+        if tokio::net::TcpStream::connect(admin).await.is_ok()
+            && common::http(admin, "GET", "/readyz").await == (200, "ready\n".to_string())
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "admin never answered");
+        assert!(Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (status, body) = common::http(admin, "GET", "/readyz").await;
-    assert_eq!((status, body.as_str()), (200, "ready\n"));
     let (status, body) = common::http(admin, "GET", "/api/v1/status").await;
     assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -211,15 +213,7 @@ async fn run_serves_proxies_and_exits_0_on_sigterm() {
     drop(_held);
 
     let started = Instant::now();
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = common::terminate(child).await;
     assert_eq!(status.code(), Some(0));
     assert!(
         started.elapsed() < Duration::from_secs(5),

@@ -35,13 +35,15 @@ async fn read_frame(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_command_the_demo_guide_suggests_works() {
-    let mut demo = Command::new(BIN)
-        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(demo.stdout.take().unwrap());
+    let mut demo = common::KillOnDrop(
+        Command::new(BIN)
+            .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = BufReader::new(demo.0.stdout.take().unwrap());
     let mut guide = Vec::new();
     for line in stdout.lines() {
         let line = line.unwrap();
@@ -131,13 +133,6 @@ async fn every_command_the_demo_guide_suggests_works() {
     .unwrap();
     assert_eq!(read_frame(&mut ws, &mut buf).await.0, OP_CLOSE);
 
-    Command::new("kill")
-        .args(["-TERM", &demo.id().to_string()])
-        .status()
-        .unwrap();
-    let exit = tokio::task::spawn_blocking(move || demo.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let exit = common::terminate(demo).await;
     assert!(exit.success(), "{exit:?}");
 }

@@ -97,7 +97,15 @@ pub fn backends_toml(backends: &[(&str, SocketAddr, u32)]) -> String {
 /// Starts ballast on the current runtime from TOML text.
 pub async fn start(toml: &str) -> ballast::Running {
     let config = ballast::config::Config::parse(toml, "test.toml").expect("valid test config");
-    ballast::start(config).await.expect("ballast starts")
+    ballast::start(config, None).await.expect("ballast starts")
+}
+
+/// Starts ballast on the current runtime from a config file (reloads read it again).
+pub async fn start_file(path: &std::path::Path) -> ballast::Running {
+    let config = ballast::config::Config::load(path).expect("valid test config");
+    ballast::start(config, Some(path.to_path_buf()))
+        .await
+        .expect("ballast starts")
 }
 
 /// Connects to `addr` and reads the backend's greeting line.
@@ -240,4 +248,36 @@ pub async fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &str
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// A child process that is killed if the test ends early (a failed assertion), so that
+/// no ballast outlives its test.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sends SIGTERM and waits for the exit status (within the deadline).
+pub async fn terminate(mut child: KillOnDrop) -> std::process::ExitStatus {
+    let pid = child.0.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ballast did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
