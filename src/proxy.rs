@@ -124,6 +124,8 @@ async fn proxy(
         return;
     };
     let state = Arc::clone(guard.backend());
+    // In the backend's registry from here on, so a drain deadline can close it.
+    let registration = state.register();
     debug!(backend = %route.backends[index].config.name, "connected");
     let _ = client.set_nodelay(true);
     let _ = backend.set_nodelay(true);
@@ -133,8 +135,11 @@ async fn proxy(
         &|n| state.add_sent(n),
         &|n| state.add_received(n),
         route.config.idle_timeout,
-        async move {
-            let _ = stop.wait_for(|stop| *stop).await;
+        async {
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => {}
+                () = registration.closed() => {}
+            }
         },
     )
     .await;
@@ -144,6 +149,7 @@ async fn proxy(
         Ok(RelayEnd::Stopped) => debug!("closed by ballast"),
         Err(e) => debug!(error = %e, "closed on error"),
     }
+    drop(registration);
     drop(guard);
 }
 

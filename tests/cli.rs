@@ -3,9 +3,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ballast");
@@ -140,26 +139,6 @@ fn run_exits_1_on_a_bad_config() {
     assert_eq!(out.status.code(), Some(1));
 }
 
-/// Reads stderr lines until one contains `needle`; returns that line.
-fn wait_for_line(lines: &mut impl Iterator<Item = String>, needle: &str) -> String {
-    for line in lines {
-        if line.contains(needle) {
-            return line;
-        }
-    }
-    panic!("ballast's log ended before a line with {needle:?}");
-}
-
-fn addr_in(line: &str) -> std::net::SocketAddr {
-    let at = line.find("addr=").expect("addr= in the line") + 5;
-    line[at..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_proxies_and_exits_0_on_sigterm() {
     let backend = common::Backend::greeter("app").await;
@@ -171,38 +150,8 @@ async fn run_serves_proxies_and_exits_0_on_sigterm() {
             common::backends_toml(&[("app", backend.addr, 1)])
         ),
     );
-    let mut child = common::KillOnDrop(
-        Command::new(BIN)
-            .args([
-                "run",
-                "--log-format",
-                "text",
-                "--config",
-                config.to_str().unwrap(),
-            ])
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stderr = BufReader::new(child.0.stderr.take().unwrap());
-    let mut lines = stderr.lines().map_while(Result::ok).map(|l| strip_ansi(&l));
-    let web = addr_in(&wait_for_line(&mut lines, "listener bound"));
-    let admin = addr_in(&wait_for_line(&mut lines, "admin bound"));
-    // Keep draining the log so that ballast never blocks on a full pipe.
-    let log = std::thread::spawn(move || lines.collect::<Vec<_>>());
-
-    let deadline = Instant::now() + common::DEADLINE;
-    loop {
-        if tokio::net::TcpStream::connect(admin).await.is_ok()
-            && common::http(admin, "GET", "/readyz").await == (200, "ready\n".to_string())
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let proc = common::Proc::run(&config, &[], 1).await;
+    let (web, admin) = (proc.listeners["web"], proc.admin);
     let (status, body) = common::http(admin, "GET", "/api/v1/status").await;
     assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -213,29 +162,11 @@ async fn run_serves_proxies_and_exits_0_on_sigterm() {
     drop(_held);
 
     let started = Instant::now();
-    let status = common::terminate(child).await;
-    assert_eq!(status.code(), Some(0));
+    let (status, log) = proc.stop().await;
+    assert_eq!(status.code(), Some(0), "{log}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "exit waits for connections, not a fixed grace"
     );
-    let log = log.join().unwrap().join("\n");
     assert!(!log.contains("panicked"), "{log}");
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

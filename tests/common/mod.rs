@@ -281,3 +281,122 @@ pub async fn terminate(mut child: KillOnDrop) -> std::process::ExitStatus {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A `ballast run` process with its listener and admin addresses read from its log.
+pub struct Proc {
+    pub child: KillOnDrop,
+    pub listeners: std::collections::HashMap<String, SocketAddr>,
+    pub admin: SocketAddr,
+    log: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Proc {
+    /// Runs `ballast run --config FILE` with extra environment, waits until `listeners`
+    /// listeners are bound and `/readyz` answers 200.
+    pub async fn run(config: &std::path::Path, envs: &[(&str, &str)], listeners: usize) -> Proc {
+        use std::io::BufRead;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ballast"));
+        command
+            .args([
+                "run",
+                "--log-format",
+                "text",
+                "--config",
+                config.to_str().unwrap(),
+            ])
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let mut child = KillOnDrop(command.spawn().unwrap());
+        let stderr = std::io::BufReader::new(child.0.stderr.take().unwrap());
+        let mut lines = stderr.lines().map_while(Result::ok).map(|l| strip_ansi(&l));
+        let mut bound = std::collections::HashMap::new();
+        let mut admin = None;
+        while bound.len() < listeners || admin.is_none() {
+            let line = lines
+                .next()
+                .expect("ballast's log ended before it was bound");
+            if line.contains("listener bound") {
+                let name = field(&line, "listener=").to_string();
+                bound.insert(name, field(&line, "addr=").parse().unwrap());
+            } else if line.contains("admin bound") {
+                admin = Some(field(&line, "addr=").parse().unwrap());
+            }
+        }
+        // Keep draining the log so that ballast never blocks on a full pipe.
+        let log = std::thread::spawn(move || lines.collect::<Vec<_>>());
+        let admin = admin.unwrap();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if TcpStream::connect(admin).await.is_ok()
+                && http(admin, "GET", "/readyz").await == (200, "ready\n".to_string())
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "ballast never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Proc {
+            child,
+            listeners: bound,
+            admin,
+            log: Some(log),
+        }
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.0.id().to_string()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.pid()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then the exit status and the whole log.
+    pub async fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let log = self.log.take().unwrap();
+        let child = std::mem::replace(
+            &mut self.child,
+            KillOnDrop(std::process::Command::new("true").spawn().unwrap()),
+        );
+        let status = terminate(child).await;
+        let log = log.join().unwrap().join("\n");
+        (status, log)
+    }
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let at = line
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        + key.len();
+    line[at..].split_whitespace().next().unwrap()
+}
+
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
