@@ -18,6 +18,8 @@ use crate::Ballast;
 const MAX_HEAD: usize = 16 * 1024;
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to read its answer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves the admin endpoint on `listener` until `stopped` turns true.
 pub async fn serve(listener: TcpListener, ballast: Ballast, mut stopped: watch::Receiver<bool>) {
@@ -112,9 +114,15 @@ async fn handle(mut stream: TcpStream, ballast: &Ballast) -> std::io::Result<()>
         response.content_type,
         response.body.len()
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(response.body.as_bytes()).await?;
-    stream.shutdown().await
+    // A client that never reads its answer costs one task for WRITE_TIMEOUT, not forever.
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(response.body.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// The admin API: one flat match on method and path segments.

@@ -43,6 +43,10 @@ pub enum ConfigError {
 // ---------------------------------------------------------------------------
 // Values with a human syntax: durations and listen addresses.
 
+/// The longest duration accepted: far beyond any sensible timeout, and far from the
+/// overflow of a clock plus a duration.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// A duration written as `"250ms"`, `"2s"`, `"5m"`, `"1h"` or a sum such as `"1m30s"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
@@ -80,6 +84,11 @@ impl FromStr for HumanDuration {
             };
             total = total.saturating_add(part);
             rest = &rest[unit_len..];
+        }
+        if total > MAX_DURATION {
+            return Err(format!(
+                "duration {text:?} is too long: at most 10 years (87600h)"
+            ));
         }
         Ok(HumanDuration(total))
     }
@@ -536,6 +545,15 @@ impl Validator<'_> {
                     };
                     return Err(self.error(span, format!("{} must be at least 1", at(key))));
                 }
+                if h.timeout.0 > h.interval.0 {
+                    return Err(self.error(
+                        span,
+                        format!(
+                            "{} must not be longer than health.interval (checks would overlap)",
+                            at("health.timeout")
+                        ),
+                    ));
+                }
                 if h.interval.0.is_zero() || h.timeout.0.is_zero() {
                     let key = if h.interval.0.is_zero() {
                         "health.interval"
@@ -714,7 +732,18 @@ mod tests {
         assert_eq!(d("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(d("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(d("1m30s"), Ok(Duration::from_secs(90)));
-        for bad in ["", "2", "s", "2x", "-1s", "1.5s", "2 s", "ms"] {
+        for bad in [
+            "",
+            "2",
+            "s",
+            "2x",
+            "-1s",
+            "1.5s",
+            "2 s",
+            "ms",
+            "9999999999999999h",
+            "87601h",
+        ] {
             assert!(d(bad).is_err(), "{bad:?} should be rejected");
         }
     }

@@ -50,7 +50,7 @@ pub async fn run(
         tokio::spawn(serve_backend(listener, name));
     }
     let config = Config::parse(&config_text(listen, admin, &backends), "demo")
-        .expect("the demo config is valid");
+        .map_err(crate::StartError::Config)?;
     let running = crate::start(config, None).await?;
     let listen = running.listener_addr(LISTENER);
     let admin = running.admin_addr().unwrap_or(admin);

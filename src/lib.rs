@@ -500,6 +500,8 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
     Bind(#[from] BindError),
     #[error("listener {name:?}: cannot serve: {source}")]
     Serve {

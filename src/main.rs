@@ -111,6 +111,10 @@ fn main() -> ExitCode {
                 }
             }) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e @ ballast::StartError::Config(_)) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_BAD_CONFIG)
+                }
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::from(EXIT_START_FAILURE)
@@ -150,8 +154,11 @@ fn main() -> ExitCode {
             if let Some(addr) = bound.admin.as_ref().and_then(|s| s.local_addr().ok()) {
                 tracing::info!(%addr, "admin bound");
             }
-            ballast::shell::run(config, path, bound);
-            ExitCode::SUCCESS
+            if ballast::shell::run(config, path, bound) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_START_FAILURE)
+            }
         }
     }
 }

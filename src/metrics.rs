@@ -54,6 +54,7 @@ pub struct ListenerMetrics {
     pub total: IntCounter,
     pub rejected_max_conns: IntCounter,
     pub rejected_no_backend: IntCounter,
+    pub rejected_denied: IntCounter,
     pub imbalance: Gauge,
     pub connection_duration: Histogram,
 }
@@ -241,6 +242,11 @@ impl Metrics {
             rejected_no_backend: self
                 .listener_rejected
                 .with_label_values(&[listener, "no_backend"]),
+            // Allow/deny lists are not there yet; the series exists so that dashboards
+            // and alerts written against the contract find it.
+            rejected_denied: self
+                .listener_rejected
+                .with_label_values(&[listener, "denied"]),
             imbalance: self.listener_imbalance.with_label_values(l),
             connection_duration: self.connection_duration.with_label_values(l),
         }
@@ -283,7 +289,7 @@ impl Metrics {
         let l = &[listener];
         let _ = self.listener_active.remove_label_values(l);
         let _ = self.listener_total.remove_label_values(l);
-        for reason in ["max_conns", "no_backend"] {
+        for reason in ["max_conns", "no_backend", "denied"] {
             let _ = self
                 .listener_rejected
                 .remove_label_values(&[listener, reason]);

@@ -20,6 +20,13 @@ use crate::routing::ListenerRoute;
 use crate::state::{BackendGuard, ListenerGuard, RejectReason};
 use crate::Ballast;
 
+/// TCP keepalive on both sides of every connection: probe after 60 s of silence, every
+/// 10 s, give up after 6 unanswered probes.
+const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(60))
+    .with_interval(Duration::from_secs(10))
+    .with_retries(6);
+
 /// How long the accept loop pauses after running out of file descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -87,12 +94,14 @@ fn admit(ballast: &Ballast, name: &str, client: TcpStream, peer: SocketAddr) {
         .max_conns
         .is_some_and(|max| route.state.active() >= max)
     {
-        route.state.record_rejected(RejectReason::MaxConns);
+        route.state.record_refused_at_accept(RejectReason::MaxConns);
         debug!(listener = %name, client = %peer, "rejected: listener at max_conns");
         return;
     }
     let Some(first) = route.pick(peer.ip(), &[]) else {
-        route.state.record_rejected(RejectReason::NoBackend);
+        route
+            .state
+            .record_refused_at_accept(RejectReason::NoBackend);
         warn!(listener = %name, client = %peer, "rejected: no backend available");
         return;
     };
@@ -118,7 +127,11 @@ async fn proxy(
     first_guard: BackendGuard,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Some((index, guard, backend)) = connect(&route, peer, first, first_guard).await else {
+    let connected = tokio::select! {
+        connected = connect(&route, peer, first, first_guard) => connected,
+        _ = stop.wait_for(|stop| *stop) => return,
+    };
+    let Some((index, guard, backend)) = connected else {
         route.state.record_rejected(RejectReason::NoBackend);
         warn!("no backend could be reached; closing the client");
         return;
@@ -127,8 +140,12 @@ async fn proxy(
     // In the backend's registry from here on, so a drain deadline can close it.
     let registration = state.register();
     debug!(backend = %route.backends[index].config.name, "connected");
-    let _ = client.set_nodelay(true);
-    let _ = backend.set_nodelay(true);
+    for socket in [&client, &backend] {
+        let _ = socket.set_nodelay(true);
+        // Long-lived connections to a peer that vanished without a FIN end in minutes,
+        // not never, even without idle_timeout.
+        let _ = socket2::SockRef::from(socket).set_tcp_keepalive(&KEEPALIVE);
+    }
     let result = relay::relay(
         client,
         backend,

@@ -54,7 +54,9 @@ impl<F: Fn(u64) + Sync> Counter for F {
 
 /// Relays between `client` and `backend` until both directions are done, one fails,
 /// nothing moves for `idle_timeout`, or `stop` resolves. Both sockets are closed when
-/// this returns (they are dropped).
+/// this returns (they are dropped); when ballast ends the relay (idle, stop), both sides
+/// get a FIN first. An error on one side (a reset) ends both directions at once, as a
+/// relay to a peer that is gone has nothing left to do.
 pub async fn relay(
     client: TcpStream,
     backend: TcpStream,
@@ -85,11 +87,18 @@ pub async fn relay(
             tokio::time::sleep_until(deadline).await;
         }
     };
-    tokio::select! {
+    let end = tokio::select! {
         result = both => result.map(|_| RelayEnd::Done),
         () = idle => Ok(RelayEnd::Idle),
         () = stop => Ok(RelayEnd::Stopped),
+    };
+    if matches!(end, Ok(RelayEnd::Idle | RelayEnd::Stopped)) {
+        // Closed by ballast: a FIN both ways, so each peer sees a clean end of stream.
+        for socket in [&client, &backend] {
+            let _ = socket2::SockRef::from(socket).shutdown(Shutdown::Write);
+        }
     }
+    end
 }
 
 /// Moves bytes from `from` to `to` until `from` ends its writes, then shuts down the

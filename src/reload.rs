@@ -32,6 +32,8 @@ use crate::{bind_one, systemd, unix_now, Ballast, BindError, RemovedBackend};
 pub enum ReloadError {
     #[error("ballast was started without a config file; there is nothing to reload")]
     NoFile,
+    #[error("ballast is shutting down")]
+    ShuttingDown,
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -42,6 +44,9 @@ impl Ballast {
     /// Reloads the config file. Returns the new generation, or why nothing changed.
     pub fn reload(&self) -> Result<u64, ReloadError> {
         let _one_at_a_time = self.lock_reload();
+        if self.is_shutting_down() {
+            return Err(ReloadError::ShuttingDown);
+        }
         systemd::notify(&systemd::reloading_message());
         let result = match self.config_path() {
             None => Err(ReloadError::NoFile),
@@ -116,18 +121,24 @@ impl Ballast {
             .collect();
         {
             let mut removed = self.removed();
-            // A backend that comes back before its connections ended starts in service.
+            // A backend or listener that comes back before its connections ended is the
+            // same one again; the backend starts in service.
             removed.backends.retain(|r| {
                 let back = kept.contains(&(r.state.listener.as_str(), r.state.name.as_str()));
                 if back {
+                    r.state.set_removed(false);
                     r.state.set_drained(false);
                 }
                 !back
             });
+            removed
+                .listeners
+                .retain(|l| routing.listener(&l.name).is_none());
             for l in &old.listeners {
                 for b in &l.backends {
                     if !kept.contains(&(l.config.name.as_str(), b.config.name.as_str())) {
                         info!(listener = %l.config.name, backend = %b.config.name, "backend removed: draining");
+                        b.state.set_removed(true);
                         removed.backends.push(RemovedBackend {
                             state: Arc::clone(&b.state),
                             drain_timeout: l.config.drain_timeout,

@@ -79,7 +79,7 @@ impl BackendStatus {
 impl BackendRoute {
     /// Draining: drained by an operator or configured with `max_conns = 0`.
     pub fn is_draining(&self) -> bool {
-        self.state.is_drained() || self.config.max_conns == Some(0)
+        self.state.is_drained() || self.state.is_removed() || self.config.max_conns == Some(0)
     }
 
     pub fn status(&self) -> BackendStatus {
@@ -136,7 +136,10 @@ impl ListenerRoute {
                 config: b.clone(),
                 state: registry.backend(&config.name, &b.name),
             })
-            .collect();
+            .collect::<Vec<_>>();
+        if config.health.is_none() {
+            backends.iter().for_each(|b| b.state.set_up_unchecked());
+        }
         ListenerRoute {
             state: registry.listener(&config.name),
             config,

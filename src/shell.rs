@@ -37,8 +37,9 @@ use crate::config::Config;
 use crate::{Ballast, Bound};
 
 /// Runs ballast for `config` (read from `path`) on already `bound` sockets until a
-/// graceful shutdown ends. Blocks the calling thread.
-pub fn run(config: Config, path: PathBuf, bound: Bound) {
+/// graceful shutdown ends. Blocks the calling thread. `false` when serving could not
+/// start.
+pub fn run(config: Config, path: PathBuf, bound: Bound) -> bool {
     let threads = match config.runtime.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -63,15 +64,18 @@ pub fn run(config: Config, path: PathBuf, bound: Bound) {
         ready: Some(ready_tx),
     });
     info!(version = crate::VERSION, threads, "ballast starting");
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let signals = Signals {
         ballast,
         shutdown_timeout,
         ready: std::sync::Mutex::new(Some(ready_rx)),
+        started: std::sync::Arc::clone(&started),
     };
     server.run(RunArgs {
         shutdown_signal: Box::new(signals),
     });
     info!("ballast stopped");
+    started.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Every listener's accept loop and connections; starts the admin side on a runtime of
@@ -159,6 +163,8 @@ struct Signals {
     shutdown_timeout: Duration,
     /// Whether the proxy service started; a failure there ends the process.
     ready: std::sync::Mutex<Option<std::sync::mpsc::Receiver<bool>>>,
+    /// Set once serving started, for the exit code.
+    started: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[async_trait]
@@ -170,6 +176,8 @@ impl ShutdownSignalWatch for Signals {
             if !matches!(started, Ok(true)) {
                 return ShutdownSignal::FastShutdown;
             }
+            self.started
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             self.ballast.set_ready();
             info!("ready");
         }

@@ -32,6 +32,8 @@ pub struct BackendState {
     up: AtomicBool,
     /// Drained through the admin API; survives reloads while the backend exists.
     drained: AtomicBool,
+    /// Left the config in a reload; gets nothing new, even from an older snapshot.
+    removed: AtomicBool,
     /// Consecutive health check results of the current streak (for rise/fall).
     health_streak: AtomicU32,
     /// When the backend (re)entered service, for slow start; millis since `epoch`.
@@ -55,6 +57,7 @@ impl BackendState {
             metrics,
             up: AtomicBool::new(true),
             drained: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
             health_streak: AtomicU32::new(0),
             in_service_since_ms: AtomicU64::new(0),
             draining_since_ms: AtomicU64::new(0),
@@ -87,6 +90,23 @@ impl BackendState {
     }
     pub fn is_drained(&self) -> bool {
         self.drained.load(Ordering::Relaxed)
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+
+    pub fn set_removed(&self, removed: bool) {
+        self.removed.store(removed, Ordering::Relaxed);
+    }
+
+    /// Without health checks a backend is up: a reload that drops `[listeners.health]`
+    /// must not leave a backend down for good.
+    pub fn set_up_unchecked(&self) {
+        self.health_streak.store(0, Ordering::Relaxed);
+        if !self.up.swap(true, Ordering::Relaxed) {
+            self.mark_in_service();
+        }
     }
 
     /// Takes the backend out of service (`true`) or puts it back (`false`).
@@ -294,10 +314,17 @@ impl ListenerState {
     pub fn rejected(&self, reason: RejectReason) -> u64 {
         self.rejected_counter(reason).get()
     }
-    /// Counts a client connection closed without a backend. Every accepted connection
-    /// counts in the listener's total, rejected or not.
+    /// Counts a client connection closed without a backend: one refused by the
+    /// listener's limits at accept (which also counts in the listener's total, as every
+    /// accepted connection does), or one that no backend could be reached for.
     pub fn record_rejected(&self, reason: RejectReason) {
         self.rejected_counter(reason).inc();
+    }
+
+    /// Counts a connection that is accepted and at once refused (limits, no backend).
+    pub fn record_refused_at_accept(&self, reason: RejectReason) {
+        self.metrics.total.inc();
+        self.record_rejected(reason);
     }
 
     /// Counts an accepted client connection until the guard is dropped.

@@ -125,12 +125,14 @@ async fn an_invalid_file_is_refused_and_the_old_config_keeps_serving() {
 const DRAIN: Duration = Duration::from_millis(800);
 const SPREAD: Duration = Duration::from_millis(200);
 
-/// Waits (with the deadline) until the peer closes `stream`; returns when.
+/// Waits (with the deadline) until ballast closes `stream` cleanly (a FIN, not a
+/// reset); returns when.
 async fn closed_at(mut stream: TcpStream) -> Instant {
     let mut buf = [0u8; 64];
     loop {
         match tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Instant::now(),
+            Ok(Ok(0)) => return Instant::now(),
+            Ok(Err(e)) => panic!("the connection was reset, not closed: {e}"),
             Ok(Ok(_)) => continue,
             Err(_) => panic!("the connection was not closed in time"),
         }
@@ -339,4 +341,107 @@ async fn max_conns_zero_in_a_reload_drains_the_backend() {
     }
     let closed = closed_at(on_a).await;
     assert!(closed >= changed + DRAIN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_drops_health_checks_brings_a_down_backend_back() {
+    let a = Backend::greeter("a").await;
+    let dead = dead_addr().await;
+    let health =
+        "\n  [listeners.health]\n  interval = \"50ms\"\n  timeout = \"50ms\"\n  fall = 1\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    std::fs::write(&path, config(health, &[("a", a.addr, 1), ("b", dead, 1)])).unwrap();
+    let ballast = start_file(&path).await;
+    let routing = ballast.ballast.routing();
+    let b = routing
+        .listener("web")
+        .unwrap()
+        .backend("b")
+        .unwrap()
+        .state
+        .clone();
+    wait_until("b down", || !b.is_up()).await;
+    std::fs::write(&path, config("", &[("a", a.addr, 1), ("b", dead, 1)])).unwrap();
+    ballast.ballast.reload().unwrap();
+    assert!(
+        b.is_up(),
+        "without health checks nothing can bring b back up"
+    );
+    assert_eq!(
+        ballast.ballast.status()["listeners"][0]["backends"][1]["state"],
+        "up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_removed_and_re_added_keeps_its_state_and_serves_on_its_new_socket() {
+    let a = Backend::greeter("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    let with_api = |extra: &str| {
+        format!(
+            "{}\n[[listeners]]\nname = \"api\"\nbind = \"127.0.0.1:0\"\n{extra}\n{}",
+            config("", &[("a", a.addr, 1)]),
+            backends_toml(&[("a", a.addr, 1)])
+        )
+    };
+    std::fs::write(&path, with_api("")).unwrap();
+    let ballast = start_file(&path).await;
+    let admin = ballast.admin_addr().unwrap();
+    let (mut held, _) = connect_and_greet(ballast.listener_addr("api")).await;
+
+    std::fs::write(&path, config("", &[("a", a.addr, 1)])).unwrap();
+    ballast.ballast.reload().unwrap();
+    assert!(
+        ballast.ballast.bound_addr("api").is_none(),
+        "a removed listener stops accepting"
+    );
+    assert!(still_open(&mut held).await, "its connections live on");
+    std::fs::write(&path, with_api("")).unwrap();
+    ballast.ballast.reload().unwrap();
+    let (_again, name) = connect_and_greet(ballast.listener_addr("api")).await;
+    assert_eq!(name, "a");
+    drop(held);
+    wait_for_metric(
+        admin,
+        "ballast_listener_connections_active",
+        &[("listener", "api")],
+        |v| v == 1.0,
+    )
+    .await;
+    // Well past the supervisor's next looks, the re-added listener is still counted.
+    tokio::time::sleep(ballast::drain::TICK * 4).await;
+    let text = scrape(admin).await;
+    assert_eq!(
+        sample(
+            &text,
+            "ballast_listener_connections_total",
+            &[("listener", "api")]
+        ),
+        Some(2.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reload_is_applied_once_shutdown_has_begun() {
+    let a = Backend::greeter("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    std::fs::write(&path, config("", &[("a", a.addr, 1)])).unwrap();
+    let running = start_file(&path).await;
+    let ballast = running.ballast.clone();
+    let (held, _) = connect_and_greet(running.listener_addr("web")).await;
+    let shutdown = tokio::spawn(running.shutdown(Duration::from_secs(30)));
+    wait_until("shutdown to begin", || ballast.is_shutting_down()).await;
+    assert!(matches!(
+        ballast.reload(),
+        Err(ballast::reload::ReloadError::ShuttingDown)
+    ));
+    assert!(ballast.bound_addr("web").is_none());
+    drop(held);
+    tokio::time::timeout(DEADLINE, shutdown)
+        .await
+        .expect("shutdown ends with the last connection")
+        .unwrap();
 }
