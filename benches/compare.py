@@ -93,8 +93,8 @@ def start_backends(tmp):
         with open(conf, "w") as f:
             f.write(f"""daemon off; worker_processes 1; pid {tmp}/nginx-http-{port}.pid;
 error_log /dev/null crit;
-worker_rlimit_nofile 65535;
-events {{ worker_connections 30000; }}
+worker_rlimit_nofile 19000;
+events {{ worker_connections 9000; }}
 http {{ access_log off; keepalive_requests 1000000;
   server {{ listen 127.0.0.1:{port}; location / {{ return 200 "hello from {port}\\n"; }} }} }}
 """)
@@ -110,7 +110,7 @@ def services():
 
 
 def haproxy_conf(tmp, threads):
-    lines = [f"global\n  nbthread {threads}\n  maxconn 100000\n  pidfile {tmp}/haproxy.pid\n",
+    lines = [f"global\n  nbthread {threads}\n  maxconn 7000\n  pidfile {tmp}/haproxy.pid\n",
              "defaults\n  mode tcp\n  option splice-auto\n  timeout connect 2s\n  timeout client 1h\n  timeout server 1h\n"]
     for name, backends in services().items():
         lines.append(f"listen {name}\n  bind 127.0.0.1:{FRONT[name]}\n  balance leastconn\n")
@@ -124,8 +124,8 @@ def haproxy_conf(tmp, threads):
 def nginx_conf(tmp, workers):
     body = [f"daemon off; worker_processes {workers}; pid {tmp}/nginx-stream.pid;\n",
             "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n",
-            "error_log /dev/null crit;\nworker_rlimit_nofile 65535;\n",
-            "events { worker_connections 30000; }\nstream {\n"]
+            "error_log /dev/null crit;\nworker_rlimit_nofile 19000;\n",
+            "events { worker_connections 9000; }\nstream {\n"]
     for name, backends in services().items():
         body.append(f"  upstream {name} {{ least_conn; zone {name} 64k; ")
         body += [f"server 127.0.0.1:{p}; " for p in backends]

@@ -19,6 +19,7 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -101,6 +102,31 @@ pub async fn relay(
     end
 }
 
+/// Reads one chunk from `from` into `scratch` and writes what `to` takes at once; the
+/// rest goes to `pending`. `None` at end of stream.
+fn pass_chunk(
+    from: &TcpStream,
+    to: &TcpStream,
+    scratch: &mut [u8],
+    pending: &mut Vec<u8>,
+) -> io::Result<Option<usize>> {
+    use std::io::Read;
+    let n = (&*socket2::SockRef::from(from)).read(scratch)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut written = 0;
+    while written < n {
+        match to.try_write(&scratch[written..n]) {
+            Ok(w) => written += w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    pending.extend_from_slice(&scratch[written..n]);
+    Ok(Some(n))
+}
+
 /// Moves bytes from `from` to `to` until `from` ends its writes, then shuts down the
 /// write half of `to`. Cancel-safe in the sense that matters here: dropping it loses
 /// only bytes that the connection is being closed over anyway.
@@ -115,29 +141,33 @@ async fn pump(
     let mut pending: Vec<u8> = Vec::new();
     loop {
         from.readable().await?;
-        let read = SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            let n = match from.try_read(&mut scratch) {
-                Ok(0) => return Ok(None),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(0)),
-                Err(e) => return Err(e),
+        // Read and pass on one chunk inside `try_io`, so that a short read (the socket
+        // is drained) can clear the readiness at once: this saves the read() that would
+        // only return EAGAIN, one syscall per message per direction. Readiness that a
+        // new packet sets meanwhile is not lost (tokio clears only the readiness event
+        // it handed out).
+        let mut outcome: Option<io::Result<Option<usize>>> = None;
+        let _ = from.try_io(Interest::READABLE, || {
+            let result = SCRATCH
+                .with(|scratch| pass_chunk(from, to, &mut scratch.borrow_mut(), &mut pending));
+            let drained = match &result {
+                Ok(Some(n)) => *n < SCRATCH_SIZE,
+                Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+                Ok(None) => false,
             };
-            let mut written = 0;
-            while written < n {
-                match to.try_write(&scratch[written..n]) {
-                    Ok(w) => written += w,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
-                }
+            outcome = Some(result);
+            if drained {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
             }
-            pending.extend_from_slice(&scratch[written..n]);
-            Ok(Some(n))
-        })?;
+        });
+        let read = match outcome {
+            None => continue,
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Some(result) => result?,
+        };
         let Some(n) = read else { break };
-        if n == 0 {
-            continue;
-        }
         counter.add(n as u64);
         last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
         let mut written = 0;
