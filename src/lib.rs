@@ -416,13 +416,7 @@ pub struct Bound {
 pub fn bind(config: &Config) -> Result<Bound, BindError> {
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
-        let socket = bind_one(l.bind).map_err(|source| BindError {
-            what: "listener",
-            name: l.name.clone(),
-            addr: l.bind,
-            source,
-        })?;
-        listeners.push((l.name.clone(), socket));
+        listeners.push((l.name.clone(), bind_listener(l)?));
     }
     let admin = match &config.admin {
         Some(admin) => Some(bind_one(admin.bind).map_err(|source| BindError {
@@ -434,6 +428,18 @@ pub fn bind(config: &Config) -> Result<Bound, BindError> {
         None => None,
     };
     Ok(Bound { listeners, admin })
+}
+
+/// Binds one listener's address; the error names the listener.
+pub(crate) fn bind_listener(
+    l: &config::ListenerConfig,
+) -> Result<std::net::TcpListener, BindError> {
+    bind_one(l.bind).map_err(|source| BindError {
+        what: "listener",
+        name: l.name.clone(),
+        addr: l.bind,
+        source,
+    })
 }
 
 /// A non-blocking listening socket with `SO_REUSEADDR` (so a restart does not wait for

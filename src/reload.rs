@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::routing::Routing;
-use crate::{bind_one, systemd, unix_now, Ballast, BindError, RemovedBackend};
+use crate::{bind_listener, systemd, unix_now, Ballast, BindError, RemovedBackend};
 
 /// Why a reload was refused.
 #[derive(Debug, thiserror::Error)]
@@ -94,13 +94,7 @@ impl Ballast {
         let mut fresh = Vec::new();
         for l in &config.listeners {
             if running.get(&l.name) != Some(&l.bind) {
-                let socket = bind_one(l.bind).map_err(|source| BindError {
-                    what: "listener",
-                    name: l.name.clone(),
-                    addr: l.bind,
-                    source,
-                })?;
-                fresh.push((l.name.clone(), l.bind, socket));
+                fresh.push((l.name.clone(), l.bind, bind_listener(l)?));
             }
         }
         if old.config.admin.as_ref().map(|a| a.bind) != config.admin.as_ref().map(|a| a.bind) {

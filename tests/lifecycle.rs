@@ -161,6 +161,10 @@ async fn thirty_reloads_by_every_trigger_lose_no_connection_and_refuse_none() {
         failures.extend(c.await.unwrap());
     }
     let exchanges = done.load(Ordering::Relaxed);
+    eprintln!(
+        "30 reloads under churn: {exchanges} exchanges, {} failed",
+        failures.len()
+    );
     assert!(
         exchanges >= 200,
         "too little traffic to prove anything: {exchanges}"
