@@ -91,6 +91,10 @@ struct ListenerHandle {
     bind: SocketAddr,
     /// The address really listened on.
     local: SocketAddr,
+    /// A second handle on the listening socket, so that a reload that renames the
+    /// listener (or swaps addresses) hands the same socket on instead of binding again.
+    /// Dropped with the handle, which closes the port once the accept loop ends too.
+    socket: std::net::TcpListener,
     /// Stops the accept loop.
     stop: watch::Sender<bool>,
 }
@@ -223,6 +227,10 @@ impl Ballast {
         bind: SocketAddr,
         socket: std::net::TcpListener,
     ) -> std::io::Result<SocketAddr> {
+        if self.is_shutting_down() {
+            return Err(std::io::Error::other("ballast is shutting down"));
+        }
+        let kept = socket.try_clone()?;
         let handle = {
             let spawner = self.inner.spawner.lock().unwrap_or_else(|e| e.into_inner());
             spawner.clone().or_else(|| Handle::try_current().ok())
@@ -240,9 +248,15 @@ impl Ballast {
             self.clone(),
             stop_rx,
         ));
-        let old = self
-            .handles()
-            .insert(name.to_string(), ListenerHandle { bind, local, stop });
+        let old = self.handles().insert(
+            name.to_string(),
+            ListenerHandle {
+                bind,
+                local,
+                socket: kept,
+                stop,
+            },
+        );
         if let Some(old) = old {
             old.stop.send_replace(true);
         }
@@ -254,6 +268,13 @@ impl Ballast {
         if let Some(handle) = self.handles().remove(name) {
             handle.stop.send_replace(true);
         }
+    }
+
+    /// Another handle on the socket of running listener `name`.
+    pub(crate) fn clone_socket(&self, name: &str) -> Option<std::net::TcpListener> {
+        self.handles()
+            .get(name)
+            .and_then(|h| h.socket.try_clone().ok())
     }
 
     /// The config bind address of every running accept loop, by listener name.

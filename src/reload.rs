@@ -90,12 +90,26 @@ impl Ballast {
         let old = self.routing();
         let running = self.listener_binds();
 
-        // 1. Bind every new or moved listener before anything changes.
+        // 1. Bind every new or moved listener before anything changes. An address that
+        //    a running listener gives up (it is renamed or moves) is handed on as the
+        //    same socket: binding it again would fail, and closing it would refuse
+        //    connections.
         let mut fresh = Vec::new();
         for l in &config.listeners {
-            if running.get(&l.name) != Some(&l.bind) {
-                fresh.push((l.name.clone(), l.bind, bind_listener(l)?));
+            if running.get(&l.name) == Some(&l.bind) {
+                continue;
             }
+            let donor = running.iter().find(|(name, bind)| {
+                **bind == l.bind
+                    && config
+                        .listener(name)
+                        .is_none_or(|moved| moved.bind != l.bind)
+            });
+            let socket = match donor.and_then(|(name, _)| self.clone_socket(name)) {
+                Some(socket) => socket,
+                None => bind_listener(l)?,
+            };
+            fresh.push((l.name.clone(), l.bind, socket));
         }
         if old.config.admin.as_ref().map(|a| a.bind) != config.admin.as_ref().map(|a| a.bind) {
             warn!("admin.bind changed: the admin endpoint moves at the next restart");

@@ -445,3 +445,27 @@ async fn no_reload_is_applied_once_shutdown_has_begun() {
         .expect("shutdown ends with the last connection")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renaming_a_listener_hands_its_socket_on_and_refuses_no_connection() {
+    let a = Backend::greeter("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    let text = config("", &[("a", a.addr, 1)]);
+    std::fs::write(&path, &text).unwrap();
+    let ballast = start_file(&path).await;
+    let addr = ballast.listener_addr("web");
+    let (mut held, _) = connect_and_greet(addr).await;
+
+    std::fs::write(&path, text.replace("name = \"web\"", "name = \"www\"")).unwrap();
+    ballast
+        .ballast
+        .reload()
+        .expect("a rename reuses the socket instead of binding again");
+    assert_eq!(ballast.listener_addr("www"), addr);
+    assert!(ballast.ballast.bound_addr("web").is_none());
+    for _ in 0..5 {
+        assert_eq!(connect_and_greet(addr).await.1, "a");
+    }
+    assert!(still_open(&mut held).await);
+}
