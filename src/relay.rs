@@ -8,7 +8,15 @@
 //!
 //! Half-close is kept: when one side ends its writes (FIN), the other side's write half
 //! is shut down once every byte has been delivered, and the opposite direction goes on
-//! until it ends too. An error on either side ends both directions.
+//! until it ends too. An error on either side (a reset) ends both directions.
+//!
+//! The state of each direction (undelivered bytes, WebSocket frame position) lives in a
+//! [`Direction`] outside the pumping futures, so that when ballast ends a connection
+//! (drain deadline, migration, shutdown, idle timeout) it can finish it cleanly: deliver
+//! what was read, and, for a connection opened with a WebSocket upgrade, let the frame
+//! in flight complete and then send the client a Close frame (1012, Service Restart)
+//! and the backend a Close frame (1001, Going Away) — a client never receives a torn
+//! frame. A plain TCP connection gets a FIN both ways.
 //!
 //! Bytes are counted as they are relayed, so counters move while a connection is open.
 
@@ -16,15 +24,21 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::websocket::{self, FrameCursor};
+
 /// Size of the per-thread scratch buffer: one read moves at most this much.
 const SCRATCH_SIZE: usize = 64 * 1024;
+
+/// How long ballast takes at most to end a connection cleanly once it decided to.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 thread_local! {
     /// Borrowed only between two awaits, never across one.
@@ -38,11 +52,11 @@ pub enum RelayEnd {
     Done,
     /// Nothing moved either way for `idle_timeout`.
     Idle,
-    /// The `stop` future resolved (shutdown, drain deadline).
+    /// The `stop` future resolved (shutdown, drain deadline, migration).
     Stopped,
 }
 
-/// Which way bytes move, for counting.
+/// Where bytes are counted.
 pub trait Counter: Sync {
     fn add(&self, bytes: u64);
 }
@@ -53,11 +67,83 @@ impl<F: Fn(u64) + Sync> Counter for F {
     }
 }
 
+/// What ballast knows of the protocol, shared by both directions.
+const PROTOCOL_UNKNOWN: u8 = 0;
+/// The client asked for a WebSocket upgrade; the backend has not answered yet.
+const PROTOCOL_UPGRADE_ASKED: u8 = 1;
+/// The backend answered 101: both directions carry WebSocket frames.
+const PROTOCOL_WEBSOCKET: u8 = 2;
+/// Anything else: bytes are bytes.
+const PROTOCOL_PLAIN: u8 = 3;
+
+/// One direction's state: resumable, and readable by the code that ends a connection.
+#[derive(Debug, Default)]
+pub struct Direction {
+    /// Bytes read but not yet written; empty (and unallocated) in the common case.
+    pending: Vec<u8>,
+    /// Where the WebSocket frames of this direction stand, once they started.
+    frames: Option<FrameCursor>,
+    /// Bytes seen in this direction so far (only the first chunk is inspected).
+    seen: u64,
+    /// The source's end of stream has been passed on (FIN written).
+    finished: bool,
+}
+
+impl Direction {
+    /// Looks at a chunk about to be forwarded (`client_side`: it came from the client).
+    fn observe(&mut self, chunk: &[u8], client_side: bool, protocol: &AtomicU8) {
+        let first = self.seen == 0;
+        self.seen += chunk.len() as u64;
+        if let Some(cursor) = &mut self.frames {
+            cursor.feed(chunk);
+            return;
+        }
+        if !first {
+            return;
+        }
+        let frames_from = if client_side {
+            let len = websocket::upgrade_request_len(chunk);
+            let next = if len.is_some() {
+                PROTOCOL_UPGRADE_ASKED
+            } else {
+                PROTOCOL_PLAIN
+            };
+            let _ = protocol.compare_exchange(
+                PROTOCOL_UNKNOWN,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            len
+        } else {
+            let len = websocket::switching_protocols_len(chunk)
+                .filter(|_| protocol.load(Ordering::Relaxed) == PROTOCOL_UPGRADE_ASKED);
+            protocol.store(
+                if len.is_some() {
+                    PROTOCOL_WEBSOCKET
+                } else {
+                    PROTOCOL_PLAIN
+                },
+                Ordering::Relaxed,
+            );
+            len
+        };
+        if let Some(head) = frames_from {
+            let mut cursor = FrameCursor::default();
+            cursor.feed(&chunk[head..]);
+            self.frames = Some(cursor);
+        }
+    }
+}
+
+fn lock(d: &Mutex<Direction>) -> std::sync::MutexGuard<'_, Direction> {
+    d.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Relays between `client` and `backend` until both directions are done, one fails,
-/// nothing moves for `idle_timeout`, or `stop` resolves. Both sockets are closed when
-/// this returns (they are dropped); when ballast ends the relay (idle, stop), both sides
-/// get a FIN first. An error on one side (a reset) ends both directions at once, as a
-/// relay to a peer that is gone has nothing left to do.
+/// nothing moves for `idle_timeout`, or `stop` resolves. When ballast ends the relay
+/// (idle, stop), it finishes it cleanly as the module doc says. Both sockets are closed
+/// when this returns.
 pub async fn relay(
     client: TcpStream,
     backend: TcpStream,
@@ -69,10 +155,25 @@ pub async fn relay(
     let start = Instant::now();
     // Millis since `start` of the last byte moved either way, for the idle timer.
     let last_activity = AtomicU64::new(0);
+    let protocol = AtomicU8::new(PROTOCOL_UNKNOWN);
+    let up = Mutex::new(Direction::default());
+    let down = Mutex::new(Direction::default());
     let both = async {
+        let up = Pump {
+            from: &client,
+            to: &backend,
+            dir: &up,
+            client_side: true,
+        };
+        let down = Pump {
+            from: &backend,
+            to: &client,
+            dir: &down,
+            client_side: false,
+        };
         tokio::try_join!(
-            pump(&client, &backend, to_backend, &last_activity, start),
-            pump(&backend, &client, to_client, &last_activity, start),
+            up.run(to_backend, &protocol, &last_activity, start),
+            down.run(to_client, &protocol, &last_activity, start),
         )
     };
     let idle = async {
@@ -94,103 +195,216 @@ pub async fn relay(
         () = stop => Ok(RelayEnd::Stopped),
     };
     if matches!(end, Ok(RelayEnd::Idle | RelayEnd::Stopped)) {
-        // Closed by ballast: a FIN both ways, so each peer sees a clean end of stream.
-        for socket in [&client, &backend] {
-            let _ = socket2::SockRef::from(socket).shutdown(Shutdown::Write);
-        }
+        let websocket = protocol.load(Ordering::Relaxed) == PROTOCOL_WEBSOCKET;
+        let finish = async {
+            let up = Pump {
+                from: &client,
+                to: &backend,
+                dir: &up,
+                client_side: true,
+            };
+            let down = Pump {
+                from: &backend,
+                to: &client,
+                dir: &down,
+                client_side: false,
+            };
+            let _ = tokio::join!(
+                up.finish(websocket.then(websocket::close_to_backend), to_backend),
+                down.finish(websocket.then(websocket::close_to_client), to_client),
+            );
+            // Read what the peers still send (a Close answer) until they close, so
+            // that closing does not reset the connection under them.
+            let _ = tokio::join!(discard(&client), discard(&backend));
+        };
+        let _ = tokio::time::timeout(CLOSE_GRACE, finish).await;
     }
     end
 }
 
-/// Reads one chunk from `from` into `scratch` and writes what `to` takes at once; the
-/// rest goes to `pending`. `None` at end of stream.
-fn pass_chunk(
-    from: &TcpStream,
-    to: &TcpStream,
-    scratch: &mut [u8],
-    pending: &mut Vec<u8>,
-) -> io::Result<Option<usize>> {
-    use std::io::Read;
-    let n = (&*socket2::SockRef::from(from)).read(scratch)?;
-    if n == 0 {
-        return Ok(None);
+/// One direction: bytes from `from` to `to`, with its state in `dir`.
+struct Pump<'a> {
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    dir: &'a Mutex<Direction>,
+    /// Bytes from the client (for telling a request from an answer).
+    client_side: bool,
+}
+
+impl Pump<'_> {
+    /// Moves bytes until `from` ends its writes, then shuts down the write half of `to`.
+    /// Cancel-safe: everything read is in `dir` (delivered or pending) between awaits.
+    async fn run(
+        &self,
+        counter: &dyn Counter,
+        protocol: &AtomicU8,
+        last_activity: &AtomicU64,
+        start: Instant,
+    ) -> io::Result<()> {
+        loop {
+            self.from.readable().await?;
+            // Read and pass on one chunk inside `try_io`, so that a short read (the
+            // socket is drained) can clear the readiness at once: this saves the read()
+            // that would only return EAGAIN, one syscall per message per direction.
+            // Readiness that a new packet sets meanwhile is not lost (tokio clears only
+            // the readiness event it handed out).
+            let mut outcome: Option<io::Result<usize>> = None;
+            let _ = self.from.try_io(Interest::READABLE, || {
+                let result = SCRATCH.with(|scratch| {
+                    let scratch = &mut scratch.borrow_mut()[..];
+                    self.pass_chunk(scratch, protocol)
+                });
+                let drained = match &result {
+                    Ok(n) => *n < SCRATCH_SIZE,
+                    Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+                };
+                outcome = Some(result);
+                if drained {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            let n = match outcome {
+                None => continue,
+                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Some(result) => result?,
+            };
+            if n == 0 {
+                break;
+            }
+            counter.add(n as u64);
+            last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+            self.flush(Some((last_activity, start))).await?;
+        }
+        self.flush(None).await?;
+        lock(self.dir).finished = true;
+        shutdown_write(self.to)
     }
+
+    /// Reads one chunk into `scratch`, notes it in the direction's state and writes what
+    /// `to` takes at once; the rest goes to `pending`. 0 at end of stream.
+    fn pass_chunk(&self, scratch: &mut [u8], protocol: &AtomicU8) -> io::Result<usize> {
+        use std::io::Read;
+        let n = (&*socket2::SockRef::from(self.from)).read(scratch)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut dir = lock(self.dir);
+        dir.observe(&scratch[..n], self.client_side, protocol);
+        let written = try_write_all(self.to, &scratch[..n])?;
+        dir.pending.extend_from_slice(&scratch[written..n]);
+        Ok(n)
+    }
+
+    /// Writes out `pending`, waiting for `to` to take it.
+    async fn flush(&self, activity: Option<(&AtomicU64, Instant)>) -> io::Result<()> {
+        loop {
+            {
+                let mut dir = lock(self.dir);
+                if dir.pending.is_empty() {
+                    if dir.pending.capacity() > SCRATCH_SIZE {
+                        dir.pending = Vec::new();
+                    }
+                    return Ok(());
+                }
+                let written = try_write_all(self.to, &dir.pending)?;
+                dir.pending.drain(..written);
+                if let (true, Some((last, start))) = (written > 0, activity) {
+                    last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                }
+                if dir.pending.is_empty() {
+                    continue;
+                }
+            }
+            self.to.writable().await?;
+        }
+    }
+
+    /// Ends this direction cleanly: delivers what was read, completes the frame in
+    /// flight and adds `close` (a WebSocket Close frame), then a FIN.
+    async fn finish(&self, close: Option<Vec<u8>>, counter: &dyn Counter) -> io::Result<()> {
+        if lock(self.dir).finished {
+            return Ok(());
+        }
+        self.flush(None).await?;
+        if let Some(close) = close {
+            let mut buf = vec![0u8; 16 * 1024];
+            while lock(self.dir)
+                .frames
+                .as_ref()
+                .is_some_and(|f| !f.at_boundary())
+            {
+                self.from.readable().await?;
+                let n = match self.from.try_read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                };
+                let upto = lock(self.dir)
+                    .frames
+                    .as_mut()
+                    .map_or(0, |f| f.until_boundary(&buf[..n]));
+                write_all(self.to, &buf[..upto]).await?;
+                counter.add(upto as u64);
+            }
+            if lock(self.dir)
+                .frames
+                .as_ref()
+                .is_some_and(FrameCursor::at_boundary)
+            {
+                write_all(self.to, &close).await?;
+            }
+        }
+        lock(self.dir).finished = true;
+        shutdown_write(self.to)
+    }
+}
+
+/// Writes as much of `bytes` as `to` takes now; returns how much.
+fn try_write_all(to: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
     let mut written = 0;
-    while written < n {
-        match to.try_write(&scratch[written..n]) {
+    while written < bytes.len() {
+        match to.try_write(&bytes[written..]) {
             Ok(w) => written += w,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) => return Err(e),
         }
     }
-    pending.extend_from_slice(&scratch[written..n]);
-    Ok(Some(n))
+    Ok(written)
 }
 
-/// Moves bytes from `from` to `to` until `from` ends its writes, then shuts down the
-/// write half of `to`. Cancel-safe in the sense that matters here: dropping it loses
-/// only bytes that the connection is being closed over anyway.
-async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    counter: &dyn Counter,
-    last_activity: &AtomicU64,
-    start: Instant,
-) -> io::Result<()> {
-    // Bytes read but not yet written; empty (and unallocated) in the common case.
-    let mut pending: Vec<u8> = Vec::new();
-    loop {
-        from.readable().await?;
-        // Read and pass on one chunk inside `try_io`, so that a short read (the socket
-        // is drained) can clear the readiness at once: this saves the read() that would
-        // only return EAGAIN, one syscall per message per direction. Readiness that a
-        // new packet sets meanwhile is not lost (tokio clears only the readiness event
-        // it handed out).
-        let mut outcome: Option<io::Result<Option<usize>>> = None;
-        let _ = from.try_io(Interest::READABLE, || {
-            let result = SCRATCH
-                .with(|scratch| pass_chunk(from, to, &mut scratch.borrow_mut(), &mut pending));
-            let drained = match &result {
-                Ok(Some(n)) => *n < SCRATCH_SIZE,
-                Err(e) => e.kind() == io::ErrorKind::WouldBlock,
-                Ok(None) => false,
-            };
-            outcome = Some(result);
-            if drained {
-                Err(io::ErrorKind::WouldBlock.into())
-            } else {
-                Ok(())
-            }
-        });
-        let read = match outcome {
-            None => continue,
-            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Some(result) => result?,
-        };
-        let Some(n) = read else { break };
-        counter.add(n as u64);
-        last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let mut written = 0;
-        while written < pending.len() {
+/// Writes all of `bytes`, waiting for `to` as needed.
+async fn write_all(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let written = try_write_all(to, bytes)?;
+        bytes = &bytes[written..];
+        if !bytes.is_empty() {
             to.writable().await?;
-            match to.try_write(&pending[written..]) {
-                Ok(w) => {
-                    written += w;
-                    last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        pending.clear();
-        if pending.capacity() > SCRATCH_SIZE {
-            pending = Vec::new();
         }
     }
-    // `from` sent FIN: pass it on. The peer may already be gone, which is not an error
-    // worth failing the other direction for.
+    Ok(())
+}
+
+/// Passes a FIN on; a peer that is already gone is not an error worth failing for.
+fn shutdown_write(to: &TcpStream) -> io::Result<()> {
     match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
         Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
         _ => Ok(()),
+    }
+}
+
+/// Reads and drops whatever `stream` still sends, until it closes.
+async fn discard(stream: &TcpStream) -> io::Result<()> {
+    let mut buf = [0u8; 4096];
+    loop {
+        stream.readable().await?;
+        match stream.try_read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
     }
 }

@@ -131,3 +131,161 @@ mod tests {
         }
     }
 }
+
+/// Follows the frame boundaries of a WebSocket byte stream as it passes, so that ballast
+/// knows when it may add a frame of its own (a Close) without tearing one.
+#[derive(Debug, Clone, Default)]
+pub struct FrameCursor {
+    /// The current frame's header bytes seen so far (a header is at most 14 bytes).
+    header: [u8; 14],
+    header_len: usize,
+    /// Payload bytes of the current frame still to pass.
+    payload_left: u64,
+}
+
+impl FrameCursor {
+    /// Between two frames.
+    pub fn at_boundary(&self) -> bool {
+        self.header_len == 0 && self.payload_left == 0
+    }
+
+    /// Passes `bytes`, all of which are forwarded.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.advance(bytes, false);
+    }
+
+    /// Passes bytes up to the end of the current frame and returns how many of `bytes`
+    /// that is (0 when already at a boundary; `bytes.len()` when the frame goes on).
+    pub fn until_boundary(&mut self, bytes: &[u8]) -> usize {
+        if self.at_boundary() {
+            return 0;
+        }
+        self.advance(bytes, true)
+    }
+
+    fn advance(&mut self, bytes: &[u8], stop_at_boundary: bool) -> usize {
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.payload_left > 0 {
+                let take = self.payload_left.min((bytes.len() - i) as u64);
+                i += take as usize;
+                self.payload_left -= take;
+            } else {
+                self.header[self.header_len] = bytes[i];
+                self.header_len += 1;
+                i += 1;
+                match parse_header(&self.header[..self.header_len]) {
+                    Some(h) => {
+                        self.header_len = 0;
+                        self.payload_left = h.payload_len;
+                    }
+                    None => continue,
+                }
+            }
+            if stop_at_boundary && self.at_boundary() {
+                return i;
+            }
+        }
+        i
+    }
+}
+
+/// Whether `head` (the first bytes a client sent) is a complete HTTP request head
+/// asking for a WebSocket upgrade; returns the head's length.
+pub fn upgrade_request_len(head: &[u8]) -> Option<usize> {
+    let end = head.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let text = std::str::from_utf8(&head[..end]).ok()?;
+    if !text.starts_with("GET ") {
+        return None;
+    }
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .any(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("upgrade") && v.trim().eq_ignore_ascii_case("websocket")
+        })
+        .then_some(end)
+}
+
+/// Whether `head` (the first bytes a backend answered) is a complete `101 Switching
+/// Protocols` head; returns its length.
+pub fn switching_protocols_len(head: &[u8]) -> Option<usize> {
+    if !(head.starts_with(b"HTTP/1.1 101") || head.starts_with(b"HTTP/1.0 101")) {
+        return None;
+    }
+    Some(head.windows(4).position(|w| w == b"\r\n\r\n")? + 4)
+}
+
+/// The Close frame ballast sends a client when it migrates its connection: status 1012
+/// (Service Restart), unmasked as a server's frames are.
+pub fn close_to_client() -> Vec<u8> {
+    encode_frame(OP_CLOSE, &1012u16.to_be_bytes())
+}
+
+/// The Close frame ballast sends a backend on the client's behalf: status 1001 (Going
+/// Away), masked as a client's frames must be.
+pub fn close_to_backend() -> Vec<u8> {
+    encode_masked_frame(OP_CLOSE, &1001u16.to_be_bytes(), [0x5a, 0x1e, 0x7c, 0x33])
+}
+
+#[cfg(test)]
+mod cursor_tests {
+    use super::*;
+
+    #[test]
+    fn the_cursor_finds_every_boundary_whatever_the_chunking() {
+        let mut stream = Vec::new();
+        let frames = [
+            encode_frame(OP_TEXT, b"hello"),
+            encode_frame(OP_BINARY, &[7; 300]),
+            encode_frame(OP_BINARY, &[1; 70_000]),
+        ];
+        let mut boundaries = vec![0];
+        for f in &frames {
+            stream.extend_from_slice(f);
+            boundaries.push(stream.len());
+        }
+        for chunk in [1, 2, 3, 7, 100, 4096, 100_000] {
+            let mut cursor = FrameCursor::default();
+            let mut at = 0;
+            for piece in stream.chunks(chunk) {
+                cursor.feed(piece);
+                at += piece.len();
+                assert_eq!(
+                    cursor.at_boundary(),
+                    boundaries.contains(&at),
+                    "chunk {chunk} at {at}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn until_boundary_stops_at_the_end_of_the_current_frame() {
+        let a = encode_frame(OP_TEXT, b"abc");
+        let b = encode_frame(OP_TEXT, b"defg");
+        let mut cursor = FrameCursor::default();
+        cursor.feed(&a[..3]);
+        let rest: Vec<u8> = a[3..].iter().chain(b.iter()).copied().collect();
+        assert_eq!(cursor.until_boundary(&rest), a.len() - 3);
+        assert!(cursor.at_boundary());
+        assert_eq!(cursor.until_boundary(&b), 0);
+    }
+
+    #[test]
+    fn upgrade_heads_are_recognised() {
+        let req =
+            b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        assert_eq!(upgrade_request_len(req), Some(req.len()));
+        assert_eq!(
+            upgrade_request_len(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            None
+        );
+        assert_eq!(
+            upgrade_request_len(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n"),
+            None
+        );
+        let resp = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x00";
+        assert_eq!(switching_protocols_len(resp), Some(resp.len() - 2));
+        assert_eq!(switching_protocols_len(b"HTTP/1.1 200 OK\r\n\r\n"), None);
+    }
+}
