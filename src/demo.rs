@@ -104,7 +104,8 @@ Ctrl-C stops the demo.",
     )
 }
 
-async fn serve_backend(listener: TcpListener, name: &'static str) {
+/// Serves one demo backend on `listener` (also used by tests as a WebSocket peer).
+pub async fn serve_backend(listener: TcpListener, name: &'static str) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {

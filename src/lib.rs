@@ -7,7 +7,9 @@
 //! listener's [`balancer`] strategy and spawns one task per connection: connect (with
 //! timeout and retries), then [`relay`] bytes both ways. Live counts, health and drain
 //! state are atomics in the registry, which outlives config snapshots. [`health`] probes
-//! backends; [`admin`] serves the HTTP admin endpoint. The binary wraps this library in
+//! backends; [`drain`] enforces drain deadlines; [`rebalance`] migrates connections
+//! away from overloaded backends; [`reload`] swaps in a new config; [`admin`] serves the
+//! HTTP admin endpoint. The binary wraps this library in
 //! pingora's process shell ([`shell`]); tests drive it directly with [`start`] on
 //! listeners bound to `127.0.0.1:0`.
 
@@ -21,6 +23,7 @@ pub mod drain;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
+pub mod rebalance;
 pub mod relay;
 pub mod reload;
 pub mod routing;
@@ -570,6 +573,7 @@ pub fn serve(ballast: &Ballast, bound: Bound, tasks: &mut JoinSet<()>) -> Result
     }
     tasks.spawn(health::run(ballast.clone(), ballast.stopped_signal()));
     tasks.spawn(drain::run(ballast.clone(), ballast.stopped_signal()));
+    tasks.spawn(rebalance::run(ballast.clone(), ballast.stopped_signal()));
     if let Some(path) = ballast.config_path().cloned() {
         tasks.spawn(reload::watch_file(
             ballast.clone(),

@@ -11,28 +11,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ballast");
 
-/// Reads one whole server frame: (opcode, payload).
-async fn read_frame(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (u8, Vec<u8>) {
-    loop {
-        if let Some(h) = websocket::parse_header(buf) {
-            let end = h.header_len + h.payload_len as usize;
-            if buf.len() >= end {
-                assert!(h.mask.is_none(), "server frames are not masked");
-                let payload = buf[h.header_len..end].to_vec();
-                buf.drain(..end);
-                return (h.opcode, payload);
-            }
-        }
-        let mut chunk = [0u8; 4096];
-        let n = tokio::time::timeout(common::DEADLINE, stream.read(&mut chunk))
-            .await
-            .expect("a frame in time")
-            .unwrap();
-        assert!(n > 0, "closed before a whole frame");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_command_the_demo_guide_suggests_works() {
     let mut demo = common::KillOnDrop(
@@ -121,7 +99,7 @@ async fn every_command_the_demo_guide_suggests_works() {
     .await
     .unwrap();
     assert_eq!(
-        read_frame(&mut ws, &mut buf).await,
+        common::read_frame(&mut ws, &mut buf).await,
         (OP_TEXT, b"hello ballast".to_vec())
     );
     ws.write_all(&websocket::encode_masked_frame(
@@ -131,7 +109,7 @@ async fn every_command_the_demo_guide_suggests_works() {
     ))
     .await
     .unwrap();
-    assert_eq!(read_frame(&mut ws, &mut buf).await.0, OP_CLOSE);
+    assert_eq!(common::read_frame(&mut ws, &mut buf).await.0, OP_CLOSE);
 
     let exit = common::terminate(demo).await;
     assert!(exit.success(), "{exit:?}");

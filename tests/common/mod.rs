@@ -400,3 +400,55 @@ pub fn strip_ansi(line: &str) -> String {
     }
     out
 }
+
+/// Opens a WebSocket through `addr`: sends the upgrade and reads the 101 head; returns
+/// the stream and any bytes read past the head.
+pub async fn ws_connect(addr: SocketAddr) -> (TcpStream, Vec<u8>) {
+    let mut ws = TcpStream::connect(addr).await.unwrap();
+    ws.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(DEADLINE, ws.read(&mut chunk))
+            .await
+            .expect("101 in time")
+            .unwrap();
+        assert!(n > 0, "closed before the upgrade answer");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(
+        buf.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    buf.drain(..end);
+    (ws, buf)
+}
+
+/// Reads one whole server frame: (opcode, payload). Fails the test on a torn frame
+/// (the connection ends inside a frame).
+pub async fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> (u8, Vec<u8>) {
+    loop {
+        if let Some(h) = ballast::websocket::parse_header(buf) {
+            let end = h.header_len + h.payload_len as usize;
+            if buf.len() >= end {
+                assert!(h.mask.is_none(), "server frames are not masked");
+                let payload = buf[h.header_len..end].to_vec();
+                buf.drain(..end);
+                return (h.opcode, payload);
+            }
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let n = tokio::time::timeout(DEADLINE, stream.read(&mut chunk))
+            .await
+            .expect("a frame in time")
+            .expect("no reset");
+        assert!(
+            n > 0,
+            "the connection ended inside a frame ({} bytes of it)",
+            buf.len()
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}

@@ -1,0 +1,180 @@
+//! Rebalance: migrate long-lived connections away from overloaded backends.
+//!
+//! Every `interval`, for each listener with a `[listeners.rebalance]` table, the fair
+//! share of backend *b* is `total_active * weight_b / sum(weight of available backends)`,
+//! capped by its `max_conns`; a backend that is not available (draining, down, removed)
+//! has a fair share of 0. A backend whose live count exceeds its fair share by more than
+//! `precision` has up to `step_size` of its newest connections migrated, but never so
+//! many that it would drop below its fair share — so, unlike cluster-balancer's advice,
+//! it converges instead of oscillating. Migrating closes the connection cleanly (see
+//! [`crate::relay`]); the client reconnects and the strategy sends it to a backend
+//! below its share. No target is chosen here, so overloaded backends do not all shed to
+//! the same peer at once.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::info;
+
+use crate::config::RebalanceConfig;
+use crate::routing::ListenerRoute;
+use crate::Ballast;
+
+/// The longest the loop sleeps, so that a reload that adds rebalancing is seen quickly.
+const MAX_NAP: Duration = Duration::from_secs(1);
+
+/// One backend as rebalance sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    pub active: u64,
+    pub weight: u32,
+    /// Up, not draining, not removed: it has a fair share.
+    pub available: bool,
+    pub max_conns: Option<u64>,
+}
+
+/// How many connections to migrate away from each backend this interval.
+pub fn plan(backends: &[Load], precision: u64, step_size: u64) -> Vec<u64> {
+    let total: u64 = backends.iter().map(|b| b.active).sum();
+    let weights: u64 = backends
+        .iter()
+        .filter(|b| b.available)
+        .map(|b| u64::from(b.weight))
+        .sum();
+    backends
+        .iter()
+        .map(|b| {
+            let fair = if b.available && weights > 0 {
+                let share = total as f64 * f64::from(b.weight) / weights as f64;
+                b.max_conns.map_or(share, |max| share.min(max as f64))
+            } else {
+                0.0
+            };
+            let excess = b.active as f64 - fair;
+            if excess <= precision as f64 {
+                return 0;
+            }
+            // Never below the fair share: at most the whole part of the excess.
+            (excess.floor() as u64).min(step_size)
+        })
+        .collect()
+}
+
+/// Runs until `stopped` turns true.
+pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
+    let mut due: HashMap<String, Instant> = HashMap::new();
+    loop {
+        let routing = ballast.routing();
+        let now = Instant::now();
+        let mut wake = now + MAX_NAP;
+        let mut next_due = HashMap::new();
+        for listener in &routing.listeners {
+            let Some(config) = &listener.config.rebalance else {
+                continue;
+            };
+            let mut at = due
+                .get(&listener.config.name)
+                .copied()
+                .unwrap_or(now + config.interval);
+            if at <= now {
+                rebalance(listener, config);
+                at = now + config.interval;
+            }
+            wake = wake.min(at);
+            next_due.insert(listener.config.name.clone(), at);
+        }
+        due = next_due;
+        drop(routing);
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => break,
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+    }
+}
+
+/// One interval of one listener.
+fn rebalance(listener: &ListenerRoute, config: &RebalanceConfig) {
+    let loads: Vec<Load> = listener
+        .backends
+        .iter()
+        .map(|b| Load {
+            // Established connections: only those can be migrated.
+            active: b.state.open_connections() as u64,
+            weight: b.config.weight,
+            available: !b.is_draining() && b.state.is_up(),
+            max_conns: b.config.max_conns,
+        })
+        .collect();
+    for (backend, n) in
+        listener
+            .backends
+            .iter()
+            .zip(plan(&loads, config.precision, config.step_size))
+    {
+        if n == 0 {
+            continue;
+        }
+        let migrated = backend.state.close_connections(n as usize, true);
+        backend.state.metrics().migrations.inc_by(migrated as u64);
+        info!(
+            listener = %listener.config.name, backend = %backend.config.name, migrated,
+            active = backend.state.active(), "rebalance: migrating connections"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(active: u64, weight: u32) -> Load {
+        Load {
+            active,
+            weight,
+            available: true,
+            max_conns: None,
+        }
+    }
+
+    #[test]
+    fn an_overloaded_backend_sheds_at_most_step_size_and_never_below_its_share() {
+        // 12 on a, 0 on b: fair share 6 each.
+        assert_eq!(plan(&[load(12, 1), load(0, 1)], 1, 2), vec![2, 0]);
+        assert_eq!(plan(&[load(12, 1), load(0, 1)], 1, 100), vec![6, 0]);
+        // Within precision: nothing moves.
+        assert_eq!(plan(&[load(7, 1), load(5, 1)], 1, 5), vec![0, 0]);
+    }
+
+    #[test]
+    fn shares_follow_weights_and_draining_backends_have_none() {
+        // 30 over weights 2:1 -> fair 20 / 10.
+        assert_eq!(plan(&[load(10, 2), load(20, 1)], 0, 100), vec![0, 10]);
+        let draining = Load {
+            active: 4,
+            weight: 1,
+            available: false,
+            max_conns: None,
+        };
+        assert_eq!(plan(&[load(0, 1), draining], 0, 3), vec![0, 3]);
+    }
+
+    #[test]
+    fn cluster_balancers_oscillating_case_converges() {
+        // [7, 0] with precision 1 and step 5 oscillates forever in cluster-balancer.
+        let mut active = [7u64, 0];
+        for _ in 0..10 {
+            let moves = plan(&[load(active[0], 1), load(active[1], 1)], 1, 5);
+            for (i, n) in moves.iter().enumerate() {
+                active[i] -= n;
+                // The migrated clients reconnect to the least loaded backend.
+                for _ in 0..*n {
+                    let target = if active[0] <= active[1] { 0 } else { 1 };
+                    active[target] += 1;
+                }
+            }
+        }
+        assert!(active[0].abs_diff(active[1]) <= 1, "{active:?}");
+    }
+}
