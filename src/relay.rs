@@ -196,7 +196,9 @@ pub async fn relay(
     };
     if matches!(end, Ok(RelayEnd::Idle | RelayEnd::Stopped)) {
         let websocket = protocol.load(Ordering::Relaxed) == PROTOCOL_WEBSOCKET;
-        let finish = async {
+        // Boxed: its state (read buffers) is allocated only for connections that are
+        // being closed, not carried in every connection's task.
+        let finish = Box::pin(async {
             let up = Pump {
                 from: &client,
                 to: &backend,
@@ -216,7 +218,7 @@ pub async fn relay(
             // Read what the peers still send (a Close answer) until they close, so
             // that closing does not reset the connection under them.
             let _ = tokio::join!(discard(&client), discard(&backend));
-        };
+        });
         let _ = tokio::time::timeout(CLOSE_GRACE, finish).await;
     }
     end
@@ -397,7 +399,7 @@ fn shutdown_write(to: &TcpStream) -> io::Result<()> {
 
 /// Reads and drops whatever `stream` still sends, until it closes.
 async fn discard(stream: &TcpStream) -> io::Result<()> {
-    let mut buf = [0u8; 4096];
+    let mut buf = vec![0u8; 4096];
     loop {
         stream.readable().await?;
         match stream.try_read(&mut buf) {

@@ -129,3 +129,18 @@ async fn a_backend_that_half_closes_still_receives_the_rest_of_the_client_stream
         .unwrap();
     assert!(received == data);
 }
+
+#[tokio::test]
+async fn a_relay_carries_no_buffer_in_its_task() {
+    // Every open connection holds one relay future: it must stay small for many idle
+    // connections to be cheap (buffers are per thread, or allocated when needed).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (b, _) = listener.accept().await.unwrap();
+    let count = |_: u64| {};
+    let relay = ballast::relay::relay(a, b, &count, &count, None, std::future::pending());
+    let size = std::mem::size_of_val(&relay);
+    assert!(size < 2048, "the relay future is {size} bytes");
+}
