@@ -22,7 +22,7 @@ use crate::Ballast;
 
 /// TCP keepalive on both sides of every connection: probe after 60 s of silence, every
 /// 10 s, give up after 6 unanswered probes.
-const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+pub(crate) const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
     .with_time(Duration::from_secs(60))
     .with_interval(Duration::from_secs(10))
     .with_retries(6);
@@ -140,12 +140,11 @@ async fn proxy(
     // In the backend's registry from here on, so a drain deadline can close it.
     let registration = state.register();
     debug!(backend = %route.backends[index].config.name, "connected");
-    for socket in [&client, &backend] {
-        let _ = socket.set_nodelay(true);
-        // Long-lived connections to a peer that vanished without a FIN end in minutes,
-        // not never, even without idle_timeout.
-        let _ = socket2::SockRef::from(socket).set_tcp_keepalive(&KEEPALIVE);
-    }
+    // The client socket has these from its listener (see `bind_one`). Long-lived
+    // connections to a peer that vanished without a FIN end in minutes, not never, even
+    // without idle_timeout.
+    let _ = backend.set_nodelay(true);
+    let _ = socket2::SockRef::from(&backend).set_tcp_keepalive(&KEEPALIVE);
     let result = relay::relay(
         client,
         backend,

@@ -144,3 +144,31 @@ async fn a_relay_carries_no_buffer_in_its_task() {
     let size = std::mem::size_of_val(&relay);
     assert!(size < 2048, "the relay future is {size} bytes");
 }
+
+#[tokio::test]
+async fn client_sockets_inherit_nodelay_and_keepalive_from_their_listener() {
+    let config = ballast::config::Config::parse(
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n\n  [[listeners.backends]]\n  addr = \"127.0.0.1:1\"\n",
+        "test.toml",
+    )
+    .unwrap();
+    let bound = ballast::bind(&config).unwrap();
+    let (_, listener) = &bound.listeners[0];
+    let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let accepted = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let sock = socket2::SockRef::from(&accepted);
+    assert!(sock.nodelay().unwrap());
+    assert!(sock.keepalive().unwrap());
+    assert_eq!(
+        sock.keepalive_time().unwrap(),
+        std::time::Duration::from_secs(60)
+    );
+}
