@@ -159,18 +159,7 @@ pub async fn relay(
     let up = Mutex::new(Direction::default());
     let down = Mutex::new(Direction::default());
     let both = async {
-        let up = Pump {
-            from: &client,
-            to: &backend,
-            dir: &up,
-            client_side: true,
-        };
-        let down = Pump {
-            from: &backend,
-            to: &client,
-            dir: &down,
-            client_side: false,
-        };
+        let (up, down) = Pump::pair(&client, &backend, &up, &down);
         tokio::try_join!(
             up.run(to_backend, &protocol, &last_activity, start),
             down.run(to_client, &protocol, &last_activity, start),
@@ -199,18 +188,7 @@ pub async fn relay(
         // Boxed: its state (read buffers) is allocated only for connections that are
         // being closed, not carried in every connection's task.
         let finish = Box::pin(async {
-            let up = Pump {
-                from: &client,
-                to: &backend,
-                dir: &up,
-                client_side: true,
-            };
-            let down = Pump {
-                from: &backend,
-                to: &client,
-                dir: &down,
-                client_side: false,
-            };
+            let (up, down) = Pump::pair(&client, &backend, &up, &down);
             let _ = tokio::join!(
                 up.finish(websocket.then(websocket::close_to_backend), to_backend),
                 down.finish(websocket.then(websocket::close_to_client), to_client),
@@ -233,7 +211,30 @@ struct Pump<'a> {
     client_side: bool,
 }
 
-impl Pump<'_> {
+impl<'a> Pump<'a> {
+    /// The two directions of a connection: client to backend, backend to client.
+    fn pair(
+        client: &'a TcpStream,
+        backend: &'a TcpStream,
+        up: &'a Mutex<Direction>,
+        down: &'a Mutex<Direction>,
+    ) -> (Pump<'a>, Pump<'a>) {
+        (
+            Pump {
+                from: client,
+                to: backend,
+                dir: up,
+                client_side: true,
+            },
+            Pump {
+                from: backend,
+                to: client,
+                dir: down,
+                client_side: false,
+            },
+        )
+    }
+
     /// Moves bytes until `from` ends its writes, then shuts down the write half of `to`.
     /// Cancel-safe: everything read is in `dir` (delivered or pending) between awaits.
     async fn run(
