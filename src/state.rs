@@ -179,7 +179,7 @@ impl BackendState {
         self.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Established connections open right now.
+    /// Established connections open right now, less those already asked to close.
     pub fn open_connections(&self) -> usize {
         self.lock_connections().len()
     }
@@ -188,13 +188,19 @@ impl BackendState {
     /// else the oldest first; returns how many were asked. A connection asked twice
     /// closes once.
     pub fn close_connections(&self, n: usize, newest: bool) -> usize {
-        let conns = self.lock_connections();
-        let chosen: Vec<&Arc<Notify>> = if newest {
-            conns.values().rev().take(n).collect()
+        let mut conns = self.lock_connections();
+        let chosen: Vec<u64> = if newest {
+            conns.keys().rev().take(n).copied().collect()
         } else {
-            conns.values().take(n).collect()
+            conns.keys().take(n).copied().collect()
         };
-        chosen.iter().for_each(|c| c.notify_one());
+        // A connection asked to close leaves the registry at once: it may take a moment
+        // to end cleanly, and must not be counted (or asked) again meanwhile.
+        for id in &chosen {
+            if let Some(close) = conns.remove(id) {
+                close.notify_one();
+            }
+        }
         chosen.len()
     }
 
