@@ -332,7 +332,8 @@ impl Ballast {
                 "shutdown_timeout reached: closing open connections"
             );
             self.inner.close_all.send_replace(true);
-            self.wait_for_idle(Duration::from_secs(5)).await;
+            // Connections end cleanly: frames in flight complete, peers get to close.
+            self.wait_for_idle(Duration::from_secs(15)).await;
         }
         self.inner.stopped.send_replace(true);
     }

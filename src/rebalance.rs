@@ -35,29 +35,70 @@ pub struct Load {
     pub max_conns: Option<u64>,
 }
 
-/// How many connections to migrate away from each backend this interval.
-pub fn plan(backends: &[Load], precision: u64, step_size: u64) -> Vec<u64> {
+/// The fair share of every backend: `total * weight / sum(weights)` over the available
+/// ones, where a backend whose share would pass its `max_conns` gets `max_conns` and the
+/// rest is shared by the others (repeated until no share passes a cap); 0 for a backend
+/// that is not available.
+pub fn fair_shares(backends: &[Load]) -> Vec<f64> {
     let total: u64 = backends.iter().map(|b| b.active).sum();
-    let weights: u64 = backends
+    let mut shares = vec![0.0; backends.len()];
+    let mut open: Vec<usize> = (0..backends.len())
+        .filter(|&i| backends[i].available)
+        .collect();
+    let mut left = total as f64;
+    loop {
+        let weights: f64 = open.iter().map(|&i| f64::from(backends[i].weight)).sum();
+        if weights == 0.0 {
+            return shares;
+        }
+        let capped: Vec<usize> = open
+            .iter()
+            .copied()
+            .filter(|&i| {
+                backends[i]
+                    .max_conns
+                    .is_some_and(|max| left * f64::from(backends[i].weight) / weights > max as f64)
+            })
+            .collect();
+        if capped.is_empty() {
+            for &i in &open {
+                shares[i] = left * f64::from(backends[i].weight) / weights;
+            }
+            return shares;
+        }
+        for &i in &capped {
+            let max = backends[i].max_conns.unwrap_or(0) as f64;
+            shares[i] = max;
+            left -= max;
+        }
+        open.retain(|i| !capped.contains(i));
+    }
+}
+
+/// How many connections to migrate away from each backend this interval: from a
+/// backend more than `precision` over its fair share, up to `step_size`, never below the
+/// share — and never more in all than the available backends have room for below their
+/// shares, since a migrated client must land somewhere else.
+pub fn plan(backends: &[Load], precision: u64, step_size: u64) -> Vec<u64> {
+    let shares = fair_shares(backends);
+    let mut room: u64 = backends
         .iter()
-        .filter(|b| b.available)
-        .map(|b| u64::from(b.weight))
+        .zip(&shares)
+        .filter(|(b, _)| b.available)
+        .map(|(b, share)| (share.floor() as u64).saturating_sub(b.active))
         .sum();
     backends
         .iter()
-        .map(|b| {
-            let fair = if b.available && weights > 0 {
-                let share = total as f64 * f64::from(b.weight) / weights as f64;
-                b.max_conns.map_or(share, |max| share.min(max as f64))
-            } else {
-                0.0
-            };
-            let excess = b.active as f64 - fair;
+        .zip(&shares)
+        .map(|(b, share)| {
+            let excess = b.active as f64 - share;
             if excess <= precision as f64 {
                 return 0;
             }
             // Never below the fair share: at most the whole part of the excess.
-            (excess.floor() as u64).min(step_size)
+            let n = (excess.floor() as u64).min(step_size).min(room);
+            room -= n;
+            n
         })
         .collect()
 }
@@ -96,6 +137,15 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
 
 /// One interval of one listener.
 fn rebalance(listener: &ListenerRoute, config: &RebalanceConfig) {
+    // While migrated connections are still ending, their clients have not reconnected:
+    // the counts would understate the total and the plan would overshoot. Wait.
+    if listener
+        .backends
+        .iter()
+        .any(|b| b.state.closing_connections() > 0)
+    {
+        return;
+    }
     let loads: Vec<Load> = listener
         .backends
         .iter()
@@ -158,6 +208,52 @@ mod tests {
             max_conns: None,
         };
         assert_eq!(plan(&[load(0, 1), draining], 0, 3), vec![0, 3]);
+    }
+
+    #[test]
+    fn a_capped_backend_hands_its_share_on_and_nothing_moves_without_room() {
+        let capped = Load {
+            active: 5,
+            weight: 1,
+            available: true,
+            max_conns: Some(5),
+        };
+        // Shares: 5 (capped) and 15: balanced as it is.
+        assert_eq!(fair_shares(&[capped, load(15, 1)]), vec![5.0, 15.0]);
+        assert_eq!(plan(&[capped, load(15, 1)], 3, 1), vec![0, 0]);
+        // No available backend: nowhere to go, nothing moves.
+        let down = Load {
+            active: 9,
+            weight: 1,
+            available: false,
+            max_conns: None,
+        };
+        assert_eq!(plan(&[down, down], 0, 5), vec![0, 0]);
+        // A draining backend's 6 fit into b's room below its share (10 each of 20).
+        let draining = Load {
+            active: 6,
+            weight: 1,
+            available: false,
+            max_conns: None,
+        };
+        assert_eq!(
+            plan(&[load(10, 1), load(4, 1), draining], 0, 10),
+            vec![0, 0, 6]
+        );
+        // The only available backend is full: the draining one's connections stay.
+        let full = Load {
+            active: 2,
+            weight: 1,
+            available: true,
+            max_conns: Some(2),
+        };
+        let draining = Load {
+            active: 10,
+            weight: 1,
+            available: false,
+            max_conns: None,
+        };
+        assert_eq!(plan(&[full, draining], 0, 10), vec![0, 0]);
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //! and the backend a Close frame (1001, Going Away) — a client never receives a torn
 //! frame. A plain TCP connection gets a FIN both ways.
 //!
-//! Bytes are counted as they are relayed, so counters move while a connection is open.
+//! Bytes are counted as they are delivered, so counters move while a connection is open.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -37,7 +37,10 @@ use crate::websocket::{self, FrameCursor};
 /// Size of the per-thread scratch buffer: one read moves at most this much.
 const SCRATCH_SIZE: usize = 64 * 1024;
 
-/// How long ballast takes at most to end a connection cleanly once it decided to.
+/// How long ballast lets the frames in flight complete when it ends a connection (a
+/// peer that stalls inside a frame longer than this is cut off).
+const FRAME_GRACE: Duration = Duration::from_secs(10);
+/// How long ballast then waits for the peers to close after its Close frames and FINs.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 thread_local! {
@@ -76,6 +79,9 @@ const PROTOCOL_WEBSOCKET: u8 = 2;
 /// Anything else: bytes are bytes.
 const PROTOCOL_PLAIN: u8 = 3;
 
+/// Longest HTTP head ballast looks at to tell a WebSocket upgrade from other traffic.
+const MAX_HEAD: usize = 16 * 1024;
+
 /// One direction's state: resumable, and readable by the code that ends a connection.
 #[derive(Debug, Default)]
 pub struct Direction {
@@ -83,8 +89,11 @@ pub struct Direction {
     pending: Vec<u8>,
     /// Where the WebSocket frames of this direction stand, once they started.
     frames: Option<FrameCursor>,
-    /// Bytes seen in this direction so far (only the first chunk is inspected).
-    seen: u64,
+    /// The start of an HTTP head that arrived in pieces, kept until it is complete
+    /// (at most [`MAX_HEAD`]); empty in the common case of a head in one read.
+    head: Vec<u8>,
+    /// Whether this direction's protocol is known (a WebSocket or not).
+    decided: bool,
     /// The source's end of stream has been passed on (FIN written).
     finished: bool,
 }
@@ -92,45 +101,62 @@ pub struct Direction {
 impl Direction {
     /// Looks at a chunk about to be forwarded (`client_side`: it came from the client).
     fn observe(&mut self, chunk: &[u8], client_side: bool, protocol: &AtomicU8) {
-        let first = self.seen == 0;
-        self.seen += chunk.len() as u64;
         if let Some(cursor) = &mut self.frames {
             cursor.feed(chunk);
             return;
         }
-        if !first {
+        if self.decided {
             return;
         }
-        let frames_from = if client_side {
-            let len = websocket::upgrade_request_len(chunk);
-            let next = if len.is_some() {
-                PROTOCOL_UPGRADE_ASKED
-            } else {
-                PROTOCOL_PLAIN
-            };
+        // The head so far: this chunk alone when no earlier piece is waiting.
+        let pieced;
+        let (head, earlier) = if self.head.is_empty() {
+            (chunk, 0)
+        } else {
+            let earlier = self.head.len();
+            self.head.extend_from_slice(chunk);
+            pieced = std::mem::take(&mut self.head);
+            (&pieced[..], earlier)
+        };
+        let looks_like_http = if client_side {
+            b"GET ".starts_with(&head[..head.len().min(4)])
+        } else {
+            protocol.load(Ordering::Relaxed) == PROTOCOL_UPGRADE_ASKED
+                && b"HTTP/1.".starts_with(&head[..head.len().min(7)])
+        };
+        let complete = head.windows(4).any(|w| w == b"\r\n\r\n");
+        if looks_like_http && !complete && head.len() < MAX_HEAD {
+            // Wait for the rest of the head.
+            self.head = head.to_vec();
+            return;
+        }
+        self.decided = true;
+        let frames_from = if !looks_like_http || !complete {
+            None
+        } else if client_side {
+            websocket::upgrade_request_len(head)
+        } else {
+            websocket::switching_protocols_len(head)
+        };
+        let next = match (client_side, frames_from.is_some()) {
+            (true, true) => PROTOCOL_UPGRADE_ASKED,
+            (false, true) => PROTOCOL_WEBSOCKET,
+            _ => PROTOCOL_PLAIN,
+        };
+        if client_side {
             let _ = protocol.compare_exchange(
                 PROTOCOL_UNKNOWN,
                 next,
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             );
-            len
         } else {
-            let len = websocket::switching_protocols_len(chunk)
-                .filter(|_| protocol.load(Ordering::Relaxed) == PROTOCOL_UPGRADE_ASKED);
-            protocol.store(
-                if len.is_some() {
-                    PROTOCOL_WEBSOCKET
-                } else {
-                    PROTOCOL_PLAIN
-                },
-                Ordering::Relaxed,
-            );
-            len
-        };
-        if let Some(head) = frames_from {
+            protocol.store(next, Ordering::Relaxed);
+        }
+        if let Some(head_len) = frames_from {
+            // Frames start after the head, inside this chunk.
             let mut cursor = FrameCursor::default();
-            cursor.feed(&chunk[head..]);
+            cursor.feed(&chunk[head_len.saturating_sub(earlier).min(chunk.len())..]);
             self.frames = Some(cursor);
         }
     }
@@ -189,15 +215,19 @@ pub async fn relay(
         // being closed, not carried in every connection's task.
         let finish = Box::pin(async {
             let (up, down) = Pump::pair(&client, &backend, &up, &down);
-            let _ = tokio::join!(
-                up.finish(websocket.then(websocket::close_to_backend), to_backend),
-                down.finish(websocket.then(websocket::close_to_client), to_client),
-            );
+            let frames = async {
+                tokio::join!(
+                    up.finish(websocket.then(websocket::close_to_backend), to_backend),
+                    down.finish(websocket.then(websocket::close_to_client), to_client),
+                )
+            };
+            let _ = tokio::time::timeout(FRAME_GRACE, frames).await;
             // Read what the peers still send (a Close answer) until they close, so
             // that closing does not reset the connection under them.
-            let _ = tokio::join!(discard(&client), discard(&backend));
+            let peers = async { tokio::join!(discard(&client), discard(&backend)) };
+            let _ = tokio::time::timeout(CLOSE_GRACE, peers).await;
         });
-        let _ = tokio::time::timeout(CLOSE_GRACE, finish).await;
+        finish.await;
     }
     end
 }
@@ -255,7 +285,7 @@ impl<'a> Pump<'a> {
             let _ = self.from.try_io(Interest::READABLE, || {
                 let result = SCRATCH.with(|scratch| {
                     let scratch = &mut scratch.borrow_mut()[..];
-                    self.pass_chunk(scratch, protocol)
+                    self.pass_chunk(scratch, protocol, counter)
                 });
                 let drained = match &result {
                     Ok(n) => *n < SCRATCH_SIZE,
@@ -276,18 +306,22 @@ impl<'a> Pump<'a> {
             if n == 0 {
                 break;
             }
-            counter.add(n as u64);
             last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-            self.flush(Some((last_activity, start))).await?;
+            self.flush(counter, Some((last_activity, start))).await?;
         }
-        self.flush(None).await?;
+        self.flush(counter, None).await?;
         lock(self.dir).finished = true;
         shutdown_write(self.to)
     }
 
     /// Reads one chunk into `scratch`, notes it in the direction's state and writes what
     /// `to` takes at once; the rest goes to `pending`. 0 at end of stream.
-    fn pass_chunk(&self, scratch: &mut [u8], protocol: &AtomicU8) -> io::Result<usize> {
+    fn pass_chunk(
+        &self,
+        scratch: &mut [u8],
+        protocol: &AtomicU8,
+        counter: &dyn Counter,
+    ) -> io::Result<usize> {
         use std::io::Read;
         let n = (&*socket2::SockRef::from(self.from)).read(scratch)?;
         if n == 0 {
@@ -296,12 +330,18 @@ impl<'a> Pump<'a> {
         let mut dir = lock(self.dir);
         dir.observe(&scratch[..n], self.client_side, protocol);
         let written = try_write_all(self.to, &scratch[..n])?;
+        counter.add(written as u64);
         dir.pending.extend_from_slice(&scratch[written..n]);
         Ok(n)
     }
 
     /// Writes out `pending`, waiting for `to` to take it.
-    async fn flush(&self, activity: Option<(&AtomicU64, Instant)>) -> io::Result<()> {
+    /// Counts what it writes: bytes count once delivered to the destination's socket.
+    async fn flush(
+        &self,
+        counter: &dyn Counter,
+        activity: Option<(&AtomicU64, Instant)>,
+    ) -> io::Result<()> {
         loop {
             {
                 let mut dir = lock(self.dir);
@@ -312,6 +352,7 @@ impl<'a> Pump<'a> {
                     return Ok(());
                 }
                 let written = try_write_all(self.to, &dir.pending)?;
+                counter.add(written as u64);
                 dir.pending.drain(..written);
                 if let (true, Some((last, start))) = (written > 0, activity) {
                     last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -330,7 +371,7 @@ impl<'a> Pump<'a> {
         if lock(self.dir).finished {
             return Ok(());
         }
-        self.flush(None).await?;
+        self.flush(counter, None).await?;
         if let Some(close) = close {
             let mut buf = vec![0u8; 16 * 1024];
             while lock(self.dir)

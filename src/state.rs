@@ -47,6 +47,8 @@ pub struct BackendState {
     /// is established and once when it ends, never per byte.
     connections: Mutex<BTreeMap<u64, Arc<Notify>>>,
     next_connection_id: AtomicU64,
+    /// Connections asked to close that have not ended yet (migrations in progress).
+    closing: AtomicU64,
 }
 
 impl BackendState {
@@ -64,6 +66,7 @@ impl BackendState {
             epoch: Instant::now(),
             connections: Mutex::new(BTreeMap::new()),
             next_connection_id: AtomicU64::new(0),
+            closing: AtomicU64::new(0),
         }
     }
 
@@ -198,10 +201,16 @@ impl BackendState {
         // to end cleanly, and must not be counted (or asked) again meanwhile.
         for id in &chosen {
             if let Some(close) = conns.remove(id) {
+                self.closing.fetch_add(1, Ordering::Relaxed);
                 close.notify_one();
             }
         }
         chosen.len()
+    }
+
+    /// Connections asked to close that are still ending.
+    pub fn closing_connections(&self) -> u64 {
+        self.closing.load(Ordering::Relaxed)
     }
 
     /// For the drain supervisor: how long the backend has been draining, starting the
@@ -273,7 +282,10 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.backend.lock_connections().remove(&self.id);
+        if self.backend.lock_connections().remove(&self.id).is_none() {
+            // It had been asked to close, and now it has.
+            self.backend.closing.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -281,3 +281,54 @@ async fn a_migrated_websocket_gets_close_1012_after_whole_frames_and_its_backend
         c.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_whose_upgrade_came_in_pieces_still_gets_a_clean_close_at_the_drain_deadline() {
+    let (a, a_closes) = recording_ws_backend().await;
+    let (b, _) = recording_ws_backend().await;
+    let ballast = start(&format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\ndrain_timeout = \"300ms\"\n{}",
+        backends_toml(&[("a", a, 1), ("b", b, 1)])
+    ))
+    .await;
+    let admin = ballast.admin_addr().unwrap();
+    let mut ws = tokio::net::TcpStream::connect(ballast.listener_addr("web"))
+        .await
+        .unwrap();
+    let head = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    for piece in head.chunks(20) {
+        ws.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut buf = Vec::new();
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 1024];
+        let n = ws.read(&mut chunk).await.unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    buf.drain(..end);
+    ws.write_all(&websocket::encode_masked_frame(
+        OP_BINARY,
+        b"ping",
+        [1, 2, 3, 4],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        read_frame(&mut ws, &mut buf).await,
+        (OP_BINARY, b"ping".to_vec())
+    );
+
+    http(admin, "POST", "/api/v1/listeners/web/backends/a/drain").await;
+    let (opcode, payload) = read_frame(&mut ws, &mut buf).await;
+    assert_eq!(
+        (opcode, &payload[..2]),
+        (OP_CLOSE, &1012u16.to_be_bytes()[..])
+    );
+    wait_until("the backend to hear Close 1001", || {
+        *a_closes.lock().unwrap() == vec![1001]
+    })
+    .await;
+}
