@@ -65,19 +65,8 @@ pub async fn serve(
 fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM)
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
-}
-
-/// The errno values the accept loop backs off on (Linux and the BSDs agree on these).
-mod libc_errno {
-    pub const ENOMEM: i32 = 12;
-    pub const ENFILE: i32 = 23;
-    pub const EMFILE: i32 = 24;
-    #[cfg(target_os = "linux")]
-    pub const ENOBUFS: i32 = 105;
-    #[cfg(not(target_os = "linux"))]
-    pub const ENOBUFS: i32 = 55;
 }
 
 /// Applies the listener's limits and the first pick, then hands the connection to its

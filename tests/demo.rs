@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use ballast::websocket::{self, OP_CLOSE, OP_TEXT};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ballast");
 
@@ -81,16 +81,8 @@ async fn every_command_the_demo_guide_suggests_works() {
     // A WebSocket message through ballast comes back; a Close is answered.
     let mut ws = tokio::net::TcpStream::connect(listen).await.unwrap();
     ws.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
-    let mut buf = Vec::new();
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let mut chunk = [0u8; 1024];
-        let n = ws.read(&mut chunk).await.unwrap();
-        assert!(n > 0);
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    assert!(String::from_utf8_lossy(&buf[..end]).contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
-    buf.drain(..end);
+    let (head, mut buf) = common::read_answer_head(&mut ws).await;
+    assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
     ws.write_all(&websocket::encode_masked_frame(
         OP_TEXT,
         b"hello ballast",

@@ -300,15 +300,8 @@ async fn a_websocket_whose_upgrade_came_in_pieces_still_gets_a_clean_close_at_th
         ws.write_all(piece).await.unwrap();
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let mut buf = Vec::new();
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let mut chunk = [0u8; 1024];
-        let n = ws.read(&mut chunk).await.unwrap();
-        assert!(n > 0);
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    buf.drain(..end);
+    let (head, mut buf) = read_answer_head(&mut ws).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     ws.write_all(&websocket::encode_masked_frame(
         OP_BINARY,
         b"ping",

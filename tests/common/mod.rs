@@ -406,24 +406,27 @@ pub fn strip_ansi(line: &str) -> String {
 pub async fn ws_connect(addr: SocketAddr) -> (TcpStream, Vec<u8>) {
     let mut ws = TcpStream::connect(addr).await.unwrap();
     ws.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
+    let (head, rest) = read_answer_head(&mut ws).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    (ws, rest)
+}
+
+/// Reads an HTTP answer head: (the head, bytes read past it).
+pub async fn read_answer_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
     let mut buf = Vec::new();
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
         let mut chunk = [0u8; 1024];
-        let n = tokio::time::timeout(DEADLINE, ws.read(&mut chunk))
+        let n = tokio::time::timeout(DEADLINE, stream.read(&mut chunk))
             .await
-            .expect("101 in time")
+            .expect("an answer in time")
             .unwrap();
-        assert!(n > 0, "closed before the upgrade answer");
+        assert!(n > 0, "closed before the answer head");
         buf.extend_from_slice(&chunk[..n]);
     }
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    assert!(
-        buf.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&buf)
-    );
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
     buf.drain(..end);
-    (ws, buf)
+    (head, buf)
 }
 
 /// Reads one whole server frame: (opcode, payload). Fails the test on a torn frame
