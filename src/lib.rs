@@ -21,6 +21,7 @@ pub mod config;
 pub mod demo;
 pub mod drain;
 pub mod health;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod rebalance;
@@ -391,6 +392,10 @@ impl Ballast {
                             "weight": b.config.weight,
                             "max_conns": b.config.max_conns,
                             "state": b.status().as_str(),
+                            "since": rfc3339(b.state.since()),
+                            "last_check_failure": b.state.last_failure().map(|f| {
+                                serde_json::json!({ "at": rfc3339(f.at), "reason": f.reason })
+                            }),
                             "active": b.state.active(),
                             "total": b.state.total(),
                         })
@@ -410,10 +415,50 @@ impl Ballast {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn times_read_as_rfc_3339_in_utc() {
+        assert_eq!(super::rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_411_208_123);
+        assert_eq!(super::rfc3339(t), "2026-11-23T05:20:08.123Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(super::rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+}
+
 fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// `time` as RFC 3339 in UTC with millisecond precision: `2026-11-23T05:20:08.123Z`.
+pub fn rfc3339(time: std::time::SystemTime) -> String {
+    let since_epoch = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        since_epoch.subsec_millis()
+    )
 }
 
 /// A listen address could not be bound.

@@ -7,6 +7,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use ballast::config::Config;
 
+/// `eprintln!` that never panics: stderr may be gone (a closed terminal).
+macro_rules! report {
+    ($($arg:tt)*) => {
+        ballast::logging::eprint_line(&format!($($arg)*))
+    };
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ballast",
@@ -89,7 +96,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                report!("error: {e}");
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
@@ -97,7 +104,7 @@ fn main() -> ExitCode {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
+                    report!("error: cannot start the runtime: {e}");
                     return ExitCode::from(EXIT_START_FAILURE);
                 }
             };
@@ -112,11 +119,11 @@ fn main() -> ExitCode {
             }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e @ ballast::StartError::Config(_)) => {
-                    eprintln!("error: {e}");
+                    report!("error: {e}");
                     ExitCode::from(EXIT_BAD_CONFIG)
                 }
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    report!("error: {e}");
                     ExitCode::from(EXIT_START_FAILURE)
                 }
             }
@@ -127,7 +134,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                report!("error: {e}");
                 ExitCode::from(EXIT_START_FAILURE)
             }
         },
@@ -135,22 +142,18 @@ fn main() -> ExitCode {
             let config = match Config::load(&path) {
                 Ok(config) => config,
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    report!("error: {e}");
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
             let bound = match ballast::bind(&config) {
                 Ok(bound) => bound,
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    report!("error: {e}");
                     return ExitCode::from(EXIT_START_FAILURE);
                 }
             };
-            for (name, socket) in &bound.listeners {
-                if let Ok(addr) = socket.local_addr() {
-                    tracing::info!(listener = %name, %addr, "listener bound");
-                }
-            }
+            // Listeners say so when their accept loop starts (also after a reload).
             if let Some(addr) = bound.admin.as_ref().and_then(|s| s.local_addr().ok()) {
                 tracing::info!(%addr, "admin bound");
             }
@@ -174,20 +177,18 @@ async fn terminated() {
 }
 
 fn init_logging(level: LogLevel, format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
+    use ballast::logging::{Format, Level};
     let level = match level {
-        LogLevel::Error => "error",
-        LogLevel::Warn => "warn",
-        LogLevel::Info => "info",
-        LogLevel::Debug => "debug",
-        LogLevel::Trace => "trace",
+        LogLevel::Error => Level::Error,
+        LogLevel::Warn => Level::Warn,
+        LogLevel::Info => Level::Info,
+        LogLevel::Debug => Level::Debug,
+        LogLevel::Trace => Level::Trace,
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let format = match format {
+        LogFormat::Text => Format::Text,
+        LogFormat::Json => Format::Json,
     };
+    ballast::logging::init(level, format);
 }
+

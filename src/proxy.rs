@@ -39,8 +39,10 @@ pub async fn serve(
     ballast: Ballast,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let local = listener.local_addr().ok();
-    info!(listener = %name, bind = ?local, "accepting connections");
+    match listener.local_addr() {
+        Ok(addr) => info!(listener = %name, %addr, "listener bound"),
+        Err(_) => info!(listener = %name, "listener bound"),
+    }
     loop {
         let accepted = tokio::select! {
             biased;
