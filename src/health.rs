@@ -75,13 +75,14 @@ async fn check_and_record(addr: SocketAddr, health: HealthConfig, state: Arc<Bac
         Ok(Err(why)) => Err(why),
         Err(_) => Err(format!("no answer within {:?}", health.timeout)),
     };
-    match state.record_health(outcome.is_ok(), health.rise, health.fall) {
+    let reason = outcome.as_ref().err().cloned().unwrap_or_default();
+    match state.record_health(outcome, health.rise, health.fall) {
         Some(true) => {
             info!(listener = %state.listener, backend = %state.name, %addr, "backend is up")
         }
         Some(false) => warn!(
             listener = %state.listener, backend = %state.name, %addr,
-            reason = %outcome.err().unwrap_or_default(), "backend is down"
+            %reason, "backend is down"
         ),
         None => {}
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::balancer::{self, Balancer, Candidate, WEIGHT_SCALE};
 use crate::config::{BackendConfig, Config, ListenerConfig};
-use crate::state::{BackendState, ListenerState, Registry};
+use crate::state::{BackendState, Health, ListenerState, Registry};
 
 /// One generation of the whole routing table.
 #[derive(Debug)]
@@ -24,11 +24,21 @@ pub struct Routing {
 }
 
 impl Routing {
+    /// The snapshot of `config` as generation `generation`. Backends new to the registry
+    /// start up at generation 1 (as HAProxy's servers do), and `checking` when a reload
+    /// adds them to a listener with health checks.
     pub fn build(config: Config, generation: u64, registry: &Registry) -> Routing {
         let listeners = config
             .listeners
             .iter()
-            .map(|l| Arc::new(ListenerRoute::build(l.clone(), registry)))
+            .map(|l| {
+                let new_backends = if generation > 1 && l.health.is_some() {
+                    Health::Checking
+                } else {
+                    Health::Up
+                };
+                Arc::new(ListenerRoute::build(l.clone(), registry, new_backends))
+            })
             .collect();
         Routing {
             generation,
@@ -64,6 +74,8 @@ pub enum BackendStatus {
     Up,
     Down,
     Draining,
+    /// New, waiting for its first health check.
+    Checking,
 }
 
 impl BackendStatus {
@@ -72,6 +84,7 @@ impl BackendStatus {
             BackendStatus::Up => "up",
             BackendStatus::Down => "down",
             BackendStatus::Draining => "draining",
+            BackendStatus::Checking => "checking",
         }
     }
 }
@@ -85,10 +98,12 @@ impl BackendRoute {
     pub fn status(&self) -> BackendStatus {
         if self.is_draining() {
             BackendStatus::Draining
-        } else if self.state.is_up() {
-            BackendStatus::Up
         } else {
-            BackendStatus::Down
+            match self.state.health() {
+                Health::Up => BackendStatus::Up,
+                Health::Down => BackendStatus::Down,
+                Health::Checking => BackendStatus::Checking,
+            }
         }
     }
 
@@ -122,7 +137,7 @@ impl BackendRoute {
 }
 
 impl ListenerRoute {
-    pub fn build(config: ListenerConfig, registry: &Registry) -> ListenerRoute {
+    pub fn build(config: ListenerConfig, registry: &Registry, new_backends: Health) -> ListenerRoute {
         let names: Vec<(&str, u32)> = config
             .backends
             .iter()
@@ -134,7 +149,7 @@ impl ListenerRoute {
             .iter()
             .map(|b| BackendRoute {
                 config: b.clone(),
-                state: registry.backend(&config.name, &b.name),
+                state: registry.backend(&config.name, &b.name, new_backends),
             })
             .collect::<Vec<_>>();
         if config.health.is_none() {

@@ -12,13 +12,44 @@
 //! connection (success, error, timeout, panic) gives its slot back.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use crate::metrics::{BackendMetrics, ListenerMetrics, Metrics};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;
+
+/// What the health checks say of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    /// Added by a reload to a listener with health checks, and not checked yet: gets
+    /// nothing until the first check passes (Envoy's rule for new hosts). The first
+    /// result decides alone, pass or fail; `rise` and `fall` apply from then on.
+    Checking = 0,
+    /// Takes connections (also: every backend of a listener without health checks).
+    Up = 1,
+    /// `fall` consecutive checks failed; back up after `rise` good ones.
+    Down = 2,
+}
+
+impl Health {
+    fn from_u8(v: u8) -> Health {
+        match v {
+            0 => Health::Checking,
+            1 => Health::Up,
+            _ => Health::Down,
+        }
+    }
+}
+
+/// The latest failed health check of a backend, for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckFailure {
+    pub at: SystemTime,
+    pub reason: String,
+}
 
 /// Runtime state of one backend of one listener.
 #[derive(Debug)]
@@ -28,8 +59,15 @@ pub struct BackendState {
     /// Live count (from pick to close), totals and byte counters: the Prometheus handles
     /// themselves, so `/metrics` and the admin API read the same atomics.
     metrics: BackendMetrics,
-    /// Health: `false` after `fall` failed checks, `true` again after `rise` good ones.
-    up: AtomicBool,
+    /// A [`Health`], as its `u8`.
+    health: AtomicU8,
+    /// When the health, drain or removal state last changed (what status calls
+    /// "since"); millis since `epoch`.
+    changed_ms: AtomicU64,
+    /// The wall-clock time at `epoch`, to show `changed_ms` as a date.
+    epoch_wall: SystemTime,
+    /// The latest failed health check; kept after the backend is up again.
+    last_failure: Mutex<Option<CheckFailure>>,
     /// Drained through the admin API; survives reloads while the backend exists.
     drained: AtomicBool,
     /// Left the config in a reload; gets nothing new, even from an older snapshot.
@@ -57,7 +95,10 @@ impl BackendState {
             listener: listener.to_string(),
             name: name.to_string(),
             metrics,
-            up: AtomicBool::new(true),
+            health: AtomicU8::new(Health::Up as u8),
+            changed_ms: AtomicU64::new(0),
+            epoch_wall: SystemTime::now(),
+            last_failure: Mutex::new(None),
             drained: AtomicBool::new(false),
             removed: AtomicBool::new(false),
             health_streak: AtomicU32::new(0),
@@ -88,8 +129,47 @@ impl BackendState {
     pub fn metrics(&self) -> &BackendMetrics {
         &self.metrics
     }
+    pub fn health(&self) -> Health {
+        Health::from_u8(self.health.load(Ordering::Relaxed))
+    }
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.health() == Health::Up
+    }
+
+    /// When the health, drain or removal state last changed.
+    pub fn since(&self) -> SystemTime {
+        self.epoch_wall + Duration::from_millis(self.changed_ms.load(Ordering::Relaxed))
+    }
+
+    /// The latest failed health check, if any.
+    pub fn last_failure(&self) -> Option<CheckFailure> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn mark_changed(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.changed_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Sets the health; returns the one before.
+    fn set_health(&self, health: Health) -> Health {
+        let before = Health::from_u8(self.health.swap(health as u8, Ordering::Relaxed));
+        if before != health {
+            self.mark_changed();
+            if health == Health::Up {
+                self.mark_in_service();
+            }
+        }
+        before
+    }
+
+    /// A backend new to a listener with health checks waits for its first check.
+    pub fn set_checking(&self) {
+        self.health_streak.store(0, Ordering::Relaxed);
+        self.set_health(Health::Checking);
     }
     pub fn is_drained(&self) -> bool {
         self.drained.load(Ordering::Relaxed)
@@ -100,22 +180,26 @@ impl BackendState {
     }
 
     pub fn set_removed(&self, removed: bool) {
-        self.removed.store(removed, Ordering::Relaxed);
+        if self.removed.swap(removed, Ordering::Relaxed) != removed {
+            self.mark_changed();
+        }
     }
 
     /// Without health checks a backend is up: a reload that drops `[listeners.health]`
     /// must not leave a backend down for good.
     pub fn set_up_unchecked(&self) {
         self.health_streak.store(0, Ordering::Relaxed);
-        if !self.up.swap(true, Ordering::Relaxed) {
-            self.mark_in_service();
-        }
+        self.set_health(Health::Up);
     }
 
     /// Takes the backend out of service (`true`) or puts it back (`false`).
     pub fn set_drained(&self, drained: bool) {
-        if self.drained.swap(drained, Ordering::Relaxed) && !drained {
-            self.mark_in_service();
+        let before = self.drained.swap(drained, Ordering::Relaxed);
+        if before != drained {
+            self.mark_changed();
+            if !drained {
+                self.mark_in_service();
+            }
         }
     }
 
@@ -142,11 +226,25 @@ impl BackendState {
         self.metrics.received_bytes.inc_by(bytes);
     }
 
-    /// Feeds one health check result; returns the new up/down state when it flipped.
-    /// Up goes down after `fall` consecutive failures, down goes up after `rise`
-    /// consecutive successes.
-    pub fn record_health(&self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
-        let up = self.is_up();
+    /// Feeds one health check result (`Err` carries why it failed); returns the new
+    /// up/down state when it flipped. Up goes down after `fall` consecutive failures,
+    /// down goes up after `rise` consecutive successes; a backend still checking takes
+    /// the first result as it comes.
+    pub fn record_health(&self, result: Result<(), String>, rise: u32, fall: u32) -> Option<bool> {
+        let ok = result.is_ok();
+        if let Err(reason) = result {
+            *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(CheckFailure {
+                at: SystemTime::now(),
+                reason,
+            });
+        }
+        let health = self.health();
+        if health == Health::Checking {
+            self.health_streak.store(0, Ordering::Relaxed);
+            self.set_health(if ok { Health::Up } else { Health::Down });
+            return Some(ok);
+        }
+        let up = health == Health::Up;
         if ok == up {
             // A result that confirms the current state ends any opposite streak.
             self.health_streak.store(0, Ordering::Relaxed);
@@ -158,10 +256,7 @@ impl BackendState {
             return None;
         }
         self.health_streak.store(0, Ordering::Relaxed);
-        self.up.store(ok, Ordering::Relaxed);
-        if ok {
-            self.mark_in_service();
-        }
+        self.set_health(if ok { Health::Up } else { Health::Down });
         Some(ok)
     }
 
@@ -420,17 +515,16 @@ impl Registry {
         }
     }
 
-    /// The state of backend `name` of `listener`, created (in service) on first use.
-    pub fn backend(&self, listener: &str, name: &str) -> Arc<BackendState> {
+    /// The state of backend `name` of `listener`, created on first use with health
+    /// `initial`; a backend that exists keeps its state.
+    pub fn backend(&self, listener: &str, name: &str, initial: Health) -> Arc<BackendState> {
         let mut map = self.backends.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(
             map.entry((listener.to_string(), name.to_string()))
                 .or_insert_with(|| {
-                    Arc::new(BackendState::new(
-                        listener,
-                        name,
-                        self.metrics.backend(listener, name),
-                    ))
+                    let state = BackendState::new(listener, name, self.metrics.backend(listener, name));
+                    state.health.store(initial as u8, Ordering::Relaxed);
+                    Arc::new(state)
                 }),
         )
     }
@@ -461,28 +555,49 @@ mod tests {
     #[test]
     fn health_flips_only_after_rise_or_fall_consecutive_results() {
         let b = BackendState::new("web", "a", Metrics::new().backend("web", "a"));
-        assert_eq!(b.record_health(false, 2, 3), None);
-        assert_eq!(b.record_health(false, 2, 3), None);
+        assert_eq!(b.record_health(fail(), 2, 3), None);
+        assert_eq!(b.record_health(fail(), 2, 3), None);
         assert_eq!(
-            b.record_health(true, 2, 3),
+            b.record_health(Ok(()), 2, 3),
             None,
             "a success breaks the streak"
         );
-        assert_eq!(b.record_health(false, 2, 3), None);
-        assert_eq!(b.record_health(false, 2, 3), None);
-        assert_eq!(b.record_health(false, 2, 3), Some(false));
+        assert_eq!(b.record_health(fail(), 2, 3), None);
+        assert_eq!(b.record_health(fail(), 2, 3), None);
+        assert_eq!(b.record_health(fail(), 2, 3), Some(false));
         assert!(!b.is_up());
-        assert_eq!(b.record_health(true, 2, 3), None);
-        assert_eq!(b.record_health(true, 2, 3), Some(true));
+        assert_eq!(b.record_health(Ok(()), 2, 3), None);
+        assert_eq!(b.record_health(Ok(()), 2, 3), Some(true));
         assert!(b.is_up());
+        assert_eq!(b.last_failure().map(|f| f.reason), Some("refused".into()));
+    }
+
+    fn fail() -> Result<(), String> {
+        Err("refused".into())
+    }
+
+    #[test]
+    fn a_checking_backend_takes_its_first_result_as_it_comes() {
+        let r = Registry::default();
+        let good = r.backend("web", "good", Health::Checking);
+        assert!(!good.is_up());
+        assert_eq!(good.record_health(Ok(()), 2, 3), Some(true));
+        assert!(good.is_up());
+        let bad = r.backend("web", "bad", Health::Checking);
+        assert_eq!(bad.record_health(fail(), 2, 3), Some(false));
+        assert_eq!(bad.health(), Health::Down);
+        assert_eq!(bad.record_health(Ok(()), 2, 3), None, "then rise applies");
+        assert_eq!(bad.record_health(Ok(()), 2, 3), Some(true));
+        // An existing backend keeps its state whatever is asked for.
+        assert!(r.backend("web", "good", Health::Checking).is_up());
     }
 
     #[test]
     fn the_registry_hands_out_the_same_state_for_the_same_names() {
         let r = Registry::default();
-        let a = r.backend("web", "a");
+        let a = r.backend("web", "a", Health::Up);
         let _g = a.acquire();
-        assert_eq!(r.backend("web", "a").active(), 1);
-        assert_eq!(r.backend("api", "a").active(), 0);
+        assert_eq!(r.backend("web", "a", Health::Up).active(), 1);
+        assert_eq!(r.backend("api", "a", Health::Up).active(), 0);
     }
 }

@@ -70,7 +70,9 @@ pub fn render(status: &Value) -> String {
             "MAX".into(),
             "ACTIVE".into(),
             "TOTAL".into(),
+            "SINCE".into(),
         ]];
+        let mut failures = Vec::new();
         for b in backends {
             let active = b["active"].as_u64().unwrap_or(0);
             let bar = if most == 0 {
@@ -89,9 +91,18 @@ pub fn render(status: &Value) -> String {
                     .map_or("-".into(), |m| m.to_string()),
                 format!("{active:>6} {bar:<BAR_WIDTH$}"),
                 b["total"].to_string(),
+                seconds(&b["since"]),
             ]);
+            if let Some(failure) = b["last_check_failure"].as_object() {
+                failures.push(format!(
+                    "  {}: last failed check {}: {}\n",
+                    text(&b["name"]),
+                    seconds(&failure["at"]),
+                    text(&failure["reason"])
+                ));
+            }
         }
-        let widths: Vec<usize> = (0..7)
+        let widths: Vec<usize> = (0..8)
             .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
             .collect();
         for row in rows {
@@ -102,8 +113,20 @@ pub fn render(status: &Value) -> String {
                 .collect();
             out.push_str(&format!("  {}\n", cells.join("  ").trim_end()));
         }
+        failures.iter().for_each(|f| out.push_str(f));
     }
     out
+}
+
+/// An RFC 3339 time without its fraction of a second (`-` when absent).
+fn seconds(v: &Value) -> String {
+    match v.as_str() {
+        Some(t) => match t.split_once('.') {
+            Some((whole, _)) => format!("{whole}Z"),
+            None => t.to_string(),
+        },
+        None => "-".into(),
+    }
 }
 
 fn text(v: &Value) -> String {
@@ -120,7 +143,9 @@ mod tests {
         "name": "web", "bind": "127.0.0.1:8080", "strategy": "least_conn", "active": 15,
         "backends": [
             {"name": "app1", "addr": "127.0.0.1:3001", "weight": 2, "max_conns": null, "state": "up", "active": 10, "total": 40},
-            {"name": "app2", "addr": "127.0.0.1:3002", "weight": 1, "max_conns": 0, "state": "draining", "active": 5, "total": 7},
+            {"name": "app2", "addr": "127.0.0.1:3002", "weight": 1, "max_conns": 0, "state": "draining", "active": 5, "total": 7,
+             "since": "2026-11-23T05:20:08.123Z",
+             "last_check_failure": {"at": "2026-11-23T05:19:58.001Z", "reason": "connection refused"}},
         ]}]});
         let table = render(&status);
         assert!(table.contains("generation 3"), "{table}");
@@ -134,6 +159,11 @@ mod tests {
         assert_eq!(app2.matches('#').count(), 10, "{table}");
         assert!(
             app2.contains("draining") && app1.contains(" up "),
+            "{table}"
+        );
+        assert!(app2.contains("2026-11-23T05:20:08Z"), "{table}");
+        assert!(
+            table.contains("app2: last failed check 2026-11-23T05:19:58Z: connection refused"),
             "{table}"
         );
     }
