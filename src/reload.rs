@@ -89,6 +89,7 @@ impl Ballast {
     fn apply(&self, config: Config) -> Result<u64, ReloadError> {
         let old = self.routing();
         let running = self.listener_binds();
+        let changes = changes(&old.config, &config);
 
         // 1. Bind every new or moved listener before anything changes. An address that
         //    a running listener gives up (it is renamed or moves) is handed on as the
@@ -145,7 +146,6 @@ impl Ballast {
             for l in &old.listeners {
                 for b in &l.backends {
                     if !kept.contains(&(l.config.name.as_str(), b.config.name.as_str())) {
-                        info!(listener = %l.config.name, backend = %b.config.name, "backend removed: draining");
                         b.state.set_removed(true);
                         removed.backends.push(RemovedBackend {
                             state: Arc::clone(&b.state),
@@ -168,58 +168,145 @@ impl Ballast {
         // 3. Stop removed listeners; start new and moved ones (a moved listener's old
         //    loop is stopped as its new one starts).
         for name in running.keys().filter(|n| !names.contains(*n)) {
-            info!(listener = %name, "listener removed: stopped accepting");
             self.close_listener(name);
         }
         for (name, bind, socket) in fresh {
-            match self.open_listener(&name, bind, socket) {
-                Ok(local) => info!(listener = %name, addr = %local, "listener bound"),
-                Err(e) => error!(listener = %name, error = %e, "cannot serve listener"),
+            if let Err(e) = self.open_listener(&name, bind, socket) {
+                error!(listener = %name, error = %e, "cannot serve listener");
             }
+        }
+        if changes.is_empty() {
+            info!(generation, "reload: no change");
+        }
+        for change in &changes {
+            info!(generation, "reload: {change}");
         }
         Ok(generation)
     }
+}
+
+/// What a reload changes, in an operator's words, one line per change: listeners added,
+/// removed or rebound, strategy changes, backends added, removed, moved or re-weighted,
+/// and other settings of a listener or backend that changed. Empty when nothing did.
+pub fn changes(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in &new.listeners {
+        let Some(was) = old.listener(&l.name) else {
+            out.push(format!(
+                "listener {:?} added on {} with {} backend(s)",
+                l.name,
+                l.bind,
+                l.backends.len()
+            ));
+            continue;
+        };
+        if was.bind != l.bind {
+            out.push(format!("listener {:?} rebound: {} -> {}", l.name, was.bind, l.bind));
+        }
+        if was.strategy != l.strategy {
+            out.push(format!(
+                "listener {:?} strategy: {} -> {}",
+                l.name, was.strategy, l.strategy
+            ));
+        }
+        for b in &l.backends {
+            let Some(before) = was.backends.iter().find(|o| o.name == b.name) else {
+                out.push(format!(
+                    "listener {:?}: backend {:?} added ({}, weight {})",
+                    l.name, b.name, b.addr_text, b.weight
+                ));
+                continue;
+            };
+            if before.addr != b.addr {
+                out.push(format!(
+                    "listener {:?}: backend {:?} moved: {} -> {}",
+                    l.name, b.name, before.addr, b.addr
+                ));
+            }
+            if before.weight != b.weight {
+                out.push(format!(
+                    "listener {:?}: backend {:?} re-weighted: {} -> {}",
+                    l.name, b.name, before.weight, b.weight
+                ));
+            }
+            if before.max_conns != b.max_conns {
+                let show = |m: Option<u64>| m.map_or("unbounded".to_string(), |m| m.to_string());
+                out.push(format!(
+                    "listener {:?}: backend {:?} max_conns: {} -> {}",
+                    l.name,
+                    b.name,
+                    show(before.max_conns),
+                    show(b.max_conns)
+                ));
+            }
+        }
+        for b in &was.backends {
+            if !l.backends.iter().any(|n| n.name == b.name) {
+                out.push(format!(
+                    "listener {:?}: backend {:?} removed: draining",
+                    l.name, b.name
+                ));
+            }
+        }
+        let settings = |c: &crate::config::ListenerConfig| {
+            (
+                c.max_conns,
+                c.connect_timeout,
+                c.idle_timeout,
+                c.drain_timeout,
+                c.retries,
+                c.slow_start,
+                c.health.clone(),
+                c.rebalance.clone(),
+            )
+        };
+        if settings(was) != settings(l) {
+            out.push(format!("listener {:?}: settings changed", l.name));
+        }
+    }
+    for l in &old.listeners {
+        if new.listener(&l.name).is_none() {
+            out.push(format!(
+                "listener {:?} removed: stopped accepting, its connections drain",
+                l.name
+            ));
+        }
+    }
+    if old.admin != new.admin || old.runtime != new.runtime {
+        out.push("[admin] or [runtime] changed (bind and threads apply at the next restart)".into());
+    }
+    out
 }
 
 /// How long the file must be quiet after a change before it is reloaded: editors write
 /// in several steps.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
-/// Reloads when the config file changes. The folder is watched, not the file, so that
-/// editors that replace the file by renaming a new one over it are seen too. A change
-/// that leaves the file's content as it was is ignored.
+/// Reloads when the config file changes. Folders are watched, not the file, so that
+/// editors that rename a new file over it are seen too; and when the path is a symlink
+/// (a Kubernetes ConfigMap mount: `ballast.toml -> ..data/ballast.toml`, with `..data`
+/// itself a symlink swapped atomically), the folder of what it resolves to is watched
+/// as well and the link is resolved again after every event. Any event in a watched
+/// folder leads to reading the file; a content equal to the last one loaded is ignored.
 pub async fn watch_file(ballast: Ballast, path: PathBuf, mut stopped: watch::Receiver<bool>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let file_name = path.file_name().map(|n| n.to_os_string());
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
-            if event
-                .paths
-                .iter()
-                .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
-            {
-                let _ = tx.send(());
-            }
+        if event.is_ok() {
+            let _ = tx.send(());
         }
     });
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let _watcher = match watcher {
-        Ok(mut w) => match notify::Watcher::watch(&mut w, dir, notify::RecursiveMode::NonRecursive)
-        {
-            Ok(()) => w,
-            Err(e) => {
-                warn!(error = %e, dir = %dir.display(), "cannot watch the config file; reload with SIGHUP or the admin API");
-                return;
-            }
-        },
+    let mut watcher = match watcher {
+        Ok(w) => w,
         Err(e) => {
             warn!(error = %e, "cannot watch the config file; reload with SIGHUP or the admin API");
             return;
         }
     };
+    let mut watched: Vec<PathBuf> = Vec::new();
+    rewatch(&mut watcher, &mut watched, &path);
+    if watched.is_empty() {
+        return;
+    }
     loop {
         tokio::select! {
             _ = stopped.wait_for(|s| *s) => break,
@@ -232,6 +319,8 @@ pub async fn watch_file(ballast: Ballast, path: PathBuf, mut stopped: watch::Rec
                 event = rx.recv() => if event.is_none() { return },
             }
         }
+        // A swapped link may now point into another folder.
+        rewatch(&mut watcher, &mut watched, &path);
         match std::fs::read(&path) {
             Ok(now) if !ballast.is_last_loaded(&now) => {}
             _ => continue,
@@ -239,5 +328,116 @@ pub async fn watch_file(ballast: Ballast, path: PathBuf, mut stopped: watch::Rec
         info!(file = %path.display(), "config file changed: reloading");
         let ballast = ballast.clone();
         let _ = tokio::task::spawn_blocking(move || ballast.reload()).await;
+    }
+}
+
+/// The folders to watch for `path`: its own, and that of the file it resolves to when
+/// it is (or goes through) a symlink.
+fn folders_of(path: &Path) -> Vec<PathBuf> {
+    let parent = |p: &Path| {
+        p.parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf()
+    };
+    let mut folders = vec![parent(path)];
+    if let Ok(real) = std::fs::canonicalize(path) {
+        let real_parent = parent(&real);
+        let same = std::fs::canonicalize(&folders[0]).is_ok_and(|f| f == real_parent);
+        if !same {
+            folders.push(real_parent);
+        }
+    }
+    folders
+}
+
+/// Makes `watcher` watch exactly the folders of `path` now.
+fn rewatch(watcher: &mut impl notify::Watcher, watched: &mut Vec<PathBuf>, path: &Path) {
+    let wanted = folders_of(path);
+    if *watched == wanted {
+        return;
+    }
+    for old in watched.iter().filter(|d| !wanted.contains(d)) {
+        let _ = watcher.unwatch(old);
+    }
+    let mut now = Vec::new();
+    for dir in wanted {
+        if watched.contains(&dir) {
+            now.push(dir);
+            continue;
+        }
+        match watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+            Ok(()) => now.push(dir),
+            Err(e) => warn!(
+                error = %e, dir = %dir.display(),
+                "cannot watch the config file's folder; reload with SIGHUP or the admin API"
+            ),
+        }
+    }
+    *watched = now;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::changes;
+    use crate::config::Config;
+
+    fn config(listeners: &str) -> Config {
+        Config::parse(listeners, "test.toml").expect("valid")
+    }
+
+    #[test]
+    fn a_reload_names_every_change_and_nothing_else() {
+        let old = config(
+            r#"
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:0"
+strategy = "round_robin"
+  [[listeners.backends]]
+  name = "a"
+  addr = "127.0.0.1:3001"
+  [[listeners.backends]]
+  name = "b"
+  addr = "127.0.0.1:3002"
+[[listeners]]
+name = "old"
+bind = "127.0.0.1:0"
+  [[listeners.backends]]
+  addr = "127.0.0.1:3003"
+"#,
+        );
+        assert!(changes(&old, &old).is_empty());
+        let new = config(
+            r#"
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:0"
+strategy = "least_conn"
+  [[listeners.backends]]
+  name = "a"
+  addr = "127.0.0.1:3001"
+  weight = 3
+  [[listeners.backends]]
+  name = "c"
+  addr = "127.0.0.1:3004"
+[[listeners]]
+name = "new"
+bind = "127.0.0.1:0"
+  [[listeners.backends]]
+  addr = "127.0.0.1:3003"
+"#,
+        );
+        assert_eq!(
+            changes(&old, &new),
+            [
+                r#"listener "web" strategy: round_robin -> least_conn"#,
+                r#"listener "web": backend "a" re-weighted: 1 -> 3"#,
+                r#"listener "web": backend "c" added (127.0.0.1:3004, weight 1)"#,
+                r#"listener "web": backend "b" removed: draining"#,
+                r#"listener "new" added on 127.0.0.1:0 with 1 backend(s)"#,
+                r#"listener "old" removed: stopped accepting, its connections drain"#,
+            ]
+        );
     }
 }
