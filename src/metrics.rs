@@ -376,7 +376,7 @@ mod process {
                 .inner
                 .collect()
                 .into_iter()
-                .filter(|f| f.get_name() != CPU && f.get_name() != START)
+                .filter(|f| f.name() != CPU && f.name() != START)
                 .collect();
             if let Some(seconds) = cpu_seconds() {
                 // A fresh counter per scrape: the kernel keeps the running total, and
