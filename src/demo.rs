@@ -54,7 +54,7 @@ pub async fn run(
     let running = crate::start(config, None).await?;
     let listen = running.listener_addr(LISTENER);
     let admin = running.admin_addr().unwrap_or(admin);
-    println!("{}", guide(listen, admin));
+    println!("{}", guide(listen, admin, &own_command()));
     stop.await;
     running.shutdown(Duration::from_secs(2)).await;
     Ok(())
@@ -72,9 +72,49 @@ fn config_text(listen: SocketAddr, admin: SocketAddr, backends: &[(&str, SocketA
     text
 }
 
-/// What to try, with the real addresses. Every line that starts with two spaces and
-/// `curl` or `ballast` is a command a user can paste (a test runs each one).
-pub fn guide(listen: SocketAddr, admin: SocketAddr) -> String {
+/// How a user runs this very binary from a shell: `ballast` when that name on `PATH` is
+/// this file (an installed package), else its full path (`target/release/ballast` is on
+/// nobody's `PATH`), else the cargo command that builds and runs it.
+pub fn own_command() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "cargo run --release --".to_string();
+    };
+    let on_path = std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("ballast"))
+                .find(|candidate| candidate.is_file())
+        })
+        .and_then(|found| found.canonicalize().ok());
+    if on_path.is_some_and(|found| exe.canonicalize().is_ok_and(|exe| exe == found)) {
+        return "ballast".to_string();
+    }
+    shell_word(&exe.to_string_lossy())
+}
+
+/// `word` quoted for a POSIX shell when it holds anything but plain path characters.
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+,:@%".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// A WebSocket handshake and one message through ballast with nothing but python3: prints
+/// the `101 Switching Protocols` line, then the echoed `hello`, and exits 0.
+fn websocket_command(listen: SocketAddr) -> String {
+    let (ip, port) = (listen.ip(), listen.port());
+    format!(
+        r#"python3 -c 'import socket; s = socket.create_connection(("{ip}", {port}), timeout=5); f = s.makefile("rb"); s.sendall(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"); head = list(iter(lambda: f.readline().strip() or None, None)); print(head[0].decode()); s.sendall(b"\x81\x85\0\0\0\0hello"); print(f.read(7)[2:].decode())'"#
+    )
+}
+
+/// What to try, with the real addresses. Every line that starts with two spaces and then
+/// a non-space is a command a user can paste as it is (a test runs each one); `ballast`
+/// is the command that runs this binary ([`own_command`]).
+pub fn guide(listen: SocketAddr, admin: SocketAddr, ballast: &str) -> String {
     format!(
         "ballast demo: listener \"{LISTENER}\" on {listen} (least_conn over {b}), admin on {admin}
 
@@ -83,11 +123,12 @@ Try these in another terminal:
   curl http://{listen}/
       a demo backend answers with its name; repeat it to see the connections spread
 
-  curl -s --max-time 2 -i -N -H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' http://{listen}/
-      a WebSocket handshake through ballast (101 Switching Protocols); any WebSocket
-      client pointed at ws://{listen}/ gets its messages echoed
+  {websocket}
+      a WebSocket handshake and a message through ballast: prints the 101 Switching
+      Protocols line, then the echoed hello; any WebSocket client pointed at
+      ws://{listen}/ gets its messages echoed
 
-  ballast status --admin {admin}
+  {ballast} status --admin {admin}
       listeners and backends with their live connection counts
 
   curl -X POST http://{admin}/api/v1/listeners/{LISTENER}/backends/demo-1/drain
@@ -100,7 +141,8 @@ Try these in another terminal:
       Prometheus metrics
 
 Ctrl-C stops the demo.",
-        b = BACKENDS.join(", ")
+        b = BACKENDS.join(", "),
+        websocket = websocket_command(listen),
     )
 }
 

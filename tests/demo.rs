@@ -11,11 +11,13 @@ use tokio::io::AsyncWriteExt;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ballast");
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_command_the_demo_guide_suggests_works() {
+/// Starts `ballast demo` on ports of its choosing with `path` as its `PATH`, and reads its
+/// guide up to the last line.
+fn start_demo(path: &std::ffi::OsStr) -> (common::KillOnDrop, Vec<String>) {
     let mut demo = common::KillOnDrop(
         Command::new(BIN)
             .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .env("PATH", path)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -31,6 +33,12 @@ async fn every_command_the_demo_guide_suggests_works() {
             break;
         }
     }
+    (demo, guide)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_the_demo_guide_suggests_works() {
+    let (demo, guide) = start_demo(&std::env::var_os("PATH").unwrap_or_default());
     let first = &guide[0];
     let listen: std::net::SocketAddr = first
         .split(" on ")
@@ -40,38 +48,48 @@ async fn every_command_the_demo_guide_suggests_works() {
         .parse()
         .unwrap();
 
+    // A command is a line of two spaces and then a non-space; explanations are deeper.
     let commands: Vec<&String> = guide
         .iter()
-        .filter(|l| l.starts_with("  curl ") || l.starts_with("  ballast "))
+        .filter(|l| l.starts_with("  ") && !l[2..].starts_with(' '))
         .collect();
     assert!(commands.len() >= 6, "{guide:#?}");
+    // The test binary is on nobody's PATH, so the guide names it by its full path.
+    let bin = std::fs::canonicalize(BIN).unwrap();
+    let status_line = format!("  {} status --admin ", bin.display());
+    assert!(
+        commands.iter().any(|c| c.starts_with(&status_line)),
+        "no {status_line:?} in {guide:#?}"
+    );
     let mut outputs = Vec::new();
     for command in &commands {
-        let shell = command.trim().replacen("ballast ", &format!("{BIN} "), 1);
-        let out =
-            tokio::task::spawn_blocking(move || Command::new("sh").args(["-c", &shell]).output())
-                .await
-                .unwrap()
-                .unwrap();
+        // Exactly as printed, from the repository root, as a user pastes it.
+        let shell = command.trim().to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("sh")
+                .args(["-c", &shell])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .output()
+        })
+        .await
+        .unwrap()
+        .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        if command.contains("Upgrade: websocket") {
-            // curl holds the upgraded connection until --max-time: exit 28 after a 101.
-            assert!(
-                stdout.starts_with("HTTP/1.1 101 Switching Protocols"),
-                "{command}: {stdout}"
-            );
-        } else {
-            assert!(
-                out.status.success(),
-                "{command} failed: {stdout}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        assert!(
+            out.status.success(),
+            "{command} failed ({}): {stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
         outputs.push((command.to_string(), stdout));
     }
     let output_of = |needle: &str| &outputs.iter().find(|(c, _)| c.contains(needle)).unwrap().1;
     assert!(output_of(&format!("curl http://{listen}/")).starts_with("demo-"));
-    let status = output_of("ballast status");
+    assert_eq!(
+        output_of("Upgrade: websocket"),
+        "HTTP/1.1 101 Switching Protocols\nhello\n"
+    );
+    let status = output_of(" status --admin ");
     for name in ["demo-1", "demo-2", "demo-3"] {
         assert!(status.contains(name), "{status}");
     }
@@ -105,4 +123,20 @@ async fn every_command_the_demo_guide_suggests_works() {
 
     let exit = common::terminate(demo).await;
     assert!(exit.success(), "{exit:?}");
+}
+
+#[test]
+fn the_guide_says_plain_ballast_when_that_name_on_the_path_is_this_binary() {
+    let dir = std::path::Path::new(BIN).parent().unwrap();
+    let path = std::env::join_paths(std::iter::once(dir.to_path_buf()).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))
+    .unwrap();
+    let (_demo, guide) = start_demo(&path);
+    assert!(
+        guide
+            .iter()
+            .any(|l| l.starts_with("  ballast status --admin ")),
+        "{guide:#?}"
+    );
 }
