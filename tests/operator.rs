@@ -1,0 +1,323 @@
+//! What an operator meets in the first hour: a terminal that goes away, logs that read
+//! well, backends that a reload adds, a config file mounted as a Kubernetes ConfigMap.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use tokio::net::TcpListener;
+
+/// A POST as a script sends it (JSON content type).
+async fn post(admin: SocketAddr, path: &str) -> (u16, String) {
+    http_with(admin, "POST", path, "Content-Type: application/json\r\n").await
+}
+
+async fn status(admin: SocketAddr) -> serde_json::Value {
+    let (code, body) = http(admin, "GET", "/api/v1/status").await;
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The status entry of backend `name` of the first listener.
+fn backend<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["listeners"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("no backend {name} in {status}"))
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let at = line.find(key).unwrap_or_else(|| panic!("no {key} in {line:?}")) + key.len();
+    line[at..].split_whitespace().next().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_stderr_breaks_neither_reload_nor_drain_nor_proxying_at_debug_level() {
+    let a = Backend::greeter("a").await;
+    let b = Backend::greeter("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    let text = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\n{}",
+        backends_toml(&[("a", a.addr, 1), ("b", b.addr, 1)])
+    );
+    std::fs::write(&path, &text).unwrap();
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_ballast"))
+            .args(["run", "--log-level", "debug", "--config"])
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let (mut web, mut admin) = (None, None);
+    while web.is_none() || admin.is_none() {
+        let line = lines.next().expect("a log line").unwrap();
+        assert!(!line.contains('\u{1b}'), "colour codes in a pipe: {line:?}");
+        if line.contains("listener bound") {
+            web = Some(field(&line, "addr=").parse::<SocketAddr>().unwrap());
+        } else if line.contains("admin bound") {
+            admin = Some(field(&line, "addr=").parse::<SocketAddr>().unwrap());
+        }
+    }
+    let (web, admin) = (web.unwrap(), admin.unwrap());
+    // The terminal goes away: the read end of stderr closes.
+    drop(lines);
+
+    // Proxying logs at debug level on every connection.
+    for _ in 0..4 {
+        let (_, greeting) = connect_and_greet(web).await;
+        assert!(greeting == "a" || greeting == "b", "{greeting}");
+    }
+    let (code, body) = post(admin, "/api/v1/reload").await;
+    assert_eq!((code, body.trim()), (200, "{\"generation\":2}"));
+    let (code, body) = post(admin, "/api/v1/listeners/web/backends/a/drain").await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = post(admin, "/api/v1/listeners/web/backends/a/undrain").await;
+    assert_eq!(code, 200, "{body}");
+    let pid = child.0.id().to_string();
+    let kill = std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    assert!(kill.success());
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while status(admin).await["generation"] != 3 {
+        assert!(tokio::time::Instant::now() < deadline, "SIGHUP did not reload");
+        assert!(child.0.try_wait().unwrap().is_none(), "ballast died on SIGHUP");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..4 {
+        let (_, greeting) = connect_and_greet(web).await;
+        assert!(greeting == "a" || greeting == "b", "{greeting}");
+    }
+    assert!(child.0.try_wait().unwrap().is_none(), "ballast is still running");
+    let status = terminate(child).await;
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_names_each_bind_once_says_what_a_reload_changed_and_hides_pingora() {
+    let a = Backend::greeter("a").await;
+    let b = Backend::greeter("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    let head = "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\n";
+    std::fs::write(&path, format!("{head}{}", backends_toml(&[("a", a.addr, 1)]))).unwrap();
+    let proc = Proc::run(&path, &[], 1).await;
+    let admin = proc.admin;
+    assert_eq!(post(admin, "/api/v1/reload").await.0, 200);
+    std::fs::write(
+        &path,
+        format!("{head}{}", backends_toml(&[("a", a.addr, 3), ("b", b.addr, 1)])),
+    )
+    .unwrap();
+    assert_eq!(post(admin, "/api/v1/reload").await.0, 200);
+    let (_, log) = proc.stop().await;
+    assert!(log.contains("reload: no change"), "{log}");
+    assert!(
+        log.contains(r#"reload: listener "web": backend "a" re-weighted: 1 -> 3"#),
+        "{log}"
+    );
+    assert!(
+        log.contains(r#"reload: listener "web": backend "b" added"#),
+        "{log}"
+    );
+    // Proc::run read the one "listener bound" line; a reload that keeps the listener
+    // binds nothing.
+    assert_eq!(log.matches("listener bound").count(), 0, "{log}");
+    assert!(!log.contains("Some("), "{log}");
+    assert!(!log.contains("Starting services"), "{log}");
+    assert!(!log.contains("Bootstrap"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_flat_fields_and_no_source_paths() {
+    let a = Backend::greeter("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n{}",
+            backends_toml(&[("a", a.addr, 1)])
+        ),
+    )
+    .unwrap();
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_ballast"))
+            .args(["run", "--log-format", "json", "--config"])
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    loop {
+        let line = lines.next().expect("a log line").unwrap();
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(json.get("fields").is_none(), "nested fields: {line}");
+        assert!(!line.contains(".rs\""), "a source path: {line}");
+        assert!(!line.contains("log.file"), "a source path: {line}");
+        let bound = json["message"] == "listener bound";
+        seen.push(line);
+        if bound {
+            assert_eq!(json["listener"], "web", "{}", seen.join("\n"));
+            assert!(json["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+            break;
+        }
+    }
+    drop(lines);
+    let _ = child.0.kill();
+}
+
+/// A TCP server that accepts and never answers: an HTTP health check of it times out.
+async fn silent_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    (addr, task)
+}
+
+fn write(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_added_by_a_reload_gets_nothing_until_its_first_check_passes() {
+    let a = Backend::greeter("a").await;
+    let (silent, _task) = silent_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    let head = "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nstrategy = \"least_conn\"\n  [listeners.health]\n  kind = \"http\"\n  interval = \"2s\"\n  timeout = \"1500ms\"\n  rise = 5\n  fall = 5\n";
+    // `a` is not HTTP either, but it is up from the start (as HAProxy's servers are)
+    // and it takes `fall` = 5 failed checks, 8 s, to take it down.
+    write(&path, &format!("{head}{}", backends_toml(&[("a", a.addr, 1)])));
+    let running = start_file(&path).await;
+    let admin = running.admin_addr().unwrap();
+    let web = running.listener_addr("web");
+    assert_eq!(backend(&status(admin).await, "a")["state"], "up");
+
+    write(
+        &path,
+        &format!("{head}{}", backends_toml(&[("a", a.addr, 1), ("new", silent, 1)])),
+    );
+    assert_eq!(post(admin, "/api/v1/reload").await.0, 200);
+    let now = status(admin).await;
+    assert_eq!(backend(&now, "new")["state"], "checking", "{now}");
+    assert!(backend(&now, "new")["since"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(backend(&now, "a")["state"], "up", "a kept backend keeps its state");
+    // least_conn would send every new connection to the empty backend: none goes there.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let (stream, greeting) = connect_and_greet(web).await;
+        assert_eq!(greeting, "a");
+        held.push(stream);
+    }
+    let (code, body) = http(admin, "GET", "/api/v1/listeners/web/pick?client=127.0.0.1").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("\"backend\":\"a\""), "{body}");
+    // Its first check times out: down at once, with the reason shown.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let now = status(admin).await;
+        let new = backend(&now, "new");
+        if new["state"] == "down" {
+            let reason = new["last_check_failure"]["reason"].as_str().unwrap();
+            assert!(!reason.is_empty(), "{now}");
+            break;
+        }
+        assert_eq!(new["state"], "checking", "{now}");
+        assert!(tokio::time::Instant::now() < deadline, "{now}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checking_backend_is_up_after_its_first_good_check_whatever_rise_says() {
+    let a = Backend::greeter("a").await;
+    let b = Backend::greeter("b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    let head = "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n  [listeners.health]\n  kind = \"tcp\"\n  interval = \"1h\"\n  rise = 5\n";
+    write(&path, &format!("{head}{}", backends_toml(&[("a", a.addr, 1)])));
+    let running = start_file(&path).await;
+    let admin = running.admin_addr().unwrap();
+    write(
+        &path,
+        &format!("{head}{}", backends_toml(&[("a", a.addr, 1), ("b", b.addr, 1)])),
+    );
+    assert_eq!(post(admin, "/api/v1/reload").await.0, 200);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while backend(&status(admin).await, "b")["state"] != "up" {
+        assert!(tokio::time::Instant::now() < deadline, "b never came up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running.shutdown(Duration::from_secs(1)).await;
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_symlink_swap_and_a_write_to_the_link_target_both_reload() {
+    use std::os::unix::fs::symlink;
+    let a = Backend::greeter("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |weight: u32| {
+        format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n{}",
+            backends_toml(&[("a", a.addr, weight)])
+        )
+    };
+    // What the kubelet lays out: ballast.toml -> ..data/ballast.toml, ..data -> ..<ts>.
+    let first = dir.path().join("..2026_11_23_05_00_00.000000001");
+    std::fs::create_dir(&first).unwrap();
+    std::fs::write(first.join("ballast.toml"), config(1)).unwrap();
+    symlink(first.file_name().unwrap(), dir.path().join("..data")).unwrap();
+    symlink("..data/ballast.toml", dir.path().join("ballast.toml")).unwrap();
+    let running = start_file(&dir.path().join("ballast.toml")).await;
+    let admin = running.admin_addr().unwrap();
+
+    let wait_for_weight = |weight: u64| async move {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let now = status(admin).await;
+            if backend(&now, "a")["weight"] == weight {
+                return now["generation"].as_u64().unwrap();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no reload to weight {weight}: {now}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+
+    // The update: a new folder, a new ..data link renamed over the old one.
+    let second = dir.path().join("..2026_11_23_05_01_00.000000002");
+    std::fs::create_dir(&second).unwrap();
+    std::fs::write(second.join("ballast.toml"), config(2)).unwrap();
+    symlink(second.file_name().unwrap(), dir.path().join("..data_tmp")).unwrap();
+    std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+    std::fs::remove_dir_all(&first).unwrap();
+    assert_eq!(wait_for_weight(2).await, 2);
+
+    // An edit of the file the link points at, in place.
+    std::fs::write(second.join("ballast.toml"), config(3)).unwrap();
+    assert_eq!(wait_for_weight(3).await, 3);
+    running.shutdown(Duration::from_secs(1)).await;
+}
