@@ -317,7 +317,7 @@ fn the_shipped_systemd_unit_passes_systemd_analyze_verify() {
     let out = std::process::Command::new("systemd-analyze")
         .args(["verify", copy.to_str().unwrap()])
         .output()
-        .expect("systemd-analyze (Debian package systemd; .ci/run installs it)");
+        .expect("systemd-analyze (Debian package systemd; tests/run installs it)");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(

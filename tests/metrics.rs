@@ -272,7 +272,7 @@ async fn every_metric_of_the_contract_is_exported_and_passes_promtool() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("promtool (Debian package prometheus; .ci/run installs it)");
+        .expect("promtool (Debian package prometheus; tests/run installs it)");
     use std::io::Write;
     promtool
         .stdin
