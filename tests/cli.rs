@@ -170,3 +170,124 @@ async fn run_serves_proxies_and_exits_0_on_sigterm() {
     );
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// The subcommands a user runs (the packaging helper `manpage` is hidden).
+const SUBCOMMANDS: [&str; 5] = ["run", "check", "demo", "status", "completions"];
+
+#[test]
+fn help_lists_every_subcommand_with_one_line_each() {
+    let out = ballast(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    let listed: Vec<&str> = help
+        .lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    // One line per subcommand and `help`, none wrapped onto a second line.
+    assert_eq!(listed.len(), SUBCOMMANDS.len() + 1, "{help}");
+    for name in SUBCOMMANDS {
+        let line = listed
+            .iter()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("{name} is not listed: {help}"));
+        assert!(
+            line.split_whitespace().count() >= 3,
+            "{name} has no description: {line}"
+        );
+    }
+    assert!(!help.contains("manpage"), "{help}");
+}
+
+#[test]
+fn config_has_help_text() {
+    for command in ["run", "check"] {
+        let out = ballast(&[command, "--help"]);
+        let help = String::from_utf8_lossy(&out.stdout);
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with("--config <FILE>"))
+            .unwrap_or_else(|| panic!("no --config in: {help}"));
+        assert!(line.contains("config file"), "{command}: {line}");
+    }
+}
+
+#[test]
+fn completions_for_each_shell_name_every_subcommand() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = ballast(&["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.len() > 500, "{shell}: {script}");
+        for name in SUBCOMMANDS {
+            assert!(script.contains(name), "{shell} completion lacks {name}");
+        }
+        assert!(
+            script.contains("config"),
+            "{shell} completion lacks --config"
+        );
+        assert!(
+            !script.contains("manpage"),
+            "{shell} completes the hidden manpage"
+        );
+    }
+    // The bash script at least parses.
+    let bash = ballast(&["completions", "bash"]).stdout;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ballast.bash");
+    std::fs::write(&file, bash).unwrap();
+    let parsed = Command::new("bash").arg("-n").arg(&file).status().unwrap();
+    assert!(parsed.success());
+}
+
+#[test]
+fn completions_for_an_unknown_shell_exit_1_listing_the_known_ones() {
+    let out = ballast(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bash, zsh, fish"), "{stderr}");
+}
+
+#[test]
+fn the_man_page_describes_every_subcommand() {
+    let out = ballast(&["manpage"]);
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(page.contains(".TH ballast 1"), "{page}");
+    assert!(page.contains(".SH SUBCOMMANDS"), "{page}");
+    for name in SUBCOMMANDS {
+        assert!(
+            page.contains(&format!("ballast\\-{name}(1)")),
+            "{name}: {page}"
+        );
+    }
+    assert!(
+        page.contains(".SH NOTES") && page.contains("SIGHUP"),
+        "{page}"
+    );
+    assert!(
+        !page.contains("manpage") && !page.contains("ballast\\-help"),
+        "{page}"
+    );
+}
+
+#[test]
+fn manpage_out_dir_writes_a_page_per_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ballast(&["manpage", "--out-dir", dir.path().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let top = std::fs::read_to_string(dir.path().join("ballast.1")).unwrap();
+    assert_eq!(top.as_bytes(), ballast(&["manpage"]).stdout);
+    for name in SUBCOMMANDS {
+        let page = std::fs::read_to_string(dir.path().join(format!("ballast-{name}.1")))
+            .unwrap_or_else(|e| panic!("ballast-{name}.1: {e}"));
+        assert!(page.contains(&format!(".TH ballast-{name} 1")), "{page}");
+    }
+    let run = std::fs::read_to_string(dir.path().join("ballast-run.1")).unwrap();
+    assert!(run.contains("\\-\\-config"), "{run}");
+}
