@@ -352,3 +352,159 @@ async fn every_metric_the_grafana_dashboard_queries_is_one_ballast_exports() {
         );
     }
 }
+
+/// Each selector of a `ballast_` or `process_` metric in a PromQL text, as
+/// `(name, matchers)`; `matchers` is empty when the metric has no `{...}`.
+fn selectors(promql: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let mut rest = promql;
+    while let Some(at) = ["ballast_", "process_"]
+        .iter()
+        .filter_map(|p| rest.find(p))
+        .min()
+    {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let (name, after) = tail.split_at(end);
+        let matchers = match after.strip_prefix('{') {
+            Some(inner) => inner.split('}').next().unwrap_or_default(),
+            None => "",
+        };
+        found.push((name.to_string(), matchers.to_string()));
+        rest = &tail[end..];
+    }
+    found
+}
+
+#[test]
+fn every_dashboard_query_is_per_job_and_instance_and_parses_as_promql() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/grafana/ballast.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let variable = |name: &str| {
+        dashboard["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no ${name} variable"))
+            .clone()
+    };
+    let instance = variable("instance");
+    assert_eq!(
+        instance["query"],
+        "label_values(ballast_build_info{job=~\"$job\"}, instance)"
+    );
+    assert_eq!(
+        (&instance["multi"], &instance["includeAll"]),
+        (&true.into(), &true.into())
+    );
+    let listener = variable("listener");
+    assert!(listener["query"]
+        .as_str()
+        .unwrap()
+        .contains("{job=~\"$job\", instance=~\"$instance\"}"));
+
+    let mut rules = Vec::new();
+    let panels = dashboard["panels"].as_array().unwrap();
+    for panel in panels {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let selectors = selectors(expr);
+            assert!(!selectors.is_empty(), "{expr}");
+            for (name, matchers) in selectors {
+                assert!(
+                    matchers.contains("job=~\"$job\"")
+                        && matchers.contains("instance=~\"$instance\""),
+                    "{}: {name} is not filtered by $job and $instance in {expr}",
+                    panel["title"]
+                );
+            }
+            // Two instances are never summed into one line.
+            for by in expr.split("sum by (").skip(1) {
+                let labels = by.split(')').next().unwrap();
+                assert!(
+                    labels.contains("instance"),
+                    "{}: sums across instances: {expr}",
+                    panel["title"]
+                );
+            }
+            rules.push(
+                expr.replace("$__rate_interval", "1m")
+                    .replace("$__range", "1h")
+                    .replace("$job", ".*")
+                    .replace("$instance", ".*")
+                    .replace("$listener", ".*"),
+            );
+        }
+    }
+
+    // Value mappings make the timelines read up/down and draining/serving.
+    let mapping = |title: &str| {
+        let panel = panels.iter().find(|p| p["title"] == title).unwrap();
+        panel["fieldConfig"]["defaults"]["mappings"][0]["options"].clone()
+    };
+    assert_eq!(mapping("Backend up")["1"]["text"], "up");
+    assert_eq!(mapping("Backend up")["0"]["text"], "down");
+    assert_eq!(mapping("Backend draining")["1"]["text"], "draining");
+    assert_eq!(mapping("Backend draining")["0"]["text"], "serving");
+
+    // Bytes, counts and seconds in one panel each get their own unit (and axis).
+    for panel in panels {
+        let targets = panel["targets"].as_array().unwrap();
+        let unit_of = |ref_id: &str| {
+            panel["fieldConfig"]["overrides"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|o| o["matcher"]["options"] == ref_id)
+                .flat_map(|o| o["properties"].as_array().unwrap().clone())
+                .find(|p| p["id"] == "unit")
+                .map(|p| p["value"].clone())
+                .unwrap_or_else(|| panel["fieldConfig"]["defaults"]["unit"].clone())
+        };
+        for target in targets {
+            let expr = target["expr"].as_str().unwrap();
+            let unit = unit_of(target["refId"].as_str().unwrap());
+            let expected: &[&str] = if expr.contains("_bytes") {
+                &["bytes", "Bps"]
+            } else if expr.contains("_seconds") && !expr.contains("process_cpu") {
+                &["s"]
+            } else {
+                &["short", "cps", "none", "percentunit"]
+            };
+            assert!(
+                expected.iter().any(|u| unit == *u),
+                "{}: {expr} has unit {unit}",
+                panel["title"]
+            );
+        }
+    }
+
+    // Every query is valid PromQL: promtool checks it as a recording rule.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboard.rules.json");
+    let rules: Vec<serde_json::Value> = rules
+        .iter()
+        .enumerate()
+        .map(|(i, expr)| serde_json::json!({"record": format!("dashboard:query{i}"), "expr": expr}))
+        .collect();
+    std::fs::write(
+        &file,
+        serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]}).to_string(),
+    )
+    .unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool (Debian package prometheus; .ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
