@@ -14,7 +14,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http1;
+use hyper::header::{HeaderValue, CONNECTION, HOST, USER_AGENT};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -89,63 +93,114 @@ async fn check_and_record(addr: SocketAddr, health: HealthConfig, state: Arc<Bac
 }
 
 async fn probe(addr: SocketAddr, health: &HealthConfig) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr)
+    let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     if health.kind == HealthKind::Tcp {
         return Ok(());
     }
-    let request = format!(
-        "GET {} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: ballast-health/{}\r\nConnection: close\r\n\r\n",
-        health.path,
-        crate::VERSION
-    );
-    stream
-        .write_all(request.as_bytes())
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("send: {e}"))?;
-    let mut head = Vec::with_capacity(64);
-    let mut buf = [0u8; 256];
-    while !head.contains(&b'\n') && head.len() < 1024 {
-        let n = stream
-            .read(&mut buf)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
+        .map_err(|e| format!("HTTP: {e}"))?;
+    let mut request = hyper::Request::new(Empty::<Bytes>::new());
+    *request.uri_mut() = health
+        .path
+        .parse()
+        .map_err(|e| format!("path {:?}: {e}", health.path))?;
+    let headers = request.headers_mut();
+    headers.insert(
+        HOST,
+        HeaderValue::try_from(addr.to_string()).map_err(|e| e.to_string())?,
+    );
+    headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    // The connection is driven here, not on a task of its own: it ends with the probe.
+    tokio::pin!(connection);
+    let send = sender.send_request(request);
+    tokio::pin!(send);
+    let answer = tokio::select! {
+        biased;
+        answer = &mut send => answer,
+        ended = connection.as_mut() => match ended {
+            // An answer read just before the close is waiting in `send`.
+            Ok(()) => send.await,
+            Err(e) => return Err(format!("HTTP: {e}")),
+        },
     }
-    let status_line = String::from_utf8_lossy(&head);
-    let status_line = status_line.lines().next().unwrap_or_default();
-    let status =
-        parse_status(status_line).ok_or_else(|| format!("not an HTTP answer: {status_line:?}"))?;
-    if (200..400).contains(&status) {
+    .map_err(|e| format!("HTTP: {e}"))?;
+    let status = answer.status();
+    if status.is_success() || status.is_redirection() {
         Ok(())
     } else {
-        Err(format!("HTTP status {status}"))
+        Err(format!("HTTP status {}", status.as_u16()))
     }
 }
 
-/// The status code of an HTTP/1.x status line.
-fn parse_status(line: &str) -> Option<u16> {
-    let mut parts = line.split_whitespace();
-    let version = parts.next()?;
-    if !version.starts_with("HTTP/1.") {
-        return None;
-    }
-    parts.next()?.parse().ok()
-}
+/// The `User-Agent` of an HTTP health check.
+const USER_AGENT_VALUE: &str = concat!("ballast-health/", env!("CARGO_PKG_VERSION"));
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
 
-    #[test]
-    fn status_lines_parse() {
-        assert_eq!(parse_status("HTTP/1.1 204 No Content"), Some(204));
-        assert_eq!(parse_status("HTTP/1.0 503"), Some(503));
-        assert_eq!(parse_status("SSH-2.0-OpenSSH"), None);
-        assert_eq!(parse_status(""), None);
+    /// A server that answers every connection with `answer` once it has read a request
+    /// head, and the request it read.
+    async fn server(answer: &'static [u8]) -> (SocketAddr, tokio::sync::mpsc::Receiver<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tx.send(String::from_utf8_lossy(&head).into_owned()).await;
+                let _ = stream.write_all(answer).await;
+            }
+        });
+        (addr, rx)
+    }
+
+    fn http_check(path: &str) -> HealthConfig {
+        let toml = format!(
+            "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n\n  [listeners.health]\n  kind = \"http\"\n  path = \"{path}\"\n\n  [[listeners.backends]]\n  name = \"a\"\n  addr = \"127.0.0.1:1\"\n"
+        );
+        let config = crate::config::Config::parse(&toml, "test.toml").unwrap();
+        config.listeners[0].health.clone().unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_http_check_is_up_on_2xx_and_3xx_and_down_otherwise() {
+        let health = http_check("/ready?deep=1");
+        for (answer, up) in [
+            (&b"HTTP/1.1 204 No Content\r\n\r\n"[..], true),
+            (
+                b"HTTP/1.0 302 Found\r\nLocation: /x\r\nContent-Length: 0\r\n\r\n",
+                true,
+            ),
+            (
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n",
+                false,
+            ),
+            (b"SSH-2.0-OpenSSH_9.2\r\n", false),
+            (b"", false),
+        ] {
+            let (addr, mut requests) = server(answer).await;
+            let result = probe(addr, &health).await;
+            assert_eq!(result.is_ok(), up, "{answer:?}: {result:?}");
+            let request = requests.recv().await.unwrap();
+            assert!(
+                request.starts_with("GET /ready?deep=1 HTTP/1.1\r\n"),
+                "{request}"
+            );
+            assert!(request.contains(&format!("host: {addr}\r\n")), "{request}");
+        }
     }
 }

@@ -1,8 +1,15 @@
 //! `ballast status`: a running instance's `/api/v1/status`, as a table for a terminal.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1;
+use hyper::header::{HeaderValue, HOST};
+use hyper::StatusCode;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 use serde_json::Value;
 
@@ -22,26 +29,58 @@ pub enum StatusError {
     BadAnswer { addr: SocketAddr, why: String },
 }
 
+/// How long `ballast status` waits for the connection and for the answer.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Fetches `/api/v1/status` from the admin endpoint at `addr`.
 pub fn fetch(addr: SocketAddr) -> Result<Value, StatusError> {
-    let timeout = Duration::from_secs(5);
+    // One request from a command-line tool: a runtime of its own on this thread.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| StatusError::Connect { addr, source })?;
+    runtime.block_on(fetch_async(addr))
+}
+
+async fn fetch_async(addr: SocketAddr) -> Result<Value, StatusError> {
     let connect = |source| StatusError::Connect { addr, source };
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(connect)?;
-    stream.set_read_timeout(Some(timeout)).map_err(connect)?;
-    stream
-        .write_all(b"GET /api/v1/status HTTP/1.1\r\nHost: ballast\r\nConnection: close\r\n\r\n")
-        .map_err(connect)?;
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).map_err(connect)?;
+    let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
     let bad = |why: String| StatusError::BadAnswer { addr, why };
-    let answer = String::from_utf8(answer).map_err(|_| bad("not UTF-8".into()))?;
-    let (head, body) = answer
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| bad("not an HTTP answer".into()))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(bad(head.lines().next().unwrap_or_default().to_string()));
-    }
-    serde_json::from_str(body).map_err(|e| bad(format!("invalid JSON: {e}")))
+    let stream = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| connect(timed_out()))?
+        .map_err(connect)?;
+    let exchange = async {
+        let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| bad(e.to_string()))?;
+        // Drives the connection while the request is sent and the answer read.
+        tokio::spawn(connection);
+        let mut request = hyper::Request::new(Empty::<Bytes>::new());
+        *request.uri_mut() = hyper::Uri::from_static("/api/v1/status");
+        // The admin endpoint accepts an IP address as Host (and no names it was not told).
+        let host = HeaderValue::try_from(addr.to_string()).map_err(|e| bad(e.to_string()))?;
+        request.headers_mut().insert(HOST, host);
+        let answer = sender
+            .send_request(request)
+            .await
+            .map_err(|e| bad(e.to_string()))?;
+        let status = answer.status();
+        let body = answer
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| bad(e.to_string()))?
+            .to_bytes();
+        if status != StatusCode::OK {
+            let text = String::from_utf8_lossy(&body);
+            return Err(bad(format!("{status}: {}", text.trim())));
+        }
+        serde_json::from_slice(&body).map_err(|e| bad(format!("invalid JSON: {e}")))
+    };
+    tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .map_err(|_| bad(format!("no answer within {TIMEOUT:?}")))?
 }
 
 /// Renders a status document as a table: one block per listener, one row per backend.
