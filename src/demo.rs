@@ -4,10 +4,19 @@
 //! messages, so a new user sees balancing (repeat `curl`), live counts (hold WebSockets
 //! open) and draining (the admin API) without setting anything up.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, UPGRADE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::StatusCode;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::Config;
@@ -131,7 +140,7 @@ Try these in another terminal:
   {ballast} status --admin {admin}
       listeners and backends with their live connection counts
 
-  curl -X POST http://{admin}/api/v1/listeners/{LISTENER}/backends/demo-1/drain
+  curl -X POST -H 'Content-Type: application/json' http://{admin}/api/v1/listeners/{LISTENER}/backends/demo-1/drain
       drain demo-1: it gets no new connections (undrain puts it back)
 
   curl http://{admin}/api/v1/listeners/{LISTENER}/pick
@@ -160,42 +169,57 @@ pub async fn serve_backend(listener: TcpListener, name: &'static str) {
     }
 }
 
-/// One demo connection: a plain HTTP answer, or a WebSocket echo after an upgrade.
-async fn answer(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
-    let head = crate::admin::read_head(&mut stream).await?;
-    let Ok(request) = crate::admin::parse_request(&head) else {
-        return stream
-            .write_all(
-                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            )
-            .await;
-    };
-    let upgrade = request
-        .header("upgrade")
+/// One demo connection, served by hyper: a plain answer naming the backend, or a
+/// WebSocket echo after an upgrade.
+async fn answer(stream: TcpStream, name: &'static str) -> Result<(), hyper::Error> {
+    let service =
+        service_fn(move |request| async move { Ok::<_, Infallible>(respond(request, name)) });
+    http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
+        .await
+}
+
+fn respond(mut request: hyper::Request<Incoming>, name: &str) -> hyper::Response<Full<Bytes>> {
+    let headers = request.headers();
+    let upgrade = headers
+        .get(UPGRADE)
+        .and_then(|u| u.to_str().ok())
         .is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
-    match (upgrade, request.header("sec-websocket-key")) {
-        (true, Some(key)) => {
-            let accept = websocket::accept_key(key);
-            let answer = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-            );
-            stream.write_all(answer.as_bytes()).await?;
-            echo_frames(stream).await
+    let accept = headers
+        .get("sec-websocket-key")
+        .and_then(|k| k.to_str().ok())
+        .map(websocket::accept_key)
+        .and_then(|accept| HeaderValue::try_from(accept).ok());
+    match (upgrade, accept) {
+        (true, Some(accept)) => {
+            let upgraded = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = upgraded.await {
+                    let _ = echo_frames(TokioIo::new(upgraded)).await;
+                }
+            });
+            let mut answer = hyper::Response::new(Full::default());
+            *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let headers = answer.headers_mut();
+            headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+            headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+            headers.insert("sec-websocket-accept", accept);
+            answer
         }
         _ => {
-            let body = format!("{name}\n");
-            let answer = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            stream.write_all(answer.as_bytes()).await?;
-            stream.shutdown().await
+            let mut answer = hyper::Response::new(Full::new(Bytes::from(format!("{name}\n"))));
+            answer
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            answer
         }
     }
 }
 
 /// Echoes data frames, answers pings, and returns a close frame then closes.
-async fn echo_frames(mut stream: TcpStream) -> std::io::Result<()> {
+async fn echo_frames(mut stream: impl AsyncRead + AsyncWrite + Unpin) -> std::io::Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = [0u8; 16 * 1024];
     loop {

@@ -255,3 +255,277 @@ async fn garbage_huge_and_abandoned_requests_leave_the_admin_port_serving() {
         (200, "ok\n".to_string())
     );
 }
+
+/// The state of backend `name` of the first listener, from `/api/v1/status`.
+async fn backend_state(admin: std::net::SocketAddr, name: &str) -> Value {
+    let s = json(&http(admin, "GET", "/api/v1/status").await.1);
+    s["listeners"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("no backend {name} in {s}"))["state"]
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_shaped_cross_site_post_is_refused_and_drains_nothing() {
+    let a = Backend::greeter("a").await;
+    let ballast = start_with_admin(&[("a", a.addr, 1)], "round_robin", "").await;
+    let admin = ballast.admin_addr().unwrap();
+    // What a page on attacker.example sends with fetch(..., {method: "POST", mode:
+    // "no-cors", body: "{}"}) after its name was pointed at the admin address.
+    let (status, _, body) = http_raw(
+        admin,
+        b"POST /api/v1/listeners/web/backends/a/drain HTTP/1.1\r\nHost: attacker.example\r\nOrigin: https://attacker.example\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(json(&body)["error"].is_string(), "{body}");
+    assert_eq!(backend_state(admin, "a").await, "up", "nothing was drained");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_rebinding_request_naming_a_foreign_host_is_refused() {
+    let a = Backend::greeter("a").await;
+    let ballast = start_with_admin(&[("a", a.addr, 1)], "round_robin", "").await;
+    let admin = ballast.admin_addr().unwrap();
+    // The browser thinks it talks to attacker.example, so it sends no Origin on a
+    // same-origin GET, and Host names the attacker's domain.
+    let (status, _, body) = http_raw(
+        admin,
+        b"GET /api/v1/status HTTP/1.1\r\nHost: attacker.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(json(&body)["error"].is_string(), "{body}");
+    let (status, _, body) = http_raw(
+        admin,
+        format!("POST /api/v1/listeners/web/backends/a/drain HTTP/1.1\r\nHost: attacker.example:{}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n", admin.port()).as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(backend_state(admin, "a").await, "up", "nothing was drained");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_listed_in_allowed_hosts_is_accepted_and_others_are_not() {
+    let a = Backend::greeter("a").await;
+    let ballast = start_with_admin(
+        &[("a", a.addr, 1)],
+        "round_robin",
+        "allowed_hosts = [\"lb.internal\"]\n",
+    )
+    .await;
+    let admin = ballast.admin_addr().unwrap();
+    for (host, expected) in [
+        ("lb.internal", 200),
+        ("lb.internal:9901", 200),
+        ("LB.Internal", 200),
+        ("other.internal", 403),
+        ("lb.internal.attacker.example", 403),
+    ] {
+        let request =
+            format!("GET /api/v1/status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let (status, _, body) = http_raw(admin, request.as_bytes()).await;
+        assert_eq!(status, expected, "Host: {host}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_origin_requests_from_the_admin_address_are_accepted() {
+    let a = Backend::greeter("a").await;
+    let ballast = start_with_admin(&[("a", a.addr, 1)], "round_robin", "").await;
+    let admin = ballast.admin_addr().unwrap();
+    let port = admin.port();
+    let (status, _, body) = http_raw(
+        admin,
+        format!("POST /api/v1/listeners/web/backends/a/drain HTTP/1.1\r\nHost: {admin}\r\nOrigin: http://{admin}\r\nContent-Type: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(backend_state(admin, "a").await, "draining");
+    // Bound to loopback, the admin page may also be opened as localhost.
+    let (status, _, body) = http_raw(
+        admin,
+        format!("POST /api/v1/listeners/web/backends/a/undrain HTTP/1.1\r\nHost: localhost:{port}\r\nOrigin: http://localhost:{port}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(backend_state(admin, "a").await, "up");
+    // Another port on the same machine is another origin.
+    let (status, _, body) = http_raw(
+        admin,
+        format!("GET /api/v1/status HTTP/1.1\r\nHost: {admin}\r\nOrigin: http://127.0.0.1:{}\r\nConnection: close\r\n\r\n", port.wrapping_add(1)).as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_without_a_json_content_type_or_the_token_is_415() {
+    let a = Backend::greeter("a").await;
+    let ballast = start_with_admin(&[("a", a.addr, 1)], "round_robin", "").await;
+    let admin = ballast.admin_addr().unwrap();
+    for content_type in [
+        "",
+        "Content-Type: text/plain\r\n",
+        "Content-Type: application/x-www-form-urlencoded\r\n",
+    ] {
+        let request = format!("POST /api/v1/listeners/web/backends/a/drain HTTP/1.1\r\nHost: {admin}\r\n{content_type}Connection: close\r\n\r\n");
+        let (status, _, body) = http_raw(admin, request.as_bytes()).await;
+        assert_eq!(status, 415, "{content_type:?}: {body}");
+        let error = json(&body)["error"].as_str().unwrap().to_string();
+        assert!(error.contains("Content-Type: application/json"), "{error}");
+    }
+    assert_eq!(backend_state(admin, "a").await, "up", "nothing was drained");
+    let request = format!("POST /api/v1/listeners/web/backends/a/drain HTTP/1.1\r\nHost: {admin}\r\nContent-Type: Application/JSON; charset=utf-8\r\nConnection: close\r\n\r\n");
+    let (status, _, body) = http_raw(admin, request.as_bytes()).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pick_decodes_a_percent_encoded_client_address() {
+    let a = Backend::greeter("a").await;
+    let ballast = start_with_admin(&[("a", a.addr, 1)], "ip_hash", "").await;
+    let admin = ballast.admin_addr().unwrap();
+    // What Python's urlencode({"client": "::1"}) sends.
+    let (status, body) = http(admin, "GET", "/api/v1/listeners/web/pick?client=%3A%3A1").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["backend"], "a");
+    let (status, body) = http(admin, "GET", "/api/v1/listeners/web/pick?client=%FF").await;
+    assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_backend_is_drained_by_its_percent_encoded_default_name() {
+    let ballast = start(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n\n  [[listeners.backends]]\n  addr = \"[::1]:3000\"\n",
+    )
+    .await;
+    let admin = ballast.admin_addr().unwrap();
+    let (status, body) = http(
+        admin,
+        "POST",
+        "/api/v1/listeners/web/backends/%5B%3A%3A1%5D%3A3000/drain",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["backend"], "[::1]:3000");
+    assert_eq!(backend_state(admin, "[::1]:3000").await, "draining");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encoded_slash_stays_in_its_segment_and_invalid_utf8_is_400() {
+    let a = Backend::greeter("a").await;
+    let ballast = start_with_admin(&[("a", a.addr, 1)], "round_robin", "").await;
+    let admin = ballast.admin_addr().unwrap();
+    let (status, body) = http(admin, "GET", "/api%2Fv1/status").await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = http(admin, "GET", "/api/v1/listeners/%FF%FE/pick").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(json(&body)["error"].is_string(), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_bare_lf_line_endings_is_answered_at_once() {
+    let a = Backend::greeter("a").await;
+    let ballast = start_with_admin(&[("a", a.addr, 1)], "round_robin", "").await;
+    let admin = ballast.admin_addr().unwrap();
+    let request = format!("GET /healthz HTTP/1.1\nHost: {admin}\nConnection: close\n\n");
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        http_raw(admin, request.as_bytes()),
+    )
+    .await;
+    let (status, _, _) =
+        answer.unwrap_or_else(|_| panic!("no answer after {:?}", started.elapsed()));
+    assert!(status == 200 || status == 400, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_different_content_lengths_are_a_bad_request() {
+    let a = Backend::greeter("a").await;
+    let ballast = start_with_admin(&[("a", a.addr, 1)], "round_robin", "").await;
+    let admin = ballast.admin_addr().unwrap();
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello");
+    let (status, head, _) = http_raw(admin, request.as_bytes()).await;
+    assert_eq!(status, 400, "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_answers_like_get_without_a_body() {
+    let a = Backend::greeter("a").await;
+    let ballast = start_with_admin(&[("a", a.addr, 1)], "round_robin", "").await;
+    let admin = ballast.admin_addr().unwrap();
+    for path in ["/healthz", "/readyz", "/metrics", "/api/v1/status"] {
+        let request = format!("HEAD {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+        let (status, head, body) = http_raw(admin, request.as_bytes()).await;
+        assert_eq!(status, 200, "HEAD {path}: {head}");
+        assert_eq!(body, "", "HEAD {path} has no body");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_idle_connections_leave_metrics_answering_within_two_seconds() {
+    let a = Backend::greeter("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ballast.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n{}",
+            backends_toml(&[("a", a.addr, 1)])
+        ),
+    )
+    .unwrap();
+    let proc = Proc::run(&config, &[], 1).await;
+    let admin = proc.admin;
+    // Leave ballast 40 file descriptors, fewer than the idle connections below: the
+    // `ulimit -n` of a small machine, reached by the admin port alone.
+    let open = std::fs::read_dir(format!("/proc/{}/fd", proc.pid()))
+        .unwrap()
+        .count();
+    let limit = format!("--nofile={}:{}", open + 40, open + 40);
+    let limited = std::process::Command::new("prlimit")
+        .args(["--pid", &proc.pid(), &limit])
+        .status()
+        .unwrap();
+    assert!(limited.success());
+
+    let started = std::time::Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        let connect = tokio::net::TcpStream::connect(admin);
+        if let Ok(Ok(stream)) =
+            tokio::time::timeout(std::time::Duration::from_millis(200), connect).await
+        {
+            idle.push(stream);
+        }
+    }
+    let asked = std::time::Instant::now();
+    let metrics = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        http(admin, "GET", "/metrics").await
+    })
+    .await;
+    let took = asked.elapsed();
+    let (status, body) = metrics.unwrap_or_else(|_| {
+        panic!(
+            "/metrics did not answer within 2 s with {} idle connections open",
+            idle.len()
+        )
+    });
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("ballast_build_info"), "{body}");
+    // The oldest idle connection made room: it was closed.
+    assert_closed(&mut idle[0]).await;
+    drop(idle);
+    let elapsed = started.elapsed();
+    let (_, log) = proc.stop().await;
+    let accept_lines = log.lines().filter(|l| l.contains("admin accept")).count();
+    assert!(
+        accept_lines as u64 <= elapsed.as_secs() + 2,
+        "{accept_lines} accept lines in {elapsed:?} (/metrics took {took:?}):\n{log}"
+    );
+}

@@ -227,11 +227,19 @@ pub async fn wait_for_metric(
     }
 }
 
-/// An HTTP/1.1 request with extra header lines: (status, body).
+/// An HTTP/1.1 request with extra header lines: (status, body). It names the admin
+/// address as `Host`, and a POST says `Content-Type: application/json` (as the admin
+/// API asks of a mutation) unless `headers` name another.
 pub async fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request =
-        format!("{method} {path} HTTP/1.1\r\nHost: test\r\n{headers}Connection: close\r\n\r\n");
+    let json = if method == "POST" && !headers.to_ascii_lowercase().contains("content-type:") {
+        "Content-Type: application/json\r\n"
+    } else {
+        ""
+    };
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{json}{headers}Connection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut answer = String::new();
     tokio::time::timeout(DEADLINE, stream.read_to_string(&mut answer))
@@ -454,4 +462,24 @@ pub async fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> (u8, Vec<u
         );
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// Sends `request` exactly as given (it should ask for `Connection: close`) and reads
+/// the answer until the server closes: (status, head, body).
+pub async fn http_raw(addr: SocketAddr, request: &[u8]) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
+        .await
+        .expect("admin answers in time")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    (status, head.to_string(), body.to_string())
 }
