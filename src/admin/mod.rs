@@ -95,8 +95,8 @@ pub async fn serve_with(
     limits: Limits,
 ) {
     match listener.local_addr() {
-        Ok(addr) => info!(%addr, "admin endpoint listening"),
-        Err(_) => info!("admin endpoint listening"),
+        Ok(addr) => info!(%addr, "admin bound"),
+        Err(_) => info!("admin bound"),
     }
     let endpoint = Arc::new(Endpoint {
         ballast,
