@@ -160,8 +160,9 @@ fn main() -> ExitCode {
                 println!("ok");
                 ExitCode::SUCCESS
             }
+            // One `FILE:LINE:COL: message` line per problem, as compilers print them.
             Err(e) => {
-                report!("error: {e}");
+                report!("{e}");
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
@@ -217,7 +218,7 @@ fn main() -> ExitCode {
             let config = match Config::load(&path) {
                 Ok(config) => config,
                 Err(e) => {
-                    report!("error: {e}");
+                    report!("{e}");
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };

@@ -44,6 +44,15 @@ pub fn run(config: Config, path: PathBuf, bound: Bound) -> bool {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    // pingora builds its runtimes with `expect`: a thread it cannot start aborts the
+    // process. Find out first, and end with the reason instead.
+    if let Err(e) = try_threads(threads + EXTRA_THREADS, WORKER_STACK) {
+        error!(
+            "cannot start {threads} worker threads (runtime.threads = {}): {e}; lower runtime.threads or raise the limit on threads (ulimit -u, the service's TasksMax=)",
+            config.runtime.threads
+        );
+        return false;
+    }
     let shutdown_timeout = config.runtime.shutdown_timeout;
     let ballast = Ballast::new(config, Some(path));
 
@@ -76,6 +85,43 @@ pub fn run(config: Config, path: PathBuf, bound: Bound) -> bool {
     });
     info!("ballast stopped");
     started.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Threads started besides the proxy's workers: pingora's main runtime and the admin
+/// thread.
+const EXTRA_THREADS: usize = 2;
+
+/// The stack of a tokio worker thread (tokio's default).
+const WORKER_STACK: usize = 2 << 20;
+
+/// Starts `n` threads with `stack` bytes of stack each, all alive at once, then ends
+/// them: what a thread limit (`ulimit -u`, a cgroup's `pids.max`) or a memory limit
+/// would refuse to the runtimes is refused here, as an error.
+fn try_threads(n: usize, stack: usize) -> std::io::Result<()> {
+    let mut started = Vec::with_capacity(n);
+    let mut result = Ok(());
+    for _ in 0..n {
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("ballast-probe".into())
+            .stack_size(stack)
+            .spawn(move || {
+                // Returns when the sender is dropped.
+                let _ = held.recv();
+            });
+        match spawned {
+            Ok(thread) => started.push((hold, thread)),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    for (hold, thread) in started {
+        drop(hold);
+        let _ = thread.join();
+    }
+    result
 }
 
 /// Every listener's accept loop and connections; starts the admin side on a runtime of
@@ -208,5 +254,22 @@ impl ShutdownSignalWatch for Signals {
         self.ballast.shutdown(self.shutdown_timeout).await;
         // Every connection has ended: pingora may drop its runtimes at once.
         ShutdownSignal::FastShutdown
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_the_machine_can_start_pass_the_probe() {
+        assert!(try_threads(8, WORKER_STACK).is_ok());
+    }
+
+    #[test]
+    fn a_thread_the_machine_cannot_start_is_an_error_not_an_abort() {
+        // A petabyte of stack fits no address space.
+        let err = try_threads(3, 1 << 50).unwrap_err();
+        assert!(!err.to_string().is_empty());
     }
 }

@@ -59,6 +59,37 @@ fn check_accepts_every_shipped_config_and_every_valid_fixture() {
     }
 }
 
+/// The `# expect: TEXT` and `# at: LINE:COL` lines at the top of a fixture: every TEXT
+/// must be in the output, and a problem must be reported at every LINE:COL.
+fn fixture_expectations(text: &str) -> (Vec<&str>, Vec<&str>) {
+    let header = text.lines().take_while(|l| l.starts_with("# "));
+    let (mut expect, mut at) = (Vec::new(), Vec::new());
+    for line in header {
+        if let Some(e) = line.strip_prefix("# expect: ") {
+            expect.push(e);
+        } else if let Some(a) = line.strip_prefix("# at: ") {
+            at.push(a);
+        }
+    }
+    (expect, at)
+}
+
+/// Whether `line` reads `FILE:LINE:COL: message`.
+fn is_located(line: &str, file: &str) -> bool {
+    let Some(rest) = line.strip_prefix(&format!("{file}:")) else {
+        return false;
+    };
+    let mut parts = rest.splitn(3, ':');
+    let numbers = parts
+        .by_ref()
+        .take(2)
+        .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    numbers
+        && parts
+            .next()
+            .is_some_and(|m| m.starts_with(' ') && m.len() > 1)
+}
+
 #[test]
 fn check_rejects_every_invalid_fixture_with_exit_1_and_a_message_naming_the_problem() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -66,39 +97,89 @@ fn check_rejects_every_invalid_fixture_with_exit_1_and_a_message_naming_the_prob
     assert!(files.len() >= 25);
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
-        let expect = text
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("# expect: "))
-            .unwrap_or_else(|| panic!("{} has no '# expect:' line", file.display()));
-        let out = ballast(&["check", "--config", file.to_str().unwrap()]);
+        let (expect, at) = fixture_expectations(&text);
+        assert!(
+            !expect.is_empty(),
+            "{} has no '# expect:' line",
+            file.display()
+        );
+        let name = file.to_str().unwrap();
+        let out = ballast(&["check", "--config", name]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{}: {stderr}", file.display());
         assert!(out.stdout.is_empty());
-        assert!(
-            stderr.contains(expect),
-            "{}: expected {expect:?} in:\n{stderr}",
-            file.display()
-        );
-        assert!(
-            stderr.contains(file.to_str().unwrap()),
-            "the message names the file: {stderr}"
-        );
+        for expect in expect {
+            assert!(
+                stderr.contains(expect),
+                "{}: expected {expect:?} in:\n{stderr}",
+                file.display()
+            );
+        }
+        for at in at {
+            assert!(
+                stderr.contains(&format!("{name}:{at}: ")),
+                "{}: expected a problem at {at} in:\n{stderr}",
+                file.display()
+            );
+        }
+        for line in stderr.lines() {
+            assert!(
+                is_located(line, name),
+                "every line reads FILE:LINE:COL: message: {line:?}"
+            );
+        }
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
 
 #[test]
-fn semantic_errors_name_line_and_column() {
+fn semantic_errors_name_the_line_and_column_of_the_key() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let file = root.join("tests/config/invalid/weight_zero.toml");
     let out = ballast(&["check", "--config", file.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    // The backend table starts on line 6 of the fixture.
+    // `  weight = 0` is line 9 of the fixture; its value starts in column 12.
     assert!(
-        stderr.contains(&format!("{}:6:", file.display())),
+        stderr.starts_with(&format!("{}:9:12: ", file.display())),
         "{stderr}"
     );
+}
+
+#[test]
+fn check_lists_every_mistake_of_a_file_each_at_its_own_key_in_plain_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:18080\"\nstratgy = \"round_robin\"\nconnect_timeout = 2\n\n  [[listeners.backends]]\n  addr = \"127.0.0.1:3001\"\n  weight = \"2\"\n",
+    );
+    let out = ballast(&["check", "--config", config.to_str().unwrap()]);
+    let file = config.display();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "{file}:4:1: unknown key \"stratgy\" in [[listeners]]: did you mean \"strategy\"?\n\
+             {file}:5:19: listener \"web\": connect_timeout must be a duration in quotes, like \"2s\" (units ms, s, m, h), not the number 2\n\
+             {file}:9:12: listener \"web\": backends[0].weight must be a whole number >= 1, like weight = 2, not the string \"2\" (numbers go without quotes)\n"
+        )
+    );
+}
+
+#[test]
+fn run_reports_a_bad_config_in_the_same_format_as_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n\n  [[listeners.backends]]\n  addr = \"127.0.0.1:3001\"\n  weight = 0\n",
+    );
+    let path = config.to_str().unwrap();
+    let run = ballast(&["run", "--config", path]);
+    let check = ballast(&["check", "--config", path]);
+    assert_eq!(run.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.starts_with(&format!("{path}:7:12: ")), "{stderr}");
+    assert_eq!(run.stderr, check.stderr);
 }
 
 #[test]
@@ -169,6 +250,60 @@ async fn run_serves_proxies_and_exits_0_on_sigterm() {
         "exit waits for connections, not a fixed grace"
     );
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// A config that asks for far more worker threads than any machine can start.
+fn hundred_thousand_threads(dir: &tempfile::TempDir) -> PathBuf {
+    write_config(
+        dir,
+        "[runtime]\nthreads = 100000\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n\n  [[listeners.backends]]\n  addr = \"127.0.0.1:1\"\n",
+    )
+}
+
+#[test]
+fn check_refuses_more_worker_threads_than_the_machine_can_run_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = hundred_thousand_threads(&dir);
+    let out = ballast(&["check", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:2:11: runtime.threads", config.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_with_too_many_worker_threads_exits_with_the_reason_instead_of_aborting() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = hundred_thousand_threads(&dir);
+    let mut child = common::KillOnDrop(
+        Command::new(BIN)
+            .args(["run", "--config", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "run with threads = 100000 did not exit within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(
+        matches!(status.code(), Some(1 | 2)),
+        "exit {status:?}, not 1 or 2: {stderr}"
+    );
+    assert!(stderr.contains("runtime.threads"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 /// The subcommands a user runs (the packaging helper `manpage` is hidden).
