@@ -48,7 +48,7 @@ pub fn run(config: Config, path: PathBuf, bound: Bound) -> bool {
     // process. Find out first, and end with the reason instead.
     if let Err(e) = try_threads(threads + EXTRA_THREADS, WORKER_STACK) {
         error!(
-            "cannot start {threads} worker threads (runtime.threads = {}): {e}; lower runtime.threads or raise the limit on threads (ulimit -u, the service's TasksMax=)",
+            "cannot start {threads} worker threads (runtime.threads = {}): {e}; lower runtime.threads, or raise the limits on threads or memory (ulimit -u, ulimit -v; TasksMax=, MemoryMax= for a service)",
             config.runtime.threads
         );
         return false;
@@ -87,9 +87,9 @@ pub fn run(config: Config, path: PathBuf, bound: Bound) -> bool {
     started.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Threads started besides the proxy's workers: pingora's main runtime and the admin
-/// thread.
-const EXTRA_THREADS: usize = 2;
+/// Threads started besides the proxy's workers: pingora's main runtime, the admin
+/// thread, the config file watcher's and one of tokio's blocking pool (the reload).
+const EXTRA_THREADS: usize = 4;
 
 /// The stack of a tokio worker thread (tokio's default).
 const WORKER_STACK: usize = 2 << 20;
@@ -153,9 +153,6 @@ impl Service for ProxyService {
         if let Err(e) = &started {
             error!(error = %e, "cannot start");
         }
-        if let Some(ready) = self.ready.take() {
-            let _ = ready.send(started.is_ok());
-        }
         // The admin side gets a small runtime of its own, so that a busy proxy never
         // delays /metrics or health checks.
         let ballast = self.ballast.clone();
@@ -187,8 +184,13 @@ impl Service for ProxyService {
                     while tasks.join_next().await.is_some() {}
                 });
             });
-        if let Err(e) = admin {
+        if let Err(e) = &admin {
             error!(error = %e, "cannot start the admin thread");
+        }
+        // Without its admin thread ballast would serve with no /metrics or /readyz:
+        // that is a failed start too.
+        if let Some(ready) = self.ready.take() {
+            let _ = ready.send(started.is_ok() && admin.is_ok());
         }
         while tasks.join_next().await.is_some() {}
     }
