@@ -5,6 +5,7 @@
 //! open) and draining (the admin API) without setting anything up.
 
 use std::convert::Infallible;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -63,7 +64,8 @@ pub async fn run(
     let running = crate::start(config, None).await?;
     let listen = running.listener_addr(LISTENER);
     let admin = running.admin_addr().unwrap_or(admin);
-    println!("{}", guide(listen, admin, &own_command()));
+    // Not println!: a closed stdout must not end the demo with a panic.
+    let _ = writeln!(std::io::stdout(), "{}", guide(listen, admin, &own_command()));
     stop.await;
     running.shutdown(Duration::from_secs(2)).await;
     Ok(())
