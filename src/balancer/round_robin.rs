@@ -69,6 +69,34 @@ mod tests {
     }
 
     #[test]
+    fn an_unavailable_backends_turns_are_shared_by_the_others_not_inherited_by_one() {
+        for unavailable in 0..3 {
+            let rr = RoundRobin::default();
+            let mut c = weights(&[1, 1, 1]);
+            c[unavailable].available = false;
+            let s: String = (0..60)
+                .map(|_| (b'a' + rr.pick(&c, CLIENT).unwrap() as u8) as char)
+                .collect();
+            for (i, name) in ['a', 'b', 'c'].into_iter().enumerate() {
+                let expected = if i == unavailable { 0 } else { 30 };
+                assert_eq!(s.matches(name).count(), expected, "{s}");
+            }
+        }
+    }
+
+    #[test]
+    fn peek_names_the_next_pick_without_advancing_it() {
+        let rr = RoundRobin::default();
+        let mut c = weights(&[1, 1, 1]);
+        c[1].available = false;
+        for _ in 0..6 {
+            let peeked = rr.peek(&c, CLIENT);
+            assert_eq!(rr.peek(&c, CLIENT), peeked);
+            assert_eq!(rr.pick(&c, CLIENT), peeked);
+        }
+    }
+
+    #[test]
     fn none_when_nothing_is_available() {
         let rr = RoundRobin::default();
         let mut c = weights(&[1, 1]);
