@@ -1,0 +1,1305 @@
+//! Reading the tree against the schema of the user-facing contract: every table by hand,
+//! every problem collected with its position, reading going on after each.
+//!
+//! A key reads as a [`Field`]: left out, given and right, or wrong (already reported). A
+//! wrong value keeps the config from being built but not the other checks; a check that
+//! needs a wrong value is skipped rather than guessed at, so one mistake is reported once.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::tree::{Entry, Node, Span, Value};
+use super::{
+    cores, max_connections, max_threads, AdminConfig, BackendConfig, Config, ConfigError,
+    HealthConfig, HealthKind, HumanDuration, ListenAddr, ListenerConfig, Problem, RebalanceConfig,
+    RuntimeConfig, Strategy, MAX_RETRIES, MAX_RISE_FALL, MAX_THREADS, MAX_WEIGHT, THREADS_PER_CORE,
+};
+
+/// Parses `text` into the tree and reads it: the config, or every problem found.
+pub(super) fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    let mut reader = Reader {
+        text,
+        file,
+        problems: Vec::new(),
+    };
+    let config = match toml::from_str::<Node>(text) {
+        Ok(mut root) => {
+            root.fill_spans(&(0..0));
+            reader.config(&root)
+        }
+        Err(e) => {
+            let at = e.span().unwrap_or(0..0);
+            // The parser's message may run over lines; one problem is one line.
+            let message = e
+                .message()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            reader.problem(at, format!("TOML syntax error: {message}"));
+            None
+        }
+    };
+    match config {
+        Some(config) if reader.problems.is_empty() => Ok(config),
+        _ => Err(reader.into_error()),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Defaults.
+
+pub(super) const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_RETRIES: u64 = 2;
+const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+const DEFAULT_RISE: u64 = 2;
+const DEFAULT_FALL: u64 = 3;
+const DEFAULT_REBALANCE_INTERVAL: Duration = Duration::from_secs(1);
+const DEFAULT_PRECISION: u64 = 3;
+const DEFAULT_STEP_SIZE: u64 = 1;
+const DEFAULT_WEIGHT: u64 = 1;
+
+// ---------------------------------------------------------------------------
+// The schema: the keys of each table.
+
+const TOP_KEYS: &[&str] = &["admin", "runtime", "listeners"];
+const ADMIN_KEYS: &[&str] = &["bind", "token_file", "allowed_hosts"];
+const RUNTIME_KEYS: &[&str] = &["threads", "shutdown_timeout"];
+const LISTENER_KEYS: &[&str] = &[
+    "name",
+    "bind",
+    "strategy",
+    "max_conns",
+    "connect_timeout",
+    "idle_timeout",
+    "drain_timeout",
+    "retries",
+    "slow_start",
+    "health",
+    "rebalance",
+    "backends",
+];
+const HEALTH_KEYS: &[&str] = &["kind", "path", "interval", "timeout", "rise", "fall"];
+const REBALANCE_KEYS: &[&str] = &["interval", "precision", "step_size"];
+const BACKEND_KEYS: &[&str] = &["name", "addr", "weight", "max_conns"];
+
+/// Every table by how it is written, for "it belongs in ..." hints.
+const TABLES: &[(&str, &[&str])] = &[
+    ("the top level", TOP_KEYS),
+    ("[admin]", ADMIN_KEYS),
+    ("[runtime]", RUNTIME_KEYS),
+    ("[[listeners]]", LISTENER_KEYS),
+    ("[listeners.health]", HEALTH_KEYS),
+    ("[listeners.rebalance]", REBALANCE_KEYS),
+    ("[[listeners.backends]]", BACKEND_KEYS),
+];
+
+// ---------------------------------------------------------------------------
+// Reading.
+
+/// A value read from the file and where it is written.
+#[derive(Debug, Clone)]
+struct At<T> {
+    value: T,
+    span: Span,
+}
+
+/// A key as read: left out, present and right, or present and wrong (already reported).
+#[derive(Debug, Clone)]
+enum Field<T> {
+    Absent,
+    Given(At<T>),
+    Wrong,
+}
+
+impl<T> Field<T> {
+    /// The value, or `default` when the key is left out; `None` when it is wrong.
+    fn or(self, default: T) -> Option<T> {
+        match self {
+            Field::Absent => Some(default),
+            Field::Given(at) => Some(at.value),
+            Field::Wrong => None,
+        }
+    }
+
+    /// The value of a required key (a missing one is reported as such).
+    fn value(self) -> Option<T> {
+        match self {
+            Field::Given(at) => Some(at.value),
+            _ => None,
+        }
+    }
+
+    /// `Some(None)` when the key is left out; `None` when it is wrong.
+    fn optional(self) -> Option<Option<T>> {
+        match self {
+            Field::Absent => Some(None),
+            Field::Given(at) => Some(Some(at.value)),
+            Field::Wrong => None,
+        }
+    }
+
+    fn given(&self) -> Option<&At<T>> {
+        match self {
+            Field::Given(at) => Some(at),
+            _ => None,
+        }
+    }
+}
+
+/// One table of the file: its keys, where it starts, and how messages name its keys.
+struct Table<'t> {
+    entries: &'t [Entry],
+    /// The header (or the first key) of the table: where a missing key is reported.
+    span: Span,
+    /// Put before a key's name in messages: `listener "web": backends[0].`, `admin.`.
+    prefix: String,
+}
+
+impl<'t> Table<'t> {
+    fn get(&self, key: &str) -> Option<&'t Node> {
+        self.entries.iter().find(|e| e.key == key).map(|e| &e.node)
+    }
+
+    fn what(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+}
+
+/// Bounds of a count, with the words that explain them.
+struct Bounds {
+    min: u64,
+    max: u64,
+    /// Why the maximum, in parentheses after it.
+    why_max: String,
+    /// After "must be at least N" (what to do instead), or empty.
+    why_min: String,
+    /// A good value, for "like weight = 2".
+    example: u64,
+}
+
+impl Bounds {
+    fn new(min: u64, max: u64, why_max: impl Into<String>, example: u64) -> Bounds {
+        Bounds {
+            min,
+            max,
+            why_max: why_max.into(),
+            why_min: String::new(),
+            example,
+        }
+    }
+
+    fn connections(min: u64, example: u64) -> Bounds {
+        let max = max_connections();
+        Bounds::new(
+            min,
+            max,
+            format!(
+                "a process can hold at most {max} connections on this machine: two file descriptors each, fs.nr_open = {}",
+                max * 2
+            ),
+            example,
+        )
+    }
+}
+
+/// A listener as read, with what the checks across listeners need even when some of
+/// its keys are wrong.
+struct ReadListener {
+    /// `None` when a key of it is wrong.
+    config: Option<ListenerConfig>,
+    name: Option<At<String>>,
+    bind: Option<At<SocketAddr>>,
+    /// Each backend's resolved address, where it is written, and how messages name it.
+    backends: Vec<(At<SocketAddr>, String)>,
+}
+
+/// Walks the tree, collecting problems.
+struct Reader<'a> {
+    text: &'a str,
+    file: &'a str,
+    problems: Vec<(Span, String)>,
+}
+
+impl Reader<'_> {
+    fn problem(&mut self, span: Span, message: String) {
+        self.problems.push((span, message));
+    }
+
+    fn into_error(mut self) -> ConfigError {
+        // In file order; problems at the same place stay in the order they were found.
+        self.problems.sort_by_key(|(span, _)| span.start);
+        let problems = self
+            .problems
+            .iter()
+            .map(|(span, message)| {
+                let (line, column) = position(self.text, span.start);
+                Problem {
+                    line,
+                    column,
+                    // One problem, one line, whatever a message quotes.
+                    message: message.replace('\n', " "),
+                }
+            })
+            .collect();
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            problems,
+        }
+    }
+
+    // -- tables and keys -----------------------------------------------------------
+
+    /// `node` as a table of `known` keys; reports every other key. `None` (reported)
+    /// when `node` is not a table.
+    fn table<'t>(
+        &mut self,
+        node: &'t Node,
+        what: &str,
+        header: &'static str,
+        known: &'static [&'static str],
+        prefix: String,
+    ) -> Option<Table<'t>> {
+        let Value::Table(entries) = &node.value else {
+            self.problem(
+                node.span.clone(),
+                format!(
+                    "{what} must be a table, written {header}, not {}",
+                    node.describe()
+                ),
+            );
+            return None;
+        };
+        for entry in entries {
+            if !known.contains(&entry.key.as_str()) {
+                let message = unknown_key(&entry.key, header, known);
+                self.problem(entry.key_span.clone(), message);
+            }
+        }
+        Some(Table {
+            entries,
+            span: node.span.clone(),
+            prefix,
+        })
+    }
+
+    /// The tables of an array of tables such as `[[listeners]]`.
+    fn tables<'t>(&mut self, node: &'t Node, what: &str, header: &str) -> Vec<&'t Node> {
+        let items = match &node.value {
+            Value::Array(items) => items,
+            Value::Table(_) => {
+                self.problem(
+                    node.span.clone(),
+                    format!("{what} must be written {header} (two brackets), one table each"),
+                );
+                return Vec::new();
+            }
+            _ => {
+                self.problem(
+                    node.span.clone(),
+                    format!("{what} must be {header} tables, not {}", node.describe()),
+                );
+                return Vec::new();
+            }
+        };
+        let mut tables = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if matches!(item.value, Value::Table(_)) {
+                tables.push(item);
+            } else {
+                self.problem(
+                    item.span.clone(),
+                    format!(
+                        "{what}[{i}] must be a {header} table, not {}",
+                        item.describe()
+                    ),
+                );
+            }
+        }
+        tables
+    }
+
+    /// Reports a required key that is left out; `true` when it is there.
+    fn required(&mut self, t: &Table, key: &str, like: &str) -> bool {
+        if t.get(key).is_some() {
+            return true;
+        }
+        self.problem(
+            t.span.clone(),
+            format!("{}missing {key}, like {like}", t.prefix),
+        );
+        false
+    }
+
+    /// Turns a given value that fails `ok` into a reported problem.
+    fn check<T>(
+        &mut self,
+        field: Field<T>,
+        ok: impl FnOnce(&T) -> bool,
+        message: impl FnOnce() -> String,
+    ) -> Field<T> {
+        match field {
+            Field::Given(at) if !ok(&at.value) => {
+                self.problem(at.span, message());
+                Field::Wrong
+            }
+            field => field,
+        }
+    }
+
+    fn count(&mut self, t: &Table, key: &str, bounds: &Bounds) -> Field<u64> {
+        let Some(node) = t.get(key) else {
+            return Field::Absent;
+        };
+        let what = t.what(key);
+        let message = match node.value {
+            Value::Integer(n)
+                if n >= 0 && (bounds.min..=bounds.max).contains(&n.unsigned_abs()) =>
+            {
+                return Field::Given(At {
+                    value: n.unsigned_abs(),
+                    span: node.span.clone(),
+                })
+            }
+            Value::Integer(n) if n < 0 && bounds.min == 0 => {
+                format!(
+                    "{what} must not be negative, like {key} = {}",
+                    bounds.example
+                )
+            }
+            Value::Integer(n) if n < 0 || n.unsigned_abs() < bounds.min => {
+                format!("{what} must be at least {}{}", bounds.min, bounds.why_min)
+            }
+            Value::Integer(n) => format!(
+                "{what} = {n} is too large: at most {} ({})",
+                bounds.max, bounds.why_max
+            ),
+            _ => {
+                let quoted = match &node.value {
+                    Value::String(s) if s.trim().parse::<i64>().is_ok() => {
+                        " (numbers go without quotes)"
+                    }
+                    _ => "",
+                };
+                format!(
+                    "{what} must be a whole number >= {}, like {key} = {}, not {}{quoted}",
+                    bounds.min,
+                    bounds.example,
+                    node.describe()
+                )
+            }
+        };
+        self.problem(node.span.clone(), message);
+        Field::Wrong
+    }
+
+    fn duration(&mut self, t: &Table, key: &str, example: &str) -> Field<Duration> {
+        let Some(node) = t.get(key) else {
+            return Field::Absent;
+        };
+        let what = t.what(key);
+        let message = match &node.value {
+            Value::String(text) => match text.parse::<HumanDuration>() {
+                Ok(d) => {
+                    return Field::Given(At {
+                        value: d.0,
+                        span: node.span.clone(),
+                    })
+                }
+                Err(why) => format!("{what}: {why}"),
+            },
+            Value::Integer(n) => format!(
+                "{what} must be a duration in quotes, like \"{n}s\" (units ms, s, m, h), not {}",
+                node.describe()
+            ),
+            _ => format!(
+                "{what} must be a duration in quotes, like \"{example}\" (units ms, s, m, h), not {}",
+                node.describe()
+            ),
+        };
+        self.problem(node.span.clone(), message);
+        Field::Wrong
+    }
+
+    fn string(&mut self, t: &Table, key: &str, example: &str) -> Field<String> {
+        let Some(node) = t.get(key) else {
+            return Field::Absent;
+        };
+        if let Value::String(s) = &node.value {
+            return Field::Given(At {
+                value: s.clone(),
+                span: node.span.clone(),
+            });
+        }
+        let message = format!(
+            "{} must be a string in quotes, like {key} = \"{example}\", not {}",
+            t.what(key),
+            node.describe()
+        );
+        self.problem(node.span.clone(), message);
+        Field::Wrong
+    }
+
+    fn listen_addr(&mut self, t: &Table, key: &str, example: &str) -> Field<SocketAddr> {
+        let Some(node) = t.get(key) else {
+            return Field::Absent;
+        };
+        let message = match &node.value {
+            Value::String(text) => match text.parse::<ListenAddr>() {
+                Ok(addr) => {
+                    return Field::Given(At {
+                        value: addr.0,
+                        span: node.span.clone(),
+                    })
+                }
+                Err(why) => format!("{}: {why}", t.what(key)),
+            },
+            _ => format!(
+                "{} must be an address in quotes, like {key} = \"{example}\", not {}",
+                t.what(key),
+                node.describe()
+            ),
+        };
+        self.problem(node.span.clone(), message);
+        Field::Wrong
+    }
+
+    /// One of `names`, written as its name.
+    fn choice<T: Copy + Default + PartialEq>(
+        &mut self,
+        t: &Table,
+        key: &str,
+        noun: &str,
+        names: &[(&'static str, T)],
+    ) -> Field<T> {
+        let Some(node) = t.get(key) else {
+            return Field::Absent;
+        };
+        let list = names
+            .iter()
+            .map(|(name, _)| format!("{name:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let message = match &node.value {
+            Value::String(text) => {
+                if let Some((_, value)) = names.iter().find(|(name, _)| name == text) {
+                    return Field::Given(At {
+                        value: *value,
+                        span: node.span.clone(),
+                    });
+                }
+                let hint = nearest(text, names.iter().map(|(name, _)| *name))
+                    .map(|near| format!(": did you mean {near:?}?"))
+                    .unwrap_or_else(|| format!(": use one of {list}"));
+                format!("{}: unknown {noun} {text:?}{hint}", t.what(key))
+            }
+            _ => {
+                let default = names
+                    .iter()
+                    .find(|(_, v)| *v == T::default())
+                    .map_or("", |(name, _)| name);
+                format!(
+                    "{} must be one of {list}, like {key} = \"{default}\", not {}",
+                    t.what(key),
+                    node.describe()
+                )
+            }
+        };
+        self.problem(node.span.clone(), message);
+        Field::Wrong
+    }
+
+    // -- the tables of the schema --------------------------------------------------
+
+    fn config(&mut self, root: &Node) -> Option<Config> {
+        let top = self.table(
+            root,
+            "the file",
+            "key = value lines",
+            TOP_KEYS,
+            String::new(),
+        )?;
+        let admin = top.get("admin").map(|node| self.admin(node));
+        let runtime = match top.get("runtime") {
+            None => Some(RuntimeConfig::default()),
+            Some(node) => self.runtime(node),
+        };
+        let mut listeners = Vec::new();
+        match top.get("listeners") {
+            None => self.problem(
+                0..0,
+                "no listeners: add at least one [[listeners]] table".into(),
+            ),
+            Some(node) => {
+                let tables = self.tables(node, "listeners", "[[listeners]]");
+                if tables.is_empty()
+                    && matches!(&node.value, Value::Array(items) if items.is_empty())
+                {
+                    self.problem(
+                        node.span.clone(),
+                        "no listeners: add at least one [[listeners]] table".into(),
+                    );
+                }
+                for (i, table) in tables.into_iter().enumerate() {
+                    listeners.push(self.listener(i, table));
+                }
+            }
+        }
+        let admin_bind = admin.as_ref().and_then(|a| a.as_ref()).map(|a| a.bind);
+        self.across_listeners(&listeners, admin_bind);
+
+        let admin = match admin {
+            None => None,
+            Some(admin) => Some(admin?),
+        };
+        let listeners = listeners
+            .into_iter()
+            .map(|l| l.config)
+            .collect::<Option<Vec<_>>>()?;
+        Some(Config {
+            admin,
+            runtime: runtime?,
+            listeners,
+        })
+    }
+
+    fn admin(&mut self, node: &Node) -> Option<AdminConfig> {
+        let t = self.table(node, "admin", "[admin]", ADMIN_KEYS, "admin.".into())?;
+        let bind = if self.required(&t, "bind", "bind = \"127.0.0.1:9090\"") {
+            self.listen_addr(&t, "bind", "127.0.0.1:9090")
+        } else {
+            Field::Wrong
+        };
+        let token_file = self.string(&t, "token_file", "/etc/ballast/admin.token");
+        let token = match token_file.given() {
+            None => Some(None),
+            Some(at) => self.read_token(at).map(Some),
+        };
+        let allowed_hosts = self.host_names(&t, "allowed_hosts");
+        Some(AdminConfig {
+            bind: bind.value()?,
+            token_file: token_file.optional()?.map(PathBuf::from),
+            token: token?,
+            allowed_hosts: allowed_hosts?,
+        })
+    }
+
+    fn read_token(&mut self, path: &At<String>) -> Option<String> {
+        let file = match Path::new(self.file).parent() {
+            Some(dir) if Path::new(&path.value).is_relative() => dir.join(&path.value),
+            _ => PathBuf::from(&path.value),
+        };
+        let token = match std::fs::read_to_string(&file) {
+            Ok(token) => token,
+            Err(e) => {
+                self.problem(
+                    path.span.clone(),
+                    format!("admin.token_file: cannot read {}: {e}", file.display()),
+                );
+                return None;
+            }
+        };
+        let token = token.trim();
+        if token.is_empty() || token.chars().any(char::is_whitespace) {
+            self.problem(
+                path.span.clone(),
+                format!(
+                    "admin.token_file: {} must hold one token with no spaces",
+                    file.display()
+                ),
+            );
+            return None;
+        }
+        Some(token.to_string())
+    }
+
+    /// `allowed_hosts`: host names as a browser sends them in `Host`, without a port.
+    fn host_names(&mut self, t: &Table, key: &str) -> Option<Vec<String>> {
+        let Some(node) = t.get(key) else {
+            return Some(Vec::new());
+        };
+        let what = t.what(key);
+        let Value::Array(items) = &node.value else {
+            self.problem(
+                node.span.clone(),
+                format!(
+                    "{what} must be a list of host names in quotes, like {key} = [\"lb.internal\"], not {}",
+                    node.describe()
+                ),
+            );
+            return None;
+        };
+        let mut names = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let Value::String(name) = &item.value else {
+                self.problem(
+                    item.span.clone(),
+                    format!(
+                        "{what}[{i}] must be a host name in quotes, like \"lb.internal\", not {}",
+                        item.describe()
+                    ),
+                );
+                ok = false;
+                continue;
+            };
+            let why = if name.is_empty() {
+                Some("is empty")
+            } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                Some("contains a space")
+            } else if name.contains(['/', '@', '?', '#']) {
+                Some("is not a host name: list it without scheme, path or user")
+            } else if name.contains(':') {
+                Some("has a port: list the host name alone (any port is accepted)")
+            } else {
+                None
+            };
+            match why {
+                Some(why) => {
+                    self.problem(item.span.clone(), format!("{what}[{i}] {name:?} {why}"));
+                    ok = false;
+                }
+                None => names.push(name.clone()),
+            }
+        }
+        ok.then_some(names)
+    }
+
+    fn runtime(&mut self, node: &Node) -> Option<RuntimeConfig> {
+        let t = self.table(
+            node,
+            "runtime",
+            "[runtime]",
+            RUNTIME_KEYS,
+            "runtime.".into(),
+        )?;
+        let max = max_threads();
+        let threads = self.count(
+            &t,
+            "threads",
+            &Bounds::new(
+                0,
+                max as u64,
+                format!(
+                    "{THREADS_PER_CORE} per CPU core, {} cores here, and never more than {MAX_THREADS}; 0 means one per core",
+                    cores()
+                ),
+                cores() as u64,
+            ),
+        );
+        let shutdown_timeout = self.duration(&t, "shutdown_timeout", "30s");
+        Some(RuntimeConfig {
+            threads: threads.or(0)? as usize,
+            shutdown_timeout: shutdown_timeout.or(DEFAULT_SHUTDOWN_TIMEOUT)?,
+        })
+    }
+
+    fn listener(&mut self, index: usize, node: &Node) -> ReadListener {
+        let mut read = ReadListener {
+            config: None,
+            name: None,
+            bind: None,
+            backends: Vec::new(),
+        };
+        let Some(mut t) = self.table(
+            node,
+            &format!("listeners[{index}]"),
+            "[[listeners]]",
+            LISTENER_KEYS,
+            format!("listeners[{index}]: "),
+        ) else {
+            return read;
+        };
+
+        let name = if self.required(&t, "name", "name = \"web\"") {
+            self.string(&t, "name", "web")
+        } else {
+            Field::Wrong
+        };
+        if let Some(at) = name.given() {
+            t.prefix = format!("listener {:?}: ", at.value);
+        }
+        let name = self.check(
+            name,
+            |name| {
+                !name.is_empty()
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            },
+            || {
+                let name = match t.get("name").map(|n| &n.value) {
+                    Some(Value::String(name)) => name.as_str(),
+                    _ => "",
+                };
+                format!("invalid listener name {name:?}: use only letters, digits, '_' and '-'")
+            },
+        );
+        read.name = name.given().cloned();
+
+        let bind = if self.required(&t, "bind", "bind = \"0.0.0.0:8080\"") {
+            self.listen_addr(&t, "bind", "0.0.0.0:8080")
+        } else {
+            Field::Wrong
+        };
+        read.bind = bind.given().cloned();
+        let strategy = self.choice(&t, "strategy", "strategy", &Strategy::NAMES);
+        let max_conns = self.count(&t, "max_conns", &Bounds::connections(0, 50000));
+        let connect_timeout = self.duration(&t, "connect_timeout", "2s");
+        let connect_timeout = self.check(
+            connect_timeout,
+            |d| !d.is_zero(),
+            || format!("{} must be more than 0", t.what("connect_timeout")),
+        );
+        let idle_timeout = self.duration(&t, "idle_timeout", "1h");
+        let idle_timeout = self.check(
+            idle_timeout,
+            |d| !d.is_zero(),
+            || {
+                format!(
+                    "{} must be more than 0 (leave it out for none)",
+                    t.what("idle_timeout")
+                )
+            },
+        );
+        let drain_timeout = self.duration(&t, "drain_timeout", "30s");
+        let retries = self.count(
+            &t,
+            "retries",
+            &Bounds::new(
+                0,
+                MAX_RETRIES,
+                "each retry can add connect_timeout to a client's wait",
+                DEFAULT_RETRIES,
+            ),
+        );
+        let slow_start = self.duration(&t, "slow_start", "30s");
+        let health = match t.get("health") {
+            None => Some(None),
+            Some(node) => self.health(&t.prefix, node).map(Some),
+        };
+        let rebalance = match t.get("rebalance") {
+            None => Some(None),
+            Some(node) => self.rebalance(&t.prefix, node, strategy.given()).map(Some),
+        };
+
+        let mut backends = Vec::new();
+        let mut names: Vec<String> = Vec::new();
+        let tables = match t.get("backends") {
+            None => Vec::new(),
+            Some(node) => self.tables(node, &t.what("backends"), "[[listeners.backends]]"),
+        };
+        if tables.is_empty()
+            && t.get("backends")
+                .is_none_or(|n| matches!(&n.value, Value::Array(items) if items.is_empty()))
+        {
+            self.problem(
+                t.span.clone(),
+                format!(
+                    "{}: a listener needs at least one [[listeners.backends]]",
+                    t.what("backends")
+                ),
+            );
+        }
+        for (i, node) in tables.into_iter().enumerate() {
+            let prefix = format!("{}backends[{i}].", t.prefix);
+            let (backend, addr, name) = self.backend(&prefix, node);
+            if let Some(name) = name {
+                if names.contains(&name.value) {
+                    self.problem(
+                        name.span,
+                        format!("{prefix}name: duplicate backend name {:?}", name.value),
+                    );
+                    backends.push(None);
+                    continue;
+                }
+                names.push(name.value);
+            }
+            if let Some(addr) = addr {
+                read.backends.push((addr, format!("{prefix}addr")));
+            }
+            backends.push(backend);
+        }
+
+        read.config = (|| {
+            Some(ListenerConfig {
+                name: name.value()?,
+                bind: bind.value()?,
+                strategy: strategy.or(Strategy::default())?,
+                max_conns: max_conns.optional()?,
+                connect_timeout: connect_timeout.or(DEFAULT_CONNECT_TIMEOUT)?,
+                idle_timeout: idle_timeout.optional()?,
+                drain_timeout: drain_timeout.or(DEFAULT_DRAIN_TIMEOUT)?,
+                retries: retries.or(DEFAULT_RETRIES)? as u32,
+                slow_start: slow_start.optional()?.filter(|d| !d.is_zero()),
+                health: health?,
+                rebalance: rebalance?,
+                backends: backends.into_iter().collect::<Option<Vec<_>>>()?,
+            })
+        })();
+        read
+    }
+
+    fn health(&mut self, prefix: &str, node: &Node) -> Option<HealthConfig> {
+        let t = self.table(
+            node,
+            &format!("{prefix}health"),
+            "[listeners.health]",
+            HEALTH_KEYS,
+            format!("{prefix}health."),
+        )?;
+        let kind = self.choice(&t, "kind", "health check kind", &HealthKind::NAMES);
+        let path = self.string(&t, "path", "/healthz");
+        let tcp = matches!(
+            kind,
+            Field::Absent
+                | Field::Given(At {
+                    value: HealthKind::Tcp,
+                    ..
+                })
+        );
+        let path = match path {
+            Field::Given(at) if tcp => {
+                self.problem(
+                    at.span,
+                    format!("{} is only for kind = \"http\"", t.what("path")),
+                );
+                Field::Wrong
+            }
+            path => self.check(
+                path,
+                |p| p.starts_with('/') && !p.contains(char::is_whitespace),
+                || {
+                    let p = match t.get("path").map(|n| &n.value) {
+                        Some(Value::String(p)) => p.as_str(),
+                        _ => "",
+                    };
+                    format!(
+                        "{} {p:?} must start with '/' and contain no spaces",
+                        t.what("path")
+                    )
+                },
+            ),
+        };
+        let interval = self.duration(&t, "interval", "2s");
+        let interval = self.check(
+            interval,
+            |d| !d.is_zero(),
+            || format!("{} must be more than 0", t.what("interval")),
+        );
+        let timeout = self.duration(&t, "timeout", "1s");
+        let timeout = self.check(
+            timeout,
+            |d| !d.is_zero(),
+            || format!("{} must be more than 0", t.what("timeout")),
+        );
+        let overlap = format!(
+            "{} must not be longer than health.interval (checks would overlap)",
+            t.what("timeout")
+        );
+        let timeout = match (&interval, timeout) {
+            (Field::Given(i), Field::Given(at)) if at.value > i.value => {
+                self.problem(at.span, overlap);
+                Field::Wrong
+            }
+            (Field::Absent, Field::Given(at)) if at.value > DEFAULT_HEALTH_INTERVAL => {
+                self.problem(at.span, format!("{overlap}, 2s when left out"));
+                Field::Wrong
+            }
+            (Field::Given(i), Field::Absent) if DEFAULT_HEALTH_TIMEOUT > i.value => {
+                self.problem(
+                    i.span.clone(),
+                    format!("{overlap}: it is 1s when left out, so set it too"),
+                );
+                Field::Wrong
+            }
+            (_, timeout) => timeout,
+        };
+        let counts = |default| Bounds::new(1, MAX_RISE_FALL, "consecutive checks", default);
+        let rise = self.count(&t, "rise", &counts(DEFAULT_RISE));
+        let fall = self.count(&t, "fall", &counts(DEFAULT_FALL));
+        let kind = kind.or(HealthKind::default())?;
+        Some(HealthConfig {
+            kind,
+            path: path.or("/".into())?,
+            interval: interval.or(DEFAULT_HEALTH_INTERVAL)?,
+            timeout: timeout.or(DEFAULT_HEALTH_TIMEOUT)?,
+            rise: rise.or(DEFAULT_RISE)? as u32,
+            fall: fall.or(DEFAULT_FALL)? as u32,
+        })
+    }
+
+    fn rebalance(
+        &mut self,
+        prefix: &str,
+        node: &Node,
+        strategy: Option<&At<Strategy>>,
+    ) -> Option<RebalanceConfig> {
+        let t = self.table(
+            node,
+            &format!("{prefix}rebalance"),
+            "[listeners.rebalance]",
+            REBALANCE_KEYS,
+            format!("{prefix}rebalance."),
+        )?;
+        let mut ok = true;
+        if strategy.is_some_and(|s| s.value == Strategy::IpHash) {
+            self.problem(
+                t.span.clone(),
+                format!(
+                    "{prefix}rebalance: ip_hash cannot be combined with [listeners.rebalance] (a hashed client would be sent straight back to the backend it was migrated from)"
+                ),
+            );
+            ok = false;
+        }
+        let interval = self.duration(&t, "interval", "1s");
+        let interval = self.check(
+            interval,
+            |d| !d.is_zero(),
+            || format!("{} must be more than 0", t.what("interval")),
+        );
+        let precision = self.count(&t, "precision", &Bounds::connections(0, DEFAULT_PRECISION));
+        let step_size = self.count(&t, "step_size", &Bounds::connections(1, DEFAULT_STEP_SIZE));
+        let config = RebalanceConfig {
+            interval: interval.or(DEFAULT_REBALANCE_INTERVAL)?,
+            precision: precision.or(DEFAULT_PRECISION)?,
+            step_size: step_size.or(DEFAULT_STEP_SIZE)?,
+        };
+        ok.then_some(config)
+    }
+
+    /// One backend: its config when it is right, its resolved address and its name
+    /// (for the checks across backends and listeners) when they are.
+    fn backend(
+        &mut self,
+        prefix: &str,
+        node: &Node,
+    ) -> (
+        Option<BackendConfig>,
+        Option<At<SocketAddr>>,
+        Option<At<String>>,
+    ) {
+        let Some(t) = self.table(
+            node,
+            prefix.trim_end_matches('.'),
+            "[[listeners.backends]]",
+            BACKEND_KEYS,
+            prefix.to_string(),
+        ) else {
+            return (None, None, None);
+        };
+        let addr_text = if self.required(&t, "addr", "addr = \"127.0.0.1:3000\"") {
+            self.string(&t, "addr", "127.0.0.1:3000")
+        } else {
+            Field::Wrong
+        };
+        let addr = match addr_text.given() {
+            None => None,
+            Some(text) => {
+                match resolve(&text.value).and_then(|addr| reachable(&text.value, addr)) {
+                    Ok(addr) => Some(At {
+                        value: addr,
+                        span: text.span.clone(),
+                    }),
+                    Err(why) => {
+                        self.problem(text.span.clone(), format!("{}: {why}", t.what("addr")));
+                        None
+                    }
+                }
+            }
+        };
+        let name = match self.string(&t, "name", "app1") {
+            Field::Absent => match addr_text.given() {
+                Some(text) => Field::Given(text.clone()),
+                None => Field::Wrong,
+            },
+            name => name,
+        };
+        let name = self.check(
+            name,
+            |name| {
+                !name.is_empty()
+                    && !name.chars().any(|c| {
+                        matches!(c, '/' | '?' | '#' | '%') || c.is_whitespace() || c.is_control()
+                    })
+            },
+            || {
+                let name = match t.get("name").or(t.get("addr")).map(|n| &n.value) {
+                    Some(Value::String(name)) => name.as_str(),
+                    _ => "",
+                };
+                format!(
+                    "{} {name:?} is invalid: it must be non-empty and contain no '/', '?', '#', '%' or spaces",
+                    t.what("name")
+                )
+            },
+        );
+        let shown = name
+            .given()
+            .map_or_else(String::new, |n| format!("{:?} ", n.value));
+        let mut weight_bounds = Bounds::new(
+            1,
+            MAX_WEIGHT,
+            "shares follow weights; finer steps mean nothing",
+            2,
+        );
+        weight_bounds.why_min =
+            format!(" (to take backend {shown}out of service, set max_conns = 0 or drain it)");
+        let weight = self.count(&t, "weight", &weight_bounds);
+        let max_conns = self.count(&t, "max_conns", &Bounds::connections(0, 1000));
+
+        let config = (|| {
+            Some(BackendConfig {
+                name: name.clone().or(String::new())?,
+                addr_text: addr_text.clone().value()?,
+                addr: addr.as_ref()?.value,
+                weight: weight.or(DEFAULT_WEIGHT)? as u32,
+                max_conns: max_conns.optional()?,
+            })
+        })();
+        (config, addr, name.given().cloned())
+    }
+
+    /// Unique names, binds that do not clash, and no backend that is ballast itself.
+    fn across_listeners(&mut self, listeners: &[ReadListener], admin: Option<SocketAddr>) {
+        for (i, l) in listeners.iter().enumerate() {
+            let earlier = &listeners[..i];
+            if let Some(name) = &l.name {
+                if earlier
+                    .iter()
+                    .any(|o| o.name.as_ref().is_some_and(|n| n.value == name.value))
+                {
+                    self.problem(
+                        name.span.clone(),
+                        format!("duplicate listener name {:?}", name.value),
+                    );
+                }
+            }
+            let label = l.name.as_ref().map_or_else(
+                || format!("listeners[{i}]"),
+                |n| format!("listener {:?}", n.value),
+            );
+            if let Some(bind) = &l.bind {
+                let clash = earlier.iter().find(|o| {
+                    o.bind
+                        .as_ref()
+                        .is_some_and(|b| binds_conflict(b.value, bind.value))
+                });
+                if let Some(other) = clash {
+                    let other = other
+                        .name
+                        .as_ref()
+                        .map_or_else(String::new, |n| format!(" {:?}", n.value));
+                    self.problem(
+                        bind.span.clone(),
+                        format!(
+                            "{label}: bind address {} is already used by listener{other}",
+                            bind.value
+                        ),
+                    );
+                } else if admin.is_some_and(|a| binds_conflict(a, bind.value)) {
+                    self.problem(
+                        bind.span.clone(),
+                        format!(
+                            "{label}: bind address {} is already used by [admin]",
+                            bind.value
+                        ),
+                    );
+                }
+            }
+            for (addr, what) in &l.backends {
+                if admin.is_some_and(|a| lands_on(addr.value, a)) {
+                    self.problem(
+                        addr.span.clone(),
+                        format!(
+                            "{what} {} is this ballast's own admin endpoint ([admin] bind): clients of {label} would reach the admin API",
+                            addr.value
+                        ),
+                    );
+                }
+                for (j, target) in listeners.iter().enumerate() {
+                    if !target
+                        .bind
+                        .as_ref()
+                        .is_some_and(|b| lands_on(addr.value, b.value))
+                    {
+                        continue;
+                    }
+                    if j == i {
+                        self.problem(
+                            addr.span.clone(),
+                            format!(
+                                "{what} {} is the bind address of {label} itself: each client would be sent back to it, again and again, until every file descriptor is used",
+                                addr.value
+                            ),
+                        );
+                    } else if leads_to(listeners, j, i) {
+                        let other = target.name.as_ref().map_or_else(
+                            || format!("listeners[{j}]"),
+                            |n| format!("listener {:?}", n.value),
+                        );
+                        self.problem(
+                            addr.span.clone(),
+                            format!(
+                                "{what} {} is the bind address of {other}, which sends clients back to {label}: each client would loop between them until every file descriptor is used",
+                                addr.value
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether listener `from` sends clients, through one or more listeners of this same
+/// ballast, to listener `to`.
+fn leads_to(listeners: &[ReadListener], from: usize, to: usize) -> bool {
+    let mut seen = vec![false; listeners.len()];
+    let mut stack = vec![from];
+    while let Some(l) = stack.pop() {
+        if l == to {
+            return true;
+        }
+        if std::mem::replace(&mut seen[l], true) {
+            continue;
+        }
+        for (addr, _) in &listeners[l].backends {
+            for (next, target) in listeners.iter().enumerate() {
+                if target
+                    .bind
+                    .as_ref()
+                    .is_some_and(|b| lands_on(addr.value, b.value))
+                {
+                    stack.push(next);
+                }
+            }
+        }
+    }
+    false
+}
+
+/// Whether a connection to `backend` arrives at a socket bound to `bind` on this
+/// machine: the same address and port, or loopback to a wildcard bind. A bind to port 0
+/// gets a free port of the kernel's choosing, so nothing lands on it by configuration.
+/// (Another address of this machine on a wildcard bind cannot be told without listing
+/// its interfaces; such a loop is not caught.)
+fn lands_on(backend: SocketAddr, bind: SocketAddr) -> bool {
+    let (ip, bind_ip) = (backend.ip().to_canonical(), bind.ip().to_canonical());
+    bind.port() != 0
+        && backend.port() == bind.port()
+        && (ip == bind_ip
+            || (bind_ip.is_unspecified() && ip.is_loopback() && ip.is_ipv4() == bind_ip.is_ipv4()))
+}
+
+/// Two listen addresses that the kernel would not let both bind. Port 0 (any free port)
+/// never conflicts.
+pub(super) fn binds_conflict(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Resolves `host:port` (or `[v6]:port`) to one address, preferring IPv4.
+fn resolve(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("invalid address {text:?}: expected host:port"));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("invalid address {text:?}: expected host:port"));
+    }
+    let addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {text:?}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
+/// Refuses a backend address that no connection can reach.
+fn reachable(text: &str, addr: SocketAddr) -> Result<SocketAddr, String> {
+    let shown = if text.parse::<SocketAddr>().is_ok() {
+        format!("{text:?}")
+    } else {
+        format!("{text:?} ({addr})")
+    };
+    let ip = addr.ip().to_canonical();
+    let why = if addr.port() == 0 {
+        "has port 0, which no connection can reach: give the backend's port".to_string()
+    } else if ip.is_unspecified() {
+        format!("is the \"any address\" {ip}, which only means something to bind: give the backend's own address (127.0.0.1 for this machine)")
+    } else if ip.is_multicast() {
+        "is a multicast address: a TCP backend needs a unicast address".to_string()
+    } else if ip == IpAddr::from([255, 255, 255, 255]) {
+        "is the broadcast address: a TCP backend needs a unicast address".to_string()
+    } else {
+        return Ok(addr);
+    };
+    Err(format!("{shown} {why}"))
+}
+
+/// The nearest of `known` to a misspelt `word`, if one is near enough to be meant.
+fn nearest<'k>(word: &str, known: impl IntoIterator<Item = &'k str>) -> Option<&'k str> {
+    let word = word.to_ascii_lowercase();
+    let limit = (word.chars().count() / 3).max(1);
+    known
+        .into_iter()
+        .map(|k| (strsim::damerau_levenshtein(&word, k), k))
+        .filter(|(distance, _)| *distance <= limit)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, k)| k)
+}
+
+/// The message for a key the schema does not have in `header`.
+fn unknown_key(key: &str, header: &str, known: &[&str]) -> String {
+    let place = if header.starts_with('[') {
+        format!("in {header}")
+    } else {
+        "at the top level".to_string()
+    };
+    if let Some(near) = nearest(key, known.iter().copied()) {
+        return format!("unknown key {key:?} {place}: did you mean {near:?}?");
+    }
+    let homes: Vec<&str> = TABLES
+        .iter()
+        .filter(|(_, keys)| keys.contains(&key))
+        .map(|(table, _)| *table)
+        .collect();
+    if !homes.is_empty() {
+        return format!(
+            "unknown key {key:?} {place}: it belongs in {}",
+            homes.join(" or ")
+        );
+    }
+    format!(
+        "unknown key {key:?} {place}; the keys here are {}",
+        known.join(", ")
+    )
+}
+
+/// The 1-based line and column (in characters) of a byte offset.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
+}
