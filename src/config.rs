@@ -191,10 +191,14 @@ fn cores() -> usize {
 /// (1,048,576 unless raised), whatever `ulimit -n` or `LimitNOFILE=` say. Bounds every
 /// count of connections (`max_conns`, `precision`, `step_size`).
 fn max_connections() -> u64 {
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|text| text.trim().parse::<u64>().ok())
-        .unwrap_or(1 << 20);
+    // Read once: a config may bound thousands of backends with it.
+    static NR_OPEN: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let nr_open = NR_OPEN.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .unwrap_or(1 << 20)
+    });
     nr_open / 2
 }
 
