@@ -60,10 +60,12 @@ fn filter(level: Level) -> EnvFilter {
     if let Ok(filter) = EnvFilter::try_from_default_env() {
         return filter;
     }
+    // notify reports at info and warn what ballast handles itself (a watched folder
+    // that went away).
     let quiet_deps = match level {
-        Level::Debug | Level::Trace => "",
-        Level::Error => ",pingora_core=error,pingora=error",
-        Level::Warn | Level::Info => ",pingora_core=warn,pingora=warn",
+        Level::Debug | Level::Trace => ",notify=error",
+        Level::Error => ",pingora_core=error,pingora=error,notify=error",
+        Level::Warn | Level::Info => ",pingora_core=warn,pingora=warn,notify=error",
     };
     EnvFilter::new(format!("{}{quiet_deps}", level.as_str()))
 }
@@ -128,7 +130,10 @@ mod tests {
     #[test]
     fn pingora_is_quiet_at_the_default_level_and_speaks_when_debugging() {
         std::env::remove_var("RUST_LOG");
-        assert!(filter(Level::Info).to_string().contains("pingora_core=warn"));
+        assert!(filter(Level::Info)
+            .to_string()
+            .contains("pingora_core=warn"));
         assert!(!filter(Level::Debug).to_string().contains("pingora"));
+        assert!(filter(Level::Info).to_string().contains("notify=error"));
     }
 }

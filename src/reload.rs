@@ -201,7 +201,10 @@ pub fn changes(old: &Config, new: &Config) -> Vec<String> {
             continue;
         };
         if was.bind != l.bind {
-            out.push(format!("listener {:?} rebound: {} -> {}", l.name, was.bind, l.bind));
+            out.push(format!(
+                "listener {:?} rebound: {} -> {}",
+                l.name, was.bind, l.bind
+            ));
         }
         if was.strategy != l.strategy {
             out.push(format!(
@@ -273,7 +276,9 @@ pub fn changes(old: &Config, new: &Config) -> Vec<String> {
         }
     }
     if old.admin != new.admin || old.runtime != new.runtime {
-        out.push("[admin] or [runtime] changed (bind and threads apply at the next restart)".into());
+        out.push(
+            "[admin] or [runtime] changed (bind and threads apply at the next restart)".into(),
+        );
     }
     out
 }
@@ -307,10 +312,14 @@ pub async fn watch_file(ballast: Ballast, path: PathBuf, mut stopped: watch::Rec
     if watched.is_empty() {
         return;
     }
+    // The file may have changed between its load and the first watch: look once first.
+    let mut look_now = true;
     loop {
-        tokio::select! {
-            _ = stopped.wait_for(|s| *s) => break,
-            event = rx.recv() => if event.is_none() { break },
+        if !std::mem::take(&mut look_now) {
+            tokio::select! {
+                _ = stopped.wait_for(|s| *s) => break,
+                event = rx.recv() => if event.is_none() { break },
+            }
         }
         // Debounce: wait until no event came for DEBOUNCE.
         loop {
@@ -357,7 +366,8 @@ fn rewatch(watcher: &mut impl notify::Watcher, watched: &mut Vec<PathBuf>, path:
     if *watched == wanted {
         return;
     }
-    for old in watched.iter().filter(|d| !wanted.contains(d)) {
+    // A folder that is gone (an old ConfigMap version) has lost its watch already.
+    for old in watched.iter().filter(|d| !wanted.contains(d) && d.exists()) {
         let _ = watcher.unwatch(old);
     }
     let mut now = Vec::new();

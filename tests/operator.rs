@@ -33,7 +33,10 @@ fn backend<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Val
 }
 
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    let at = line.find(key).unwrap_or_else(|| panic!("no {key} in {line:?}")) + key.len();
+    let at = line
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        + key.len();
     line[at..].split_whitespace().next().unwrap()
 }
 
@@ -86,19 +89,31 @@ async fn a_lost_stderr_breaks_neither_reload_nor_drain_nor_proxying_at_debug_lev
     let (code, body) = post(admin, "/api/v1/listeners/web/backends/a/undrain").await;
     assert_eq!(code, 200, "{body}");
     let pid = child.0.id().to_string();
-    let kill = std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    let kill = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
     assert!(kill.success());
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while status(admin).await["generation"] != 3 {
-        assert!(tokio::time::Instant::now() < deadline, "SIGHUP did not reload");
-        assert!(child.0.try_wait().unwrap().is_none(), "ballast died on SIGHUP");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "ballast died on SIGHUP"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for _ in 0..4 {
         let (_, greeting) = connect_and_greet(web).await;
         assert!(greeting == "a" || greeting == "b", "{greeting}");
     }
-    assert!(child.0.try_wait().unwrap().is_none(), "ballast is still running");
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "ballast is still running"
+    );
     let status = terminate(child).await;
     assert!(status.success(), "{status:?}");
 }
@@ -110,13 +125,20 @@ async fn the_log_names_each_bind_once_says_what_a_reload_changed_and_hides_pingo
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ballast.toml");
     let head = "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\n";
-    std::fs::write(&path, format!("{head}{}", backends_toml(&[("a", a.addr, 1)]))).unwrap();
+    std::fs::write(
+        &path,
+        format!("{head}{}", backends_toml(&[("a", a.addr, 1)])),
+    )
+    .unwrap();
     let proc = Proc::run(&path, &[], 1).await;
     let admin = proc.admin;
     assert_eq!(post(admin, "/api/v1/reload").await.0, 200);
     std::fs::write(
         &path,
-        format!("{head}{}", backends_toml(&[("a", a.addr, 3), ("b", b.addr, 1)])),
+        format!(
+            "{head}{}",
+            backends_toml(&[("a", a.addr, 3), ("b", b.addr, 1)])
+        ),
     )
     .unwrap();
     assert_eq!(post(admin, "/api/v1/reload").await.0, 200);
@@ -165,7 +187,8 @@ async fn json_logs_have_flat_fields_and_no_source_paths() {
     let mut seen = Vec::new();
     loop {
         let line = lines.next().expect("a log line").unwrap();
-        let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let json: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
         assert!(json.get("fields").is_none(), "nested fields: {line}");
         assert!(!line.contains(".rs\""), "a source path: {line}");
         assert!(!line.contains("log.file"), "a source path: {line}");
@@ -209,7 +232,10 @@ async fn a_backend_added_by_a_reload_gets_nothing_until_its_first_check_passes()
     let head = "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nstrategy = \"least_conn\"\n  [listeners.health]\n  kind = \"http\"\n  interval = \"2s\"\n  timeout = \"1500ms\"\n  rise = 5\n  fall = 5\n";
     // `a` is not HTTP either, but it is up from the start (as HAProxy's servers are)
     // and it takes `fall` = 5 failed checks, 8 s, to take it down.
-    write(&path, &format!("{head}{}", backends_toml(&[("a", a.addr, 1)])));
+    write(
+        &path,
+        &format!("{head}{}", backends_toml(&[("a", a.addr, 1)])),
+    );
     let running = start_file(&path).await;
     let admin = running.admin_addr().unwrap();
     let web = running.listener_addr("web");
@@ -217,13 +243,23 @@ async fn a_backend_added_by_a_reload_gets_nothing_until_its_first_check_passes()
 
     write(
         &path,
-        &format!("{head}{}", backends_toml(&[("a", a.addr, 1), ("new", silent, 1)])),
+        &format!(
+            "{head}{}",
+            backends_toml(&[("a", a.addr, 1), ("new", silent, 1)])
+        ),
     );
     assert_eq!(post(admin, "/api/v1/reload").await.0, 200);
     let now = status(admin).await;
     assert_eq!(backend(&now, "new")["state"], "checking", "{now}");
-    assert!(backend(&now, "new")["since"].as_str().unwrap().ends_with('Z'));
-    assert_eq!(backend(&now, "a")["state"], "up", "a kept backend keeps its state");
+    assert!(backend(&now, "new")["since"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
+    assert_eq!(
+        backend(&now, "a")["state"],
+        "up",
+        "a kept backend keeps its state"
+    );
     // least_conn would send every new connection to the empty backend: none goes there.
     let mut held = Vec::new();
     for _ in 0..5 {
@@ -258,12 +294,18 @@ async fn a_checking_backend_is_up_after_its_first_good_check_whatever_rise_says(
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ballast.toml");
     let head = "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n  [listeners.health]\n  kind = \"tcp\"\n  interval = \"1h\"\n  rise = 5\n";
-    write(&path, &format!("{head}{}", backends_toml(&[("a", a.addr, 1)])));
+    write(
+        &path,
+        &format!("{head}{}", backends_toml(&[("a", a.addr, 1)])),
+    );
     let running = start_file(&path).await;
     let admin = running.admin_addr().unwrap();
     write(
         &path,
-        &format!("{head}{}", backends_toml(&[("a", a.addr, 1), ("b", b.addr, 1)])),
+        &format!(
+            "{head}{}",
+            backends_toml(&[("a", a.addr, 1), ("b", b.addr, 1)])
+        ),
     );
     assert_eq!(post(admin, "/api/v1/reload").await.0, 200);
     let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -302,22 +344,30 @@ async fn a_configmap_symlink_swap_and_a_write_to_the_link_target_both_reload() {
             if backend(&now, "a")["weight"] == weight {
                 return now["generation"].as_u64().unwrap();
             }
-            assert!(tokio::time::Instant::now() < deadline, "no reload to weight {weight}: {now}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no reload to weight {weight}: {now}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
 
+    // An edit of the file the link points at, in place. (Once it is seen, the watcher
+    // is surely running.)
+    std::fs::write(first.join("ballast.toml"), config(2)).unwrap();
+    assert_eq!(wait_for_weight(2).await, 2);
+
     // The update: a new folder, a new ..data link renamed over the old one.
     let second = dir.path().join("..2026_11_23_05_01_00.000000002");
     std::fs::create_dir(&second).unwrap();
-    std::fs::write(second.join("ballast.toml"), config(2)).unwrap();
+    std::fs::write(second.join("ballast.toml"), config(3)).unwrap();
     symlink(second.file_name().unwrap(), dir.path().join("..data_tmp")).unwrap();
     std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
     std::fs::remove_dir_all(&first).unwrap();
-    assert_eq!(wait_for_weight(2).await, 2);
-
-    // An edit of the file the link points at, in place.
-    std::fs::write(second.join("ballast.toml"), config(3)).unwrap();
     assert_eq!(wait_for_weight(3).await, 3);
+
+    // And an in-place edit in the folder the link points at now.
+    std::fs::write(second.join("ballast.toml"), config(4)).unwrap();
+    assert_eq!(wait_for_weight(4).await, 4);
     running.shutdown(Duration::from_secs(1)).await;
 }
