@@ -65,7 +65,11 @@ pub async fn run(
     let listen = running.listener_addr(LISTENER);
     let admin = running.admin_addr().unwrap_or(admin);
     // Not println!: a closed stdout must not end the demo with a panic.
-    let _ = writeln!(std::io::stdout(), "{}", guide(listen, admin, &own_command()));
+    let _ = writeln!(
+        std::io::stdout(),
+        "{}",
+        guide(listen, admin, &own_command())
+    );
     stop.await;
     running.shutdown(Duration::from_secs(2)).await;
     Ok(())

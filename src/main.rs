@@ -229,10 +229,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_START_FAILURE);
                 }
             };
-            // Listeners say so when their accept loop starts (also after a reload).
-            if let Some(addr) = bound.admin.as_ref().and_then(|s| s.local_addr().ok()) {
-                tracing::info!(%addr, "admin bound");
-            }
+            // The accept loops and the admin endpoint log their address when they start.
             if ballast::shell::run(config, path, bound) {
                 ExitCode::SUCCESS
             } else {

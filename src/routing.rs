@@ -137,7 +137,11 @@ impl BackendRoute {
 }
 
 impl ListenerRoute {
-    pub fn build(config: ListenerConfig, registry: &Registry, new_backends: Health) -> ListenerRoute {
+    pub fn build(
+        config: ListenerConfig,
+        registry: &Registry,
+        new_backends: Health,
+    ) -> ListenerRoute {
         let names: Vec<(&str, u32)> = config
             .backends
             .iter()

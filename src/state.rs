@@ -522,7 +522,8 @@ impl Registry {
         Arc::clone(
             map.entry((listener.to_string(), name.to_string()))
                 .or_insert_with(|| {
-                    let state = BackendState::new(listener, name, self.metrics.backend(listener, name));
+                    let state =
+                        BackendState::new(listener, name, self.metrics.backend(listener, name));
                     state.health.store(initial as u8, Ordering::Relaxed);
                     Arc::new(state)
                 }),
