@@ -170,7 +170,12 @@ impl ListenerRoute {
     /// Picks the backend for a new connection from `client`, leaving out the backends
     /// in `tried` (already failed for this client). `None` when nothing is available.
     pub fn pick(&self, client: IpAddr, tried: &[usize]) -> Option<usize> {
-        self.balancer.pick(&self.candidates(tried), client)
+        let candidates = self.candidates(tried);
+        if tried.is_empty() {
+            self.balancer.pick(&candidates, client)
+        } else {
+            self.balancer.retry(&candidates, client)
+        }
     }
 
     /// Where a new connection from `client` would go now, without opening one or

@@ -46,6 +46,12 @@ impl Balancer for LeastConn {
         let mut scratch = self.ties.lock().unwrap_or_else(|e| e.into_inner()).clone();
         scratch.least_loaded(candidates)
     }
+
+    /// A retry is not a turn: the tie-breaking scores stay as the first pick left them,
+    /// so a backend that fails every connect still gets only its share of first tries.
+    fn retry(&self, candidates: &[Candidate], client: IpAddr) -> Option<usize> {
+        self.peek(candidates, client)
+    }
 }
 
 impl Ties {
@@ -99,6 +105,32 @@ impl Ties {
 mod tests {
     use super::super::test_support::*;
     use super::*;
+
+    /// One client's connection: the first pick, then retries leaving out what failed.
+    fn first_try_then_retries(lc: &LeastConn, cands: &[Candidate], dead: usize) -> usize {
+        let first = lc.pick(cands, CLIENT).expect("a backend");
+        if first == dead {
+            let mut retry = cands.to_vec();
+            retry[dead].available = false;
+            let second = lc.retry(&retry, CLIENT).expect("a live backend");
+            assert_ne!(second, dead);
+        }
+        first
+    }
+
+    #[test]
+    fn a_backend_that_failed_a_connect_gets_no_more_first_tries_than_its_share() {
+        let lc = LeastConn::default();
+        let c = weights(&[1, 1, 1]);
+        let firsts = (0..300)
+            .filter(|_| first_try_then_retries(&lc, &c, 0) == 0)
+            .count();
+        // Short connections: every pick is a tie; the dead backend's turn is one in three.
+        assert_eq!(
+            firsts, 100,
+            "dead backend tried first {firsts} times of 300"
+        );
+    }
 
     #[test]
     fn equal_backends_fill_evenly() {

@@ -54,6 +54,13 @@ pub trait Balancer: Send + Sync + fmt::Debug {
     /// Where [`pick`](Balancer::pick) would send a connection from `client` now, without
     /// advancing any rotation (for the admin API's "pick" route).
     fn peek(&self, candidates: &[Candidate], client: IpAddr) -> Option<usize>;
+
+    /// Picks again for a client whose earlier picks could not be connected to (they are
+    /// unavailable in `candidates`). Strategies whose rotation weighs turns (weighted,
+    /// least_conn) do not count a retry as a turn; round_robin moves on as for any pick.
+    fn retry(&self, candidates: &[Candidate], client: IpAddr) -> Option<usize> {
+        self.pick(candidates, client)
+    }
 }
 
 /// Builds the balancer of `strategy` for backends with these names and weights (config

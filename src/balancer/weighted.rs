@@ -31,6 +31,13 @@ impl Balancer for Weighted {
             .clone();
         step(&mut scratch, candidates)
     }
+
+    /// A retry is not a turn: the running scores stay as the first pick left them, so a
+    /// backend that fails every connect still gets only its weight's share of first
+    /// tries (and the others' shares stay exact).
+    fn retry(&self, candidates: &[Candidate], client: IpAddr) -> Option<usize> {
+        self.peek(candidates, client)
+    }
 }
 
 /// One round of smooth weighted round-robin over the running scores `current`.
@@ -86,5 +93,22 @@ mod tests {
         assert_eq!(s.matches('a').count(), 0);
         assert_eq!(s.matches('b').count(), 10);
         assert_eq!(s.matches('c').count(), 20);
+    }
+
+    #[test]
+    fn a_backend_that_fails_every_connect_gets_only_its_share_of_first_tries() {
+        let w = Weighted::default();
+        let c = weights(&[2, 1, 1]);
+        let mut firsts = [0; 3];
+        for _ in 0..400 {
+            let first = w.pick(&c, CLIENT).expect("a backend");
+            firsts[first] += 1;
+            if first == 0 {
+                let mut retry = c.clone();
+                retry[0].available = false;
+                assert_ne!(w.retry(&retry, CLIENT), Some(0));
+            }
+        }
+        assert_eq!(firsts, [200, 100, 100]);
     }
 }
