@@ -294,10 +294,25 @@ const DEBOUNCE: Duration = Duration::from_millis(200);
 /// as well and the link is resolved again after every event. Any event in a watched
 /// folder leads to reading the file; a content equal to the last one loaded is ignored.
 pub async fn watch_file(ballast: Ballast, path: PathBuf, mut stopped: watch::Receiver<bool>) {
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    // One pending wake-up is enough: events coalesce, the channel never grows.
+    let (tx, mut rx) = mpsc::channel(1);
+    let names = Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let relevant = Arc::clone(&names);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = tx.send(());
+        let Ok(event) = event else { return };
+        // Reading the file is an event too (notify watches opens): only changes count,
+        // and only to the names the path goes through, so that neither ballast's own
+        // reads nor another busy file in the folder keep waking the watcher.
+        if matches!(event.kind, notify::EventKind::Access(_)) {
+            return;
+        }
+        let relevant = relevant.lock().unwrap_or_else(|e| e.into_inner());
+        if event
+            .paths
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| relevant.contains(n)))
+        {
+            let _ = tx.try_send(());
         }
     });
     let mut watcher = match watcher {
@@ -309,6 +324,7 @@ pub async fn watch_file(ballast: Ballast, path: PathBuf, mut stopped: watch::Rec
     };
     let mut watched: Vec<PathBuf> = Vec::new();
     rewatch(&mut watcher, &mut watched, &path);
+    *names.lock().unwrap_or_else(|e| e.into_inner()) = names_of(&path);
     if watched.is_empty() {
         return;
     }
@@ -330,6 +346,7 @@ pub async fn watch_file(ballast: Ballast, path: PathBuf, mut stopped: watch::Rec
         }
         // A swapped link may now point into another folder.
         rewatch(&mut watcher, &mut watched, &path);
+        *names.lock().unwrap_or_else(|e| e.into_inner()) = names_of(&path);
         match std::fs::read(&path) {
             Ok(now) if !ballast.is_last_loaded(&now) => {}
             _ => continue,
@@ -358,6 +375,39 @@ fn folders_of(path: &Path) -> Vec<PathBuf> {
         }
     }
     folders
+}
+
+/// The file names whose change can change what `path` reads: its own, those of every
+/// link it goes through and of what they point at (`..data` of a ConfigMap mount), and
+/// the name of the file it resolves to.
+fn names_of(path: &Path) -> HashSet<std::ffi::OsString> {
+    let mut names = HashSet::new();
+    let mut at = path.to_path_buf();
+    // A chain of links is short; the bound stops a loop of links.
+    for _ in 0..16 {
+        if let Some(name) = at.file_name() {
+            names.insert(name.to_os_string());
+        }
+        let Ok(target) = std::fs::read_link(&at) else {
+            break;
+        };
+        names.extend(target.iter().map(|c| c.to_os_string()));
+        at = match at.parent() {
+            Some(dir) => dir.join(&target),
+            None => target,
+        };
+    }
+    for dir_link in path.ancestors().skip(1) {
+        if let Ok(target) = std::fs::read_link(dir_link) {
+            names.extend(target.iter().map(|c| c.to_os_string()));
+        }
+    }
+    if let Ok(real) = std::fs::canonicalize(path) {
+        names.extend(real.file_name().map(|n| n.to_os_string()));
+    }
+    names.remove(std::ffi::OsStr::new("."));
+    names.remove(std::ffi::OsStr::new(".."));
+    names
 }
 
 /// Makes `watcher` watch exactly the folders of `path` now.
@@ -394,6 +444,21 @@ mod tests {
 
     fn config(listeners: &str) -> Config {
         Config::parse(listeners, "test.toml").expect("valid")
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_watched_names_are_the_links_a_configmap_path_goes_through() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("..2026_v1")).unwrap();
+        std::fs::write(dir.path().join("..2026_v1/ballast.toml"), "").unwrap();
+        symlink("..2026_v1", dir.path().join("..data")).unwrap();
+        symlink("..data/ballast.toml", dir.path().join("ballast.toml")).unwrap();
+        let names = super::names_of(&dir.path().join("ballast.toml"));
+        let mut names: Vec<_> = names.iter().map(|n| n.to_str().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, ["..data", "ballast.toml"]);
     }
 
     #[test]

@@ -371,3 +371,60 @@ async fn a_configmap_symlink_swap_and_a_write_to_the_link_target_both_reload() {
     assert_eq!(wait_for_weight(4).await, 4);
     running.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_file_beside_the_config_does_not_hold_back_its_reload() {
+    let a = Backend::greeter("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    let config = |weight: u32| {
+        format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n{}",
+            backends_toml(&[("a", a.addr, weight)])
+        )
+    };
+    std::fs::write(&path, config(1)).unwrap();
+    let running = start_file(&path).await;
+    let admin = running.admin_addr().unwrap();
+    let wait_for_weight = |weight: u64| async move {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let now = status(admin).await;
+            if backend(&now, "a")["weight"] == weight {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the edit to weight {weight} was never reloaded: {now}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // Once an edit is seen, the watcher is surely running.
+    std::fs::write(&path, config(2)).unwrap();
+    wait_for_weight(2).await;
+    // A log file in the same folder, written every 50 ms (more often than the watcher's
+    // quiet period) until the reload is seen.
+    let busy = dir.path().join("other.log");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = std::sync::Arc::clone(&stop);
+        tokio::spawn(async move {
+            // Bounded, and longer than the test waits for the reload.
+            let deadline = tokio::time::Instant::now() + 2 * DEADLINE;
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && tokio::time::Instant::now() < deadline
+            {
+                n += 1;
+                let _ = std::fs::write(&busy, n.to_string());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    std::fs::write(&path, config(3)).unwrap();
+    wait_for_weight(3).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    running.shutdown(Duration::from_secs(1)).await;
+}
