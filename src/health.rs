@@ -67,6 +67,7 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
         tokio::select! {
             _ = stopped.wait_for(|s| *s) => break,
             _ = tokio::time::sleep_until(wake) => {}
+            () = ballast.routing_swapped() => {}
         }
     }
     checks.shutdown().await;

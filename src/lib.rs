@@ -82,6 +82,8 @@ struct Inner {
     /// The config file's content as last read, so that the file watcher does not reload
     /// a file that SIGHUP or the API already did.
     last_loaded: Mutex<Option<Vec<u8>>>,
+    /// Wakes the health checker when a reload swapped the routing snapshot.
+    routing_swapped: tokio::sync::Notify,
     /// Turns true when every open connection must be closed.
     close_all: watch::Sender<bool>,
     /// Turns true when shutdown is complete; background loops (admin, health) end then.
@@ -138,6 +140,7 @@ impl Ballast {
                 removed: Mutex::new(Removed::default()),
                 reload_lock: Mutex::new(()),
                 last_loaded: Mutex::new(last_loaded),
+                routing_swapped: tokio::sync::Notify::new(),
                 close_all: watch::channel(false).0,
                 stopped: watch::channel(false).0,
             }),
@@ -152,6 +155,14 @@ impl Ballast {
 
     pub(crate) fn swap_routing(&self, routing: Routing) {
         self.inner.routing.store(Arc::new(routing));
+        // Backends the new snapshot adds are checked at once, not at the next nap's end.
+        self.inner.routing_swapped.notify_one();
+    }
+
+    /// Resolves after the next routing swap (or at once if one happened since the last
+    /// call). Cancel-safe; meant for one waiter, the health checker.
+    pub(crate) async fn routing_swapped(&self) {
+        self.inner.routing_swapped.notified().await
     }
 
     pub fn config_path(&self) -> Option<&PathBuf> {

@@ -109,8 +109,12 @@ impl BackendRoute {
 
     /// Up, not draining and below its `max_conns`: may get a new connection.
     pub fn is_available(&self) -> bool {
+        self.state.is_up() && self.has_room()
+    }
+
+    /// Not draining and below its `max_conns`, whatever its health.
+    fn has_room(&self) -> bool {
         !self.is_draining()
-            && self.state.is_up()
             && self
                 .config
                 .max_conns
@@ -185,7 +189,8 @@ impl ListenerRoute {
     }
 
     fn candidates(&self, tried: &[usize]) -> Vec<Candidate> {
-        self.backends
+        let mut candidates: Vec<Candidate> = self
+            .backends
             .iter()
             .enumerate()
             .map(|(i, b)| Candidate {
@@ -193,7 +198,18 @@ impl ListenerRoute {
                 weight: b.effective_weight(self.config.slow_start),
                 active: b.state.active(),
             })
-            .collect()
+            .collect();
+        if !candidates.iter().any(|c| c.available) {
+            // Nothing is up: backends still waiting for their first check are tried
+            // rather than refusing the client (Envoy's panic routing). A reload that
+            // replaces every backend, or renames a listener, must refuse no connection.
+            for (i, b) in self.backends.iter().enumerate() {
+                if b.state.health() == Health::Checking && b.has_room() && !tried.contains(&i) {
+                    candidates[i].available = true;
+                }
+            }
+        }
+        candidates
     }
 
     /// The largest `active / fair share` among available backends, where the fair share
@@ -224,5 +240,49 @@ impl ListenerRoute {
 
     pub fn backend(&self, name: &str) -> Option<&BackendRoute> {
         self.backends.iter().find(|b| b.config.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    fn listener(backends: &[&str]) -> ListenerConfig {
+        let text = format!(
+            "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\n{}",
+            backends
+                .iter()
+                .enumerate()
+                .map(|(i, name)| format!(
+                    "[[listeners.backends]]\nname = \"{name}\"\naddr = \"127.0.0.1:{}\"\n",
+                    3001 + i
+                ))
+                .collect::<String>()
+        );
+        Config::parse(&text, "test.toml").unwrap().listeners[0].clone()
+    }
+
+    #[test]
+    fn checking_backends_get_nothing_while_another_is_up_and_are_tried_when_none_is() {
+        let registry = Registry::default();
+        let route = ListenerRoute::build(listener(&["up", "new"]), &registry, Health::Up);
+        route.backends[1].state.set_checking();
+        assert!((0..4).all(|_| route.pick(CLIENT, &[]) == Some(0)));
+        route.backends[0].state.set_drained(true);
+        assert_eq!(
+            route.pick(CLIENT, &[]),
+            Some(1),
+            "rather than refusing the client"
+        );
+        assert_eq!(
+            route.pick(CLIENT, &[1]),
+            None,
+            "unless it was tried already"
+        );
+        route.backends[1].state.set_drained(true);
+        assert_eq!(route.pick(CLIENT, &[]), None, "a drained one never");
     }
 }
