@@ -14,7 +14,14 @@
 use std::io::{self, IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tracing_subscriber::fmt::MakeWriter;
+use std::time::SystemTime;
+
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
 /// How verbose the log is (`--log-level`).
@@ -80,12 +87,96 @@ pub fn init(level: Level, format: Format) {
     let _ = match format {
         Format::Text => builder.try_init(),
         Format::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+            .fmt_fields(JsonFields::new())
+            .event_format(FlatJson)
             .try_init(),
     };
+}
+
+/// One JSON object per line with every field at the top level: time, level, target,
+/// the fields of the spans the event happened in (a connection's listener and client),
+/// then the event's own. The `log.*` fields of events that came through the `log` crate
+/// (source paths of dependencies) are left out; `log.target` becomes the target.
+#[derive(Debug, Clone, Copy)]
+pub struct FlatJson;
+
+impl<S, N> FormatEvent<S, N> for FlatJson
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let meta = event.metadata();
+        let mut line = Map::new();
+        line.insert("timestamp".into(), crate::rfc3339(SystemTime::now()).into());
+        line.insert("level".into(), meta.level().as_str().into());
+        line.insert("target".into(), meta.target().into());
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let extensions = span.extensions();
+                let Some(fields) = extensions.get::<FormattedFields<N>>() else {
+                    continue;
+                };
+                if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(fields) {
+                    line.extend(fields);
+                }
+            }
+        }
+        let mut fields = FieldVisitor {
+            line: &mut line,
+            target: None,
+        };
+        event.record(&mut fields);
+        if let Some(target) = fields.target.take() {
+            line.insert("target".into(), target.into());
+        }
+        writeln!(writer, "{}", Value::Object(line))
+    }
+}
+
+/// Collects an event's fields into the line.
+struct FieldVisitor<'a> {
+    line: &'a mut Map<String, Value>,
+    /// `log.target` of an event from the `log` crate.
+    target: Option<String>,
+}
+
+impl FieldVisitor<'_> {
+    fn put(&mut self, field: &Field, value: Value) {
+        match field.name() {
+            "log.target" => self.target = value.as_str().map(str::to_string),
+            name if name.starts_with("log.") => {}
+            name => {
+                self.line.insert(name.to_string(), value);
+            }
+        }
+    }
+}
+
+impl Visit for FieldVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field, value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.put(field, value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.put(field, value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.put(field, value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.put(field, value.into());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.put(field, format!("{value:?}").into());
+    }
 }
 
 /// stderr that drops what it cannot write.

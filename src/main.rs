@@ -1,5 +1,6 @@
 //! The `ballast` command: parses the command line, sets up logging, calls the library.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -157,7 +158,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(_) => {
-                println!("ok");
+                // The verdict is the exit code; a closed stdout does not change it.
+                let _ = writeln!(std::io::stdout(), "ok");
                 ExitCode::SUCCESS
             }
             // One `FILE:LINE:COL: message` line per problem, as compilers print them.
@@ -195,10 +197,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Status { admin } => match ballast::status::fetch(admin) {
-            Ok(status) => {
-                print!("{}", ballast::status::render(&status));
-                ExitCode::SUCCESS
-            }
+            Ok(status) => print_bytes(ballast::status::render(&status).as_bytes()),
             Err(e) => {
                 report!("error: {e}");
                 ExitCode::from(EXIT_START_FAILURE)
@@ -274,7 +273,6 @@ fn man_page() -> std::io::Result<Vec<u8>> {
 
 /// Writes generated text to stdout; a closed stdout (`| head`) is an error, not a panic.
 fn print_bytes(bytes: &[u8]) -> ExitCode {
-    use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
         Ok(()) => ExitCode::SUCCESS,

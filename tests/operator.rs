@@ -161,21 +161,23 @@ async fn the_log_names_each_bind_once_says_what_a_reload_changed_and_hides_pingo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_logs_have_flat_fields_and_no_source_paths() {
-    let a = Backend::greeter("a").await;
+async fn json_logs_have_flat_fields_and_no_source_paths_even_at_debug_level() {
+    // The only backend is dead: a client's connection logs "connect failed" inside the
+    // connection's span, whose fields (listener, client) must come out at the top level.
+    let dead = dead_addr().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ballast.toml");
     std::fs::write(
         &path,
         format!(
-            "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n{}",
-            backends_toml(&[("a", a.addr, 1)])
+            "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nretries = 0\n{}",
+            backends_toml(&[("a", dead, 1)])
         ),
     )
     .unwrap();
     let mut child = KillOnDrop(
         std::process::Command::new(env!("CARGO_BIN_EXE_ballast"))
-            .args(["run", "--log-format", "json", "--config"])
+            .args(["run", "--log-format", "json", "--log-level", "debug", "--config"])
             .arg(&path)
             .env_remove("RUST_LOG")
             .stdout(std::process::Stdio::null())
@@ -185,21 +187,35 @@ async fn json_logs_have_flat_fields_and_no_source_paths() {
     );
     let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
     let mut seen = Vec::new();
+    let mut pingora_lines = 0;
     loop {
         let line = lines.next().expect("a log line").unwrap();
         let json: serde_json::Value =
             serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-        assert!(json.get("fields").is_none(), "nested fields: {line}");
+        for nested in ["fields", "span", "spans"] {
+            assert!(json.get(nested).is_none(), "nested {nested}: {line}");
+        }
         assert!(!line.contains(".rs\""), "a source path: {line}");
-        assert!(!line.contains("log.file"), "a source path: {line}");
-        let bound = json["message"] == "listener bound";
+        assert!(!line.contains("log."), "a log.* field: {line}");
+        if json["target"].as_str().unwrap_or("").starts_with("pingora") {
+            pingora_lines += 1;
+        }
+        if json["message"] == "listener bound" {
+            assert_eq!(json["listener"], "web", "{line}");
+            let web: SocketAddr = json["addr"].as_str().unwrap().parse().unwrap();
+            let _ = tokio::net::TcpStream::connect(web).await.unwrap();
+        }
+        let failed = json["message"] == "connect failed";
         seen.push(line);
-        if bound {
+        if failed {
             assert_eq!(json["listener"], "web", "{}", seen.join("\n"));
-            assert!(json["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+            assert!(json["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+            assert_eq!(json["backend"], "a");
+            assert_eq!(json["level"], "WARN");
             break;
         }
     }
+    assert!(pingora_lines > 0, "pingora speaks at debug: {}", seen.join("\n"));
     drop(lines);
     let _ = child.0.kill();
 }
@@ -427,4 +443,56 @@ async fn a_busy_file_beside_the_config_does_not_hold_back_its_reload() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
     running.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_replaces_every_backend_refuses_no_connection_while_they_are_checked() {
+    let blue = Backend::greeter("blue").await;
+    let green = Backend::greeter("green").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    // Checks every hour: only the first check of a new backend happens in this test.
+    let head = "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n  [listeners.health]\n  kind = \"tcp\"\n  interval = \"1h\"\n";
+    write(
+        &path,
+        &format!("{head}{}", backends_toml(&[("blue", blue.addr, 1)])),
+    );
+    let running = start_file(&path).await;
+    let admin = running.admin_addr().unwrap();
+    let web = running.listener_addr("web");
+    write(
+        &path,
+        &format!("{head}{}", backends_toml(&[("green", green.addr, 1)])),
+    );
+    assert_eq!(post(admin, "/api/v1/reload").await.0, 200);
+    // Right after the swap: blue is gone, green is checking or just up.
+    for _ in 0..20 {
+        let (_, greeting) = connect_and_greet(web).await;
+        assert_eq!(greeting, "green");
+    }
+    running.shutdown(Duration::from_secs(1)).await;
+}
+
+#[test]
+fn check_answers_by_its_exit_code_when_stdout_is_a_closed_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    std::fs::write(
+        &path,
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n  [[listeners.backends]]\n  addr = \"127.0.0.1:3001\"\n",
+    )
+    .unwrap();
+    // `ballast check ... | head -0`: the reader is gone before ballast writes.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ballast"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
