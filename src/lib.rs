@@ -383,6 +383,11 @@ impl Ballast {
         }
         let metrics = self.inner.registry.metrics();
         metrics.config_generation.set(routing.generation as i64);
+        let dropped = logging::dropped_lines();
+        let counted = metrics.log_lines_dropped.get();
+        metrics
+            .log_lines_dropped
+            .inc_by(dropped.saturating_sub(counted));
         metrics.encode()
     }
 

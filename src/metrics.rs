@@ -45,6 +45,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
     pub config_last_reload_success: Gauge,
+    /// Log lines that stderr could not take (see `crate::logging`).
+    pub log_lines_dropped: IntCounter,
 }
 
 /// One listener's handles.
@@ -205,6 +207,14 @@ impl Metrics {
                 Gauge::new(
                     "ballast_config_last_reload_success_timestamp_seconds",
                     "Unix time of the last successful config load.",
+                )
+                .expect("valid metric"),
+            ),
+            log_lines_dropped: register(
+                &r,
+                IntCounter::new(
+                    "ballast_log_lines_dropped_total",
+                    "Log lines dropped because stderr could not take them (a closed terminal).",
                 )
                 .expect("valid metric"),
             ),

@@ -114,6 +114,11 @@ async fn a_lost_stderr_breaks_neither_reload_nor_drain_nor_proxying_at_debug_lev
         child.0.try_wait().unwrap().is_none(),
         "ballast is still running"
     );
+    let dropped = sample(&scrape(admin).await, "ballast_log_lines_dropped_total", &[]);
+    assert!(
+        dropped.unwrap_or(0.0) > 0.0,
+        "dropped lines are counted: {dropped:?}"
+    );
     let status = terminate(child).await;
     assert!(status.success(), "{status:?}");
 }
@@ -177,7 +182,14 @@ async fn json_logs_have_flat_fields_and_no_source_paths_even_at_debug_level() {
     .unwrap();
     let mut child = KillOnDrop(
         std::process::Command::new(env!("CARGO_BIN_EXE_ballast"))
-            .args(["run", "--log-format", "json", "--log-level", "debug", "--config"])
+            .args([
+                "run",
+                "--log-format",
+                "json",
+                "--log-level",
+                "debug",
+                "--config",
+            ])
             .arg(&path)
             .env_remove("RUST_LOG")
             .stdout(std::process::Stdio::null())
@@ -215,7 +227,11 @@ async fn json_logs_have_flat_fields_and_no_source_paths_even_at_debug_level() {
             break;
         }
     }
-    assert!(pingora_lines > 0, "pingora speaks at debug: {}", seen.join("\n"));
+    assert!(
+        pingora_lines > 0,
+        "pingora speaks at debug: {}",
+        seen.join("\n")
+    );
     drop(lines);
     let _ = child.0.kill();
 }
