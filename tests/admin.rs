@@ -529,3 +529,186 @@ async fn two_hundred_idle_connections_leave_metrics_answering_within_two_seconds
         "{accept_lines} accept lines in {elapsed:?} (/metrics took {took:?}):\n{log}"
     );
 }
+
+/// Opens `n` admin connections and writes `head` on each (a request that never
+/// finishes), then waits until the endpoint has dealt with all of them: over the cap and
+/// the reserve, at least `n - 72` were closed, whether refused or evicted.
+async fn hold_unfinished_requests(
+    admin: std::net::SocketAddr,
+    n: usize,
+    head: &str,
+) -> Vec<tokio::net::TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+        // Refused or evicted ones may be closed already; that is fine.
+        let _ = stream.write_all(head.as_bytes()).await;
+        held.push(stream);
+    }
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let closed = held.iter().filter(|s| is_closed(s)).count();
+        if closed >= n.saturating_sub(72) {
+            return held;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {closed} of {n} connections closed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// True when the server has closed `stream` (an end of stream or an error on read).
+fn is_closed(stream: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 512];
+    match stream.try_read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+/// `GET path` on a new connection, answered within 2 s: the status and body, or what
+/// went wrong (an empty reply is what curl reports as exit 52).
+async fn answered_within_two_seconds(
+    admin: std::net::SocketAddr,
+    path: &str,
+) -> Result<(u16, String), String> {
+    let asked = std::time::Instant::now();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        let mut stream = tokio::net::TcpStream::connect(admin)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut answer = Vec::new();
+        stream
+            .read_to_end(&mut answer)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        Ok::<_, String>(String::from_utf8_lossy(&answer).into_owned())
+    })
+    .await
+    .map_err(|_| format!("no answer after {:?}", asked.elapsed()))??;
+    if answer.is_empty() {
+        return Err("empty reply: the connection was closed without an answer".into());
+    }
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Health, readiness and metrics each answer 200 within 2 s on new connections.
+async fn assert_health_and_metrics_answer(admin: std::net::SocketAddr, held: usize) {
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let (status, body) = answered_within_two_seconds(admin, path)
+            .await
+            .unwrap_or_else(|e| panic!("GET {path} with {held} unfinished requests open: {e}"));
+        assert_eq!(status, 200, "GET {path}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_posts_waiting_for_their_bodies_leave_metrics_and_health_answering() {
+    let a = Backend::greeter("a").await;
+    let ballast = start_with_admin(&[("a", a.addr, 1)], "round_robin", "").await;
+    let admin = ballast.admin_addr().unwrap();
+    let head = format!(
+        "POST /api/v1/reload HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n"
+    );
+    let held = hold_unfinished_requests(admin, 100, &head).await;
+    assert_health_and_metrics_answer(admin, held.len()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_request_heads_that_never_finish_leave_metrics_and_health_answering() {
+    let a = Backend::greeter("a").await;
+    let ballast = start_with_admin(&[("a", a.addr, 1)], "round_robin", "").await;
+    let admin = ballast.admin_addr().unwrap();
+    let head = format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nX-Slow: ");
+    let held = hold_unfinished_requests(admin, 100, &head).await;
+    assert_health_and_metrics_answer(admin, held.len()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_clients_that_pipeline_requests_and_never_read_leave_metrics_answering() {
+    let a = Backend::greeter("a").await;
+    let ballast = start_with_admin(&[("a", a.addr, 1)], "round_robin", "").await;
+    let admin = ballast.admin_addr().unwrap();
+    let one = format!("GET /healthz HTTP/1.1\r\nHost: {admin}\r\n\r\n");
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        // A small receive window that the unread answers soon fill.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(admin).await.unwrap();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            stream.write_all(one.repeat(200).as_bytes()),
+        )
+        .await;
+        held.push(stream);
+    }
+    assert_health_and_metrics_answer(admin, held.len()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_new_connections_leaves_metrics_and_health_answering() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let a = Backend::greeter("a").await;
+    let ballast = start_with_admin(&[("a", a.addr, 1)], "round_robin", "").await;
+    let admin = ballast.admin_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let mut flooders = Vec::new();
+    for _ in 0..2 {
+        let (stop, opened) = (Arc::clone(&stop), Arc::clone(&opened));
+        flooders.push(tokio::spawn(async move {
+            // Each keeps its last 100 connections open, half of them with a request
+            // head that never ends, and opens new ones as fast as it can.
+            let mut held = std::collections::VecDeque::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await {
+                    if held.len() % 2 == 0 {
+                        let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\n").await;
+                    }
+                    held.push_back(stream);
+                    opened.fetch_add(1, Ordering::Relaxed);
+                }
+                if held.len() > 100 {
+                    held.pop_front();
+                }
+            }
+        }));
+    }
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while opened.load(Ordering::Relaxed) < 500 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flood did not start"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // Every new connection closes the oldest idle one; none may close a probe before
+    // its request was read.
+    for _ in 0..100 {
+        assert_health_and_metrics_answer(admin, 400).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for flooder in flooders {
+        flooder.await.unwrap();
+    }
+}

@@ -8,9 +8,14 @@
 //!
 //! Connections are capped ([`Limits::max_conns`]): a new one over the cap closes the
 //! oldest idle one; when every one is busy a few more are let in as a reserve that
-//! answers only `/healthz`, `/readyz` and `/metrics`. A spare file descriptor is held
-//! so that a process out of them (through admin connections or proxied ones) still lets
-//! one admin connection in, and closes the oldest idle one to get the spare back.
+//! answers only `/healthz`, `/readyz` and `/metrics`. Only the endpoint's own work makes
+//! a connection busy: one waiting on its client (for a request head, for a request
+//! body, to take its answer) is idle, so slow or stalled clients cannot use up the cap
+//! and the reserve. Whether a request may go (the reserve, the health and metrics
+//! routes) is decided from its head alone; a `GET` or `HEAD` body is never read. A
+//! spare file descriptor is held so that a process out of them (through admin
+//! connections or proxied ones) still lets one admin connection in, and closes the
+//! oldest idle one to get the spare back.
 
 mod conns;
 pub mod routes;
@@ -28,14 +33,14 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::StatusCode;
+use hyper::{Method, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::Ballast;
-use conns::{Admission, Busy, Conn, Table};
+use conns::{Admission, Conn, InRequest, Table};
 pub use routes::{route, Request, Response};
 
 /// Largest request head accepted (a larger one is answered 431).
@@ -50,6 +55,10 @@ const LOG_EVERY: Duration = Duration::from_secs(1);
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How long a connection asked to close may take to finish the answer it is writing.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// How long a connection asked to close with no request in progress may take: the tail
+/// of an answer already handed to hyper, or nothing (a client that never finishes its
+/// request head), so that closed connections give their descriptors back quickly.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_millis(100);
 /// How long the accept loop waits for an evicted connection to give its descriptor
 /// back before it takes a new spare.
 const EVICT_WAIT: Duration = Duration::from_millis(100);
@@ -129,7 +138,14 @@ pub async fn serve_with(
             }
         };
         match accepted {
-            Ok((stream, peer)) => endpoint.open(stream, peer, &mut refusals),
+            Ok((stream, peer)) => {
+                endpoint.open(stream, peer, &mut refusals);
+                // Let the new connection's task read its request head before the next
+                // accept: at the cap every accept closes the oldest idle connection,
+                // and a flood of them must not close a new one before it had a chance
+                // to send a request.
+                tokio::task::yield_now().await;
+            }
             Err(e) if is_out_of_fds(&e) && spare.is_some() => {
                 // The spare's descriptor lets the waiting connection in; the oldest idle
                 // admin connection gives its own back for the next spare.
@@ -216,11 +232,11 @@ impl Endpoint {
             let conn = Arc::clone(conn);
             service_fn(move |request| {
                 let endpoint = Arc::clone(&endpoint);
-                let busy = conn.start_request();
-                let reserve = conn.reserve;
+                let conn = Arc::clone(&conn);
+                let in_request = conn.start_request();
                 async move {
-                    let answer = endpoint.answer(request, admin_addr, reserve).await;
-                    Ok::<_, Infallible>(into_hyper(answer, busy))
+                    let answer = endpoint.answer(request, admin_addr, &conn).await;
+                    Ok::<_, Infallible>(into_hyper(answer, in_request))
                 }
             })
         };
@@ -238,40 +254,56 @@ impl Endpoint {
                 }
             }
             _ = conn.close_requested() => {
-                // Closes at once when idle; a busy one may finish its answer.
+                // hyper closes at once between requests; one in a request may finish
+                // its answer (a body still awaited is answered 503 at once).
+                let grace = if conn.in_request() {
+                    CLOSE_GRACE
+                } else {
+                    IDLE_CLOSE_GRACE
+                };
                 connection.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
+                let _ = tokio::time::timeout(grace, connection).await;
             }
         }
     }
 
-    /// Reads the whole request and routes it.
+    /// Decides from the request head whether the request may go, reads its body
+    /// where a route may take one, and routes it. The connection is busy only once the
+    /// request has been read.
     async fn answer(
         &self,
         request: hyper::Request<Incoming>,
         admin_addr: SocketAddr,
-        reserve: bool,
+        conn: &Arc<Conn>,
     ) -> Response {
-        let request = match self.read(request, admin_addr).await {
-            Ok(request) => request,
-            Err(refused) => return refused,
-        };
-        if reserve && !routes::is_health_or_metrics(&request) {
+        let (parts, body) = request.into_parts();
+        let mut request = head(&parts, admin_addr);
+        if conn.reserve && !routes::is_health_or_metrics(&request) {
             return Response::error(
                 503,
                 "every admin connection is busy; only /healthz, /readyz and /metrics answer now",
             );
         }
+        // No route reads the body of a GET or HEAD, so the health and metrics routes
+        // never wait on one.
+        if !matches!(parts.method, Method::GET | Method::HEAD) {
+            request.body = match self.read_body(&parts, body, conn).await {
+                Ok(body) => body,
+                Err(refused) => return refused,
+            };
+        }
+        let _busy = conn.start_work();
         route(&self.ballast, &request).await
     }
 
-    /// The request with its body read (and limited in size and time).
-    async fn read(
+    /// The request body, limited in size and time; the connection stays idle while it
+    /// comes, and one asked to close (to make room) is answered 503 at once.
+    async fn read_body(
         &self,
-        request: hyper::Request<Incoming>,
-        admin_addr: SocketAddr,
-    ) -> Result<Request, Response> {
-        let (parts, body) = request.into_parts();
+        parts: &hyper::http::request::Parts,
+        body: Incoming,
+        conn: &Conn,
+    ) -> Result<Bytes, Response> {
         let too_large = || Response::error(413, "request body too large");
         let announced = parts
             .headers
@@ -281,42 +313,51 @@ impl Endpoint {
         if announced.is_some_and(|length| length > MAX_BODY as u64) {
             return Err(too_large());
         }
-        let body = match tokio::time::timeout(
+        let collect = tokio::time::timeout(
             self.limits.header_timeout,
             Limited::new(body, MAX_BODY).collect(),
-        )
-        .await
-        {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-            Ok(Err(_)) | Err(_) => return Err(Response::error(400, "incomplete request body")),
-        };
-        Ok(Request {
-            method: parts.method.as_str().to_string(),
-            path: parts.uri.path().to_string(),
-            query: parts.uri.query().unwrap_or_default().to_string(),
-            headers: parts
-                .headers
-                .iter()
-                .map(|(name, value)| {
-                    (
-                        name.as_str().to_string(),
-                        String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
-            body,
-            admin_addr,
-        })
+        );
+        tokio::select! {
+            collected = collect => match collected {
+                Ok(Ok(collected)) => Ok(collected.to_bytes()),
+                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+                Ok(Err(_)) | Err(_) => Err(Response::error(400, "incomplete request body")),
+            },
+            _ = conn.close_requested() => Err(Response::error(
+                503,
+                "the admin connection cap was reached while this request body was awaited",
+            )),
+        }
     }
 }
 
-/// The hyper answer for `response`; the connection stays busy until its body has been
-/// written.
-fn into_hyper(response: Response, busy: Busy) -> hyper::Response<AnswerBody> {
+/// The request as the routes see it, from its head; the body is filled in once read.
+fn head(parts: &hyper::http::request::Parts, admin_addr: SocketAddr) -> Request {
+    Request {
+        method: parts.method.as_str().to_string(),
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().unwrap_or_default().to_string(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_string(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body: Bytes::new(),
+        admin_addr,
+    }
+}
+
+/// The hyper answer for `response`; the request stays in progress until hyper has
+/// taken its body.
+fn into_hyper(response: Response, in_request: InRequest) -> hyper::Response<AnswerBody> {
     let mut answer = hyper::Response::new(AnswerBody {
         body: Full::new(Bytes::from(response.body)),
-        _busy: busy,
+        _in_request: in_request,
     });
     *answer.status_mut() =
         StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -331,10 +372,10 @@ fn into_hyper(response: Response, busy: Busy) -> hyper::Response<AnswerBody> {
     answer
 }
 
-/// An answer's body, holding its connection busy until hyper has written it all.
+/// An answer's body, holding its request in progress until hyper has taken it all.
 struct AnswerBody {
     body: Full<Bytes>,
-    _busy: Busy,
+    _in_request: InRequest,
 }
 
 impl Body for AnswerBody {
@@ -526,5 +567,36 @@ mod tests {
         let mut answer = String::new();
         fifth.read_to_string(&mut answer).await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn connections_arriving_together_do_not_close_one_before_its_request_is_read() {
+        let limits = Limits {
+            max_conns: 2,
+            reserve: 1,
+            ..Limits::default()
+        };
+        let (addr, _stop) = endpoint(limits).await;
+        // Blocking connects: all of them wait in the backlog before the endpoint runs,
+        // the probe's request with them, and each accept over the cap closes the
+        // oldest idle connection.
+        let mut probe = std::net::TcpStream::connect(addr).unwrap();
+        std::io::Write::write_all(
+            &mut probe,
+            b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let flood: Vec<_> = (0..4)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        probe.set_nonblocking(true).unwrap();
+        let mut probe = TcpStream::from_std(probe).unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), probe.read_to_string(&mut answer))
+            .await
+            .expect("answered in time")
+            .ok();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        drop(flood);
     }
 }
