@@ -668,6 +668,73 @@ mod tests {
         assert!(Config::parse(&other_host, "x.toml").is_ok());
     }
 
+    /// `count` listeners named `l0`, `l1`, ... bound to `127.0.0.1:20000 + i`, each with
+    /// a backend at every port `backends(i)` gives.
+    fn generated(count: usize, backends: impl Fn(usize) -> Vec<u16>) -> String {
+        let mut text = String::new();
+        for i in 0..count {
+            text.push_str(&format!(
+                "[[listeners]]\nname = \"l{i}\"\nbind = \"127.0.0.1:{}\"\n",
+                20000 + i
+            ));
+            for port in backends(i) {
+                text.push_str(&format!(
+                    "  [[listeners.backends]]\n  addr = \"127.0.0.1:{port}\"\n"
+                ));
+            }
+        }
+        text
+    }
+
+    #[test]
+    fn many_listeners_that_send_to_each_other_without_a_loop_are_checked_at_once() {
+        // 300 listeners of 30 backends each; listener i sends to listeners i+1..=i+30
+        // (to ports no listener binds past the last), so nothing loops back. Every
+        // backend lands on a listener that leads on, which is the worst case for a
+        // search per backend.
+        let text = generated(300, |i| {
+            (i + 1..=i + 30)
+                .map(|j| if j < 300 { 20000 + j } else { 40000 + j } as u16)
+                .collect()
+        });
+        let started = std::time::Instant::now();
+        let config = Config::parse(&text, "x.toml");
+        let took = started.elapsed();
+        eprintln!("300 listeners x 30 backends checked in {took:?}");
+        assert!(config.is_ok(), "{}", config.unwrap_err());
+        assert!(took < Duration::from_secs(5), "checked in {took:?}");
+    }
+
+    #[test]
+    fn a_loop_through_every_listener_is_reported_at_each_backend_on_it() {
+        // Listener i sends to listener i+1, the last back to the first.
+        let count = 300;
+        let text = generated(count, |i| vec![20000 + ((i + 1) % count) as u16]);
+        let started = std::time::Instant::now();
+        let Err(ConfigError::Invalid { problems, .. }) = Config::parse(&text, "x.toml") else {
+            panic!("a loop through {count} listeners should be refused");
+        };
+        let took = started.elapsed();
+        assert_eq!(problems.len(), count, "{problems:#?}");
+        assert_eq!(
+            problems[0].message,
+            "listener \"l0\": backends[0].addr 127.0.0.1:20001 is the bind address of listener \"l1\", which sends clients back to listener \"l0\": each client would loop between them until every file descriptor is used",
+        );
+        assert_eq!((problems[0].line, problems[0].column), (5, 10));
+        let last = &problems[count - 1];
+        assert!(
+            last.message.contains(
+                "127.0.0.1:20000 is the bind address of listener \"l0\", which sends clients back to listener \"l299\""
+            ),
+            "{last:?}"
+        );
+        assert!(took < Duration::from_secs(5), "checked in {took:?}");
+
+        // Cut anywhere, the chain is fine.
+        let text = generated(count, |i| vec![20000 + i as u16 + 1]);
+        assert!(Config::parse(&text, "x.toml").is_ok());
+    }
+
     #[test]
     fn allowed_hosts_are_kept_and_each_entry_checked() {
         let ok = format!("[admin]\nbind = \"127.0.0.1:0\"\nallowed_hosts = [\"lb.internal\", \"LB.example.com\"]\n{}", with_backend(""));

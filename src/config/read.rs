@@ -5,6 +5,7 @@
 //! wrong value keeps the config from being built but not the other checks; a check that
 //! needs a wrong value is skipped rather than guessed at, so one mistake is reported once.
 
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -1066,32 +1067,41 @@ impl Reader<'_> {
     }
 
     /// Unique names, binds that do not clash, and no backend that is ballast itself.
+    ///
+    /// Each check looks up what it needs in an index built once, so a file of many
+    /// listeners and backends is checked in time near its size: reload runs this too.
     fn across_listeners(&mut self, listeners: &[ReadListener], admin: Option<SocketAddr>) {
+        let mut names = HashSet::new();
+        let mut binds = FirstBinds::default();
+        // Listener -> for each of its backends, the listeners it lands on.
+        let lands: Vec<Vec<Vec<usize>>> = {
+            let on = Landings::new(listeners);
+            listeners
+                .iter()
+                .map(|l| l.backends.iter().map(|(a, _)| on.of(a.value)).collect())
+                .collect()
+        };
+        let edges: Vec<Vec<usize>> = lands.iter().map(|b| b.concat()).collect();
+        let component = components(&edges);
+        let name_of = |i: usize| {
+            listeners[i].name.as_ref().map_or_else(
+                || format!("listeners[{i}]"),
+                |n| format!("listener {:?}", n.value),
+            )
+        };
         for (i, l) in listeners.iter().enumerate() {
-            let earlier = &listeners[..i];
             if let Some(name) = &l.name {
-                if earlier
-                    .iter()
-                    .any(|o| o.name.as_ref().is_some_and(|n| n.value == name.value))
-                {
+                if !names.insert(name.value.as_str()) {
                     self.problem(
                         name.span.clone(),
                         format!("duplicate listener name {:?}", name.value),
                     );
                 }
             }
-            let label = l.name.as_ref().map_or_else(
-                || format!("listeners[{i}]"),
-                |n| format!("listener {:?}", n.value),
-            );
+            let label = name_of(i);
             if let Some(bind) = &l.bind {
-                let clash = earlier.iter().find(|o| {
-                    o.bind
-                        .as_ref()
-                        .is_some_and(|b| binds_conflict(b.value, bind.value))
-                });
-                if let Some(other) = clash {
-                    let other = other
+                if let Some(other) = binds.clash(bind.value) {
+                    let other = listeners[other]
                         .name
                         .as_ref()
                         .map_or_else(String::new, |n| format!(" {:?}", n.value));
@@ -1111,8 +1121,9 @@ impl Reader<'_> {
                         ),
                     );
                 }
+                binds.add(bind.value, i);
             }
-            for (addr, what) in &l.backends {
+            for ((addr, what), targets) in l.backends.iter().zip(&lands[i]) {
                 if admin.is_some_and(|a| lands_on(addr.value, a)) {
                     self.problem(
                         addr.span.clone(),
@@ -1122,14 +1133,7 @@ impl Reader<'_> {
                         ),
                     );
                 }
-                for (j, target) in listeners.iter().enumerate() {
-                    if !target
-                        .bind
-                        .as_ref()
-                        .is_some_and(|b| lands_on(addr.value, b.value))
-                    {
-                        continue;
-                    }
+                for &j in targets {
                     if j == i {
                         self.problem(
                             addr.span.clone(),
@@ -1138,16 +1142,14 @@ impl Reader<'_> {
                                 addr.value
                             ),
                         );
-                    } else if leads_to(listeners, j, i) {
-                        let other = target.name.as_ref().map_or_else(
-                            || format!("listeners[{j}]"),
-                            |n| format!("listener {:?}", n.value),
-                        );
+                    } else if component[j] == component[i] {
+                        // `i` sends to `j`; in one component, `j` leads back to `i`.
                         self.problem(
                             addr.span.clone(),
                             format!(
-                                "{what} {} is the bind address of {other}, which sends clients back to {label}: each client would loop between them until every file descriptor is used",
-                                addr.value
+                                "{what} {} is the bind address of {}, which sends clients back to {label}: each client would loop between them until every file descriptor is used",
+                                addr.value,
+                                name_of(j)
                             ),
                         );
                     }
@@ -1157,31 +1159,147 @@ impl Reader<'_> {
     }
 }
 
-/// Whether listener `from` sends clients, through one or more listeners of this same
-/// ballast, to listener `to`.
-fn leads_to(listeners: &[ReadListener], from: usize, to: usize) -> bool {
-    let mut seen = vec![false; listeners.len()];
-    let mut stack = vec![from];
-    while let Some(l) = stack.pop() {
-        if l == to {
-            return true;
+/// The first listener bound where a new bind would clash, as [`binds_conflict`] tells,
+/// found without comparing against every earlier bind.
+#[derive(Default)]
+struct FirstBinds {
+    /// By address and port.
+    exact: HashMap<(IpAddr, u16), usize>,
+    /// By port and whether IPv4: the first bind of any address, and of the any address.
+    any: HashMap<(u16, bool), usize>,
+    wildcard: HashMap<(u16, bool), usize>,
+}
+
+impl FirstBinds {
+    /// The first listener added whose bind clashes with `bind`.
+    fn clash(&self, bind: SocketAddr) -> Option<usize> {
+        let family = (bind.port(), bind.is_ipv4());
+        if bind.port() == 0 {
+            None
+        } else if bind.ip().is_unspecified() {
+            self.any.get(&family).copied()
+        } else {
+            let exact = self.exact.get(&(bind.ip(), bind.port())).copied();
+            let wildcard = self.wildcard.get(&family).copied();
+            exact.into_iter().chain(wildcard).min()
         }
-        if std::mem::replace(&mut seen[l], true) {
+    }
+
+    fn add(&mut self, bind: SocketAddr, listener: usize) {
+        if bind.port() == 0 {
+            return;
+        }
+        let family = (bind.port(), bind.is_ipv4());
+        self.exact
+            .entry((bind.ip(), bind.port()))
+            .or_insert(listener);
+        self.any.entry(family).or_insert(listener);
+        if bind.ip().is_unspecified() {
+            self.wildcard.entry(family).or_insert(listener);
+        }
+    }
+}
+
+/// The listeners a backend address lands on, as [`lands_on`] tells, looked up by
+/// address rather than tried one by one.
+struct Landings {
+    /// Listeners by their bind's (canonical) address and port, in file order; port 0
+    /// binds are left out, as nothing lands on them.
+    by_bind: HashMap<(IpAddr, u16), Vec<usize>>,
+}
+
+impl Landings {
+    fn new(listeners: &[ReadListener]) -> Landings {
+        let mut by_bind: HashMap<(IpAddr, u16), Vec<usize>> = HashMap::new();
+        for (i, l) in listeners.iter().enumerate() {
+            if let Some(bind) = l.bind.as_ref().filter(|b| b.value.port() != 0) {
+                let key = (bind.value.ip().to_canonical(), bind.value.port());
+                by_bind.entry(key).or_default().push(i);
+            }
+        }
+        Landings { by_bind }
+    }
+
+    /// The listeners `backend` lands on, in file order.
+    fn of(&self, backend: SocketAddr) -> Vec<usize> {
+        let ip = backend.ip().to_canonical();
+        let mut on = self.lookup(ip, backend.port()).to_vec();
+        if ip.is_loopback() {
+            // Loopback also reaches a wildcard bind of its family.
+            let any = if ip.is_ipv4() {
+                IpAddr::from([0, 0, 0, 0])
+            } else {
+                IpAddr::from([0u16; 8])
+            };
+            on.extend_from_slice(self.lookup(any, backend.port()));
+            on.sort_unstable();
+        }
+        on
+    }
+
+    fn lookup(&self, ip: IpAddr, port: u16) -> &[usize] {
+        self.by_bind.get(&(ip, port)).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// The strongly connected component of each listener in the graph `edges` (listener ->
+/// the listeners its backends land on): two listeners share one exactly when each leads
+/// to the other. Tarjan's algorithm in time linear in listeners and edges, with its own
+/// stack so that a long chain of listeners cannot overflow the thread's.
+fn components(edges: &[Vec<usize>]) -> Vec<usize> {
+    const UNSEEN: usize = usize::MAX;
+    let n = edges.len();
+    // The order each listener was reached in, and the earliest one it reaches back to.
+    let (mut order, mut low) = (vec![UNSEEN; n], vec![0; n]);
+    let mut component = vec![UNSEEN; n];
+    // Listeners reached whose component is not yet known, in the order reached.
+    let (mut open, mut is_open) = (Vec::new(), vec![false; n]);
+    // The path being walked: each listener and the position of its next edge.
+    let mut path: Vec<(usize, usize)> = Vec::new();
+    let (mut reached, mut found) = (0, 0);
+    for root in 0..n {
+        if order[root] != UNSEEN {
             continue;
         }
-        for (addr, _) in &listeners[l].backends {
-            for (next, target) in listeners.iter().enumerate() {
-                if target
-                    .bind
-                    .as_ref()
-                    .is_some_and(|b| lands_on(addr.value, b.value))
-                {
-                    stack.push(next);
+        let mut next = Some(root);
+        loop {
+            if let Some(v) = next.take() {
+                order[v] = reached;
+                low[v] = reached;
+                reached += 1;
+                open.push(v);
+                is_open[v] = true;
+                path.push((v, 0));
+            }
+            let Some(top) = path.last_mut() else { break };
+            let v = top.0;
+            if let Some(&w) = edges[v].get(top.1) {
+                top.1 += 1;
+                if order[w] == UNSEEN {
+                    next = Some(w);
+                } else if is_open[w] {
+                    low[v] = low[v].min(order[w]);
                 }
+                continue;
+            }
+            path.pop();
+            if let Some(&(parent, _)) = path.last() {
+                low[parent] = low[parent].min(low[v]);
+            }
+            if low[v] == order[v] {
+                // `v` is the first reached of its component: close it.
+                while let Some(w) = open.pop() {
+                    is_open[w] = false;
+                    component[w] = found;
+                    if w == v {
+                        break;
+                    }
+                }
+                found += 1;
             }
         }
     }
-    false
+    component
 }
 
 /// Whether a connection to `backend` arrives at a socket bound to `bind` on this
@@ -1302,4 +1420,97 @@ fn position(text: &str, offset: usize) -> (usize, usize) {
         before.matches('\n').count() + 1,
         before[line_start..].chars().count() + 1,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{
+        binds_conflict, components, lands_on, At, FirstBinds, Landings, ReadListener, SocketAddr,
+    };
+    use proptest::prelude::*;
+
+    /// Whether `to` can be reached from `from`, one listener at a time.
+    fn reaches(edges: &[Vec<usize>], from: usize, to: usize) -> bool {
+        let mut seen = vec![false; edges.len()];
+        let mut stack = vec![from];
+        while let Some(v) = stack.pop() {
+            if v == to {
+                return true;
+            }
+            if !std::mem::replace(&mut seen[v], true) {
+                stack.extend(&edges[v]);
+            }
+        }
+        false
+    }
+
+    /// A few addresses that land on and clash with each other in every way: one port
+    /// and another, port 0, loopback and other hosts, wildcards, IPv4-mapped IPv6.
+    fn addr() -> impl Strategy<Value = SocketAddr> {
+        let ips = [
+            "127.0.0.1",
+            "127.0.0.2",
+            "10.0.0.5",
+            "0.0.0.0",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+            "::ffff:0.0.0.0",
+        ];
+        (
+            prop::sample::select(ips.to_vec()),
+            prop::sample::select(vec![0u16, 80, 81]),
+        )
+            .prop_map(|(ip, port)| SocketAddr::new(ip.parse().unwrap(), port))
+    }
+
+    fn read_listener(bind: Option<SocketAddr>, backends: &[SocketAddr]) -> ReadListener {
+        let at = |value| At { value, span: 0..0 };
+        ReadListener {
+            config: None,
+            name: None,
+            bind: bind.map(at),
+            backends: backends.iter().map(|&a| (at(a), String::new())).collect(),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn listeners_share_a_component_exactly_when_each_leads_to_the_other(
+            edges in prop::collection::vec(prop::collection::vec(0..8usize, 0..4), 8)
+        ) {
+            let component = components(&edges);
+            for a in 0..edges.len() {
+                for b in 0..edges.len() {
+                    prop_assert_eq!(
+                        component[a] == component[b],
+                        reaches(&edges, a, b) && reaches(&edges, b, a),
+                        "{} and {}", a, b
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn indexed_lookups_agree_with_comparing_every_pair(
+            binds in prop::collection::vec(prop::option::of(addr()), 0..8),
+            backend in addr(),
+        ) {
+            let listeners: Vec<ReadListener> =
+                binds.iter().map(|&b| read_listener(b, &[])).collect();
+            let on = Landings::new(&listeners);
+            let expected: Vec<usize> = (0..binds.len())
+                .filter(|&i| binds[i].is_some_and(|b| lands_on(backend, b)))
+                .collect();
+            prop_assert_eq!(on.of(backend), expected);
+
+            let mut first = FirstBinds::default();
+            for (i, bind) in binds.iter().enumerate() {
+                let Some(bind) = *bind else { continue };
+                let expected = (0..i).find(|&o| binds[o].is_some_and(|b| binds_conflict(b, bind)));
+                prop_assert_eq!(first.clash(bind), expected, "{}", bind);
+                first.add(bind, i);
+            }
+        }
+    }
 }
