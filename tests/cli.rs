@@ -306,6 +306,140 @@ fn run_with_too_many_worker_threads_exits_with_the_reason_instead_of_aborting() 
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// How a `ballast run` under an address-space limit went.
+#[cfg(target_os = "linux")]
+enum Start {
+    /// It ended by itself.
+    Exited(std::process::ExitStatus),
+    /// It bound its listener and served (it is then killed), with the most address
+    /// space it had taken by then, in KiB.
+    Served { vm_peak_kib: u64 },
+}
+
+/// Runs `ballast run --config CONFIG` as `sh` starts it after `ulimit -v KIB` (no limit
+/// for `None`), until it exits or binds its listener: how it went, and its log.
+///
+/// With one malloc arena: glibc otherwise reserves 64 MiB of address space for each
+/// thread that allocates while others do, which depends on timing, so the space a start
+/// takes, and so what a limit does, would change from run to run.
+#[cfg(target_os = "linux")]
+fn run_under_address_space_limit(config: &Path, kib: Option<u64>) -> (Start, String) {
+    use std::io::BufRead;
+    let script =
+        r#"if [ -n "$2" ]; then ulimit -v "$2" || exit 125; fi; exec "$0" run --config "$1""#;
+    let limit = kib.map_or_else(String::new, |k| k.to_string());
+    let mut child = common::KillOnDrop(
+        Command::new("sh")
+            .args(["-c", script, BIN, config.to_str().unwrap(), &limit])
+            .env("MALLOC_ARENA_MAX", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let (line_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "ballast run under ulimit -v {limit} neither exited nor served within 30 s: {log}"
+        );
+        match lines.recv_timeout(Duration::from_millis(50)) {
+            Ok(line) => {
+                log.push_str(&line);
+                log.push('\n');
+                if line.contains("listener bound") {
+                    // `exec` made the shell ballast: its pid is ballast's.
+                    let status =
+                        std::fs::read_to_string(format!("/proc/{}/status", child.0.id())).unwrap();
+                    let vm_peak_kib = status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("VmPeak:"))
+                        .and_then(|v| v.trim().strip_suffix("kB"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or_else(|| panic!("no VmPeak in {status}"));
+                    return (Start::Served { vm_peak_kib }, log);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                // Its log ended: so did it.
+                if let Some(status) = child.0.try_wait().unwrap() {
+                    return (Start::Exited(status), log);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn run_exits_2_naming_runtime_threads_when_its_worker_threads_do_not_fit_in_memory() {
+    // A thread count `check` accepts on any machine (up to 4 per core).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (4 * cores).min(8);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        &format!("[runtime]\nthreads = {threads}\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n\n  [[listeners.backends]]\n  addr = \"127.0.0.1:1\"\n"),
+    );
+    let check = ballast(&["check", "--config", config.to_str().unwrap()]);
+    assert!(check.status.success(), "{check:?}");
+
+    // Without a limit it serves, taking this much address space.
+    let (start, log) = run_under_address_space_limit(&config, None);
+    let Start::Served { vm_peak_kib } = start else {
+        panic!("ballast run with threads = {threads} did not serve: {log}");
+    };
+    // At start ballast holds a 2 MiB stack for each worker thread and 4 more, all at
+    // once, before it starts serving. Half of those stacks less than what serving took
+    // is too little for them and far more than is needed before: a limit there is
+    // refused with exit 2. Should this machine need more besides the stacks, go lower,
+    // a quarter of the stacks at a time; each try must end in exit 2 or serving, never
+    // an abort (134) or a panic (101).
+    let stacks_kib = (threads as u64 + 4) * 2048;
+    let mut kib = vm_peak_kib - stacks_kib / 2;
+    let mut tried = Vec::new();
+    for _ in 0..4 {
+        let (start, log) = run_under_address_space_limit(&config, Some(kib));
+        match start {
+            Start::Exited(status) => {
+                assert_eq!(
+                    status.code(),
+                    Some(2),
+                    "under ulimit -v {kib} (serving took {vm_peak_kib} KiB): {status}: {log}"
+                );
+                assert!(
+                    log.contains(&format!("runtime.threads = {threads}")),
+                    "{log}"
+                );
+                assert!(!log.contains("panicked"), "{log}");
+                return;
+            }
+            Start::Served { .. } => {
+                tried.push(kib);
+                kib -= stacks_kib / 4;
+            }
+        }
+    }
+    panic!(
+        "ballast served under every limit tried ({tried:?} KiB; serving took {vm_peak_kib} KiB)"
+    );
+}
+
 /// The subcommands a user runs (the packaging helper `manpage` is hidden).
 const SUBCOMMANDS: [&str; 5] = ["run", "check", "demo", "status", "completions"];
 
