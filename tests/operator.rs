@@ -32,6 +32,23 @@ fn backend<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Val
         .unwrap_or_else(|| panic!("no backend {name} in {status}"))
 }
 
+/// Waits until backend `a` of the first listener has `weight` (a reload was applied);
+/// returns the generation.
+async fn wait_for_weight(admin: SocketAddr, weight: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let now = status(admin).await;
+        if backend(&now, "a")["weight"] == weight {
+            return now["generation"].as_u64().unwrap();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edit to weight {weight} was never reloaded: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
     let at = line
         .find(key)
@@ -369,25 +386,10 @@ async fn a_configmap_symlink_swap_and_a_write_to_the_link_target_both_reload() {
     let running = start_file(&dir.path().join("ballast.toml")).await;
     let admin = running.admin_addr().unwrap();
 
-    let wait_for_weight = |weight: u64| async move {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            let now = status(admin).await;
-            if backend(&now, "a")["weight"] == weight {
-                return now["generation"].as_u64().unwrap();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no reload to weight {weight}: {now}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-
     // An edit of the file the link points at, in place. (Once it is seen, the watcher
     // is surely running.)
     std::fs::write(first.join("ballast.toml"), config(2)).unwrap();
-    assert_eq!(wait_for_weight(2).await, 2);
+    assert_eq!(wait_for_weight(admin, 2).await, 2);
 
     // The update: a new folder, a new ..data link renamed over the old one.
     let second = dir.path().join("..2026_11_23_05_01_00.000000002");
@@ -396,11 +398,11 @@ async fn a_configmap_symlink_swap_and_a_write_to_the_link_target_both_reload() {
     symlink(second.file_name().unwrap(), dir.path().join("..data_tmp")).unwrap();
     std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
     std::fs::remove_dir_all(&first).unwrap();
-    assert_eq!(wait_for_weight(3).await, 3);
+    assert_eq!(wait_for_weight(admin, 3).await, 3);
 
     // And an in-place edit in the folder the link points at now.
     std::fs::write(second.join("ballast.toml"), config(4)).unwrap();
-    assert_eq!(wait_for_weight(4).await, 4);
+    assert_eq!(wait_for_weight(admin, 4).await, 4);
     running.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -418,23 +420,9 @@ async fn a_busy_file_beside_the_config_does_not_hold_back_its_reload() {
     std::fs::write(&path, config(1)).unwrap();
     let running = start_file(&path).await;
     let admin = running.admin_addr().unwrap();
-    let wait_for_weight = |weight: u64| async move {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            let now = status(admin).await;
-            if backend(&now, "a")["weight"] == weight {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the edit to weight {weight} was never reloaded: {now}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
     // Once an edit is seen, the watcher is surely running.
     std::fs::write(&path, config(2)).unwrap();
-    wait_for_weight(2).await;
+    wait_for_weight(admin, 2).await;
     // A log file in the same folder, written every 50 ms (more often than the watcher's
     // quiet period) until the reload is seen.
     let busy = dir.path().join("other.log");
@@ -455,7 +443,7 @@ async fn a_busy_file_beside_the_config_does_not_hold_back_its_reload() {
         })
     };
     std::fs::write(&path, config(3)).unwrap();
-    wait_for_weight(3).await;
+    wait_for_weight(admin, 3).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
     running.shutdown(Duration::from_secs(1)).await;
