@@ -56,9 +56,19 @@ pub enum Format {
 /// Log lines that could not be written (stderr gone or full), since start.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
+/// The part of [`DROPPED`] already handed to a counter by [`newly_dropped_lines`].
+static REPORTED: AtomicU64 = AtomicU64::new(0);
+
 /// How many log lines were dropped because stderr could not take them.
 pub fn dropped_lines() -> u64 {
     DROPPED.load(Ordering::Relaxed)
+}
+
+/// Log lines dropped since the last call: what a counter should add now. Two callers at
+/// once get disjoint parts (one swap), so a counter fed by it never counts a line twice.
+pub fn newly_dropped_lines() -> u64 {
+    let total = DROPPED.load(Ordering::Relaxed);
+    total.saturating_sub(REPORTED.swap(total, Ordering::Relaxed))
 }
 
 /// The filter for `level`: `RUST_LOG` when set, else `level` for ballast and at most
@@ -93,10 +103,12 @@ pub fn init(level: Level, format: Format) {
     };
 }
 
-/// One JSON object per line with every field at the top level: time, level, target,
-/// the fields of the spans the event happened in (a connection's listener and client),
-/// then the event's own. The `log.*` fields of events that came through the `log` crate
-/// (source paths of dependencies) are left out; `log.target` becomes the target.
+/// One JSON object per line with every field at the top level (keys in alphabetical
+/// order): `timestamp`, `level`, `target`, `message`, the fields of the spans the event
+/// happened in (a connection's listener and client) and the event's own; an event's
+/// field wins over a span's of the same name. The `log.*` fields of events that came
+/// through the `log` crate (source paths of dependencies) are left out; `log.target`
+/// becomes the target.
 #[derive(Debug, Clone, Copy)]
 pub struct FlatJson;
 

@@ -199,10 +199,12 @@ impl ListenerRoute {
                 active: b.state.active(),
             })
             .collect();
-        if !candidates.iter().any(|c| c.available) {
-            // Nothing is up: backends still waiting for their first check are tried
-            // rather than refusing the client (Envoy's panic routing). A reload that
-            // replaces every backend, or renames a listener, must refuse no connection.
+        if !self.backends.iter().any(|b| b.is_available()) {
+            // No backend is up with room (tried or not): backends still waiting for their
+            // first check are tried rather than refusing the client (Envoy's panic
+            // routing). A reload that replaces every backend, or renames a listener, must
+            // refuse no connection. Up backends that are full or failed for this client
+            // do not open this door.
             for (i, b) in self.backends.iter().enumerate() {
                 if b.state.health() == Health::Checking && b.has_room() && !tried.contains(&i) {
                     candidates[i].available = true;
@@ -282,6 +284,13 @@ mod tests {
             None,
             "unless it was tried already"
         );
+        route.backends[0].state.set_drained(false);
+        assert_eq!(
+            route.pick(CLIENT, &[0]),
+            None,
+            "an up backend that failed for this client opens no door to a checking one"
+        );
+        route.backends[0].state.set_drained(true);
         route.backends[1].state.set_drained(true);
         assert_eq!(route.pick(CLIENT, &[]), None, "a drained one never");
     }

@@ -13,7 +13,7 @@ use std::cmp::Ordering as CmpOrdering;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
-use super::{Balancer, Candidate};
+use super::{Balancer, Candidate, Turn};
 
 #[derive(Debug, Default)]
 pub struct LeastConn {
@@ -39,25 +39,28 @@ fn load_cmp(a: &Candidate, b: &Candidate) -> CmpOrdering {
 impl Balancer for LeastConn {
     fn pick(&self, candidates: &[Candidate], _client: IpAddr) -> Option<usize> {
         let mut ties = self.ties.lock().unwrap_or_else(|e| e.into_inner());
-        ties.least_loaded(candidates)
+        ties.least_loaded_with(candidates, Turn::Pick)
     }
 
     fn peek(&self, candidates: &[Candidate], _client: IpAddr) -> Option<usize> {
         let mut scratch = self.ties.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        scratch.least_loaded(candidates)
+        scratch.least_loaded_with(candidates, Turn::Pick)
     }
 
-    /// A retry is not a turn: the tie-breaking scores stay as the first pick left them,
-    /// so a backend that fails every connect still gets only its share of first tries.
-    fn retry(&self, candidates: &[Candidate], client: IpAddr) -> Option<usize> {
-        self.peek(candidates, client)
+    /// A retry is a turn among the backends not tried yet; the ones tried keep their
+    /// scores (they are unavailable only for this client), so a backend that fails every
+    /// connect gets only its share of first tries, and its clients spread over the
+    /// others by weight instead of falling to one neighbour.
+    fn retry(&self, candidates: &[Candidate], _client: IpAddr) -> Option<usize> {
+        let mut ties = self.ties.lock().unwrap_or_else(|e| e.into_inner());
+        ties.least_loaded_with(candidates, Turn::Retry)
     }
 }
 
 impl Ties {
     /// The available candidate with the lowest load; ties go by smooth weighted
     /// round-robin over the tied candidates' scores, which it updates.
-    fn least_loaded(&mut self, candidates: &[Candidate]) -> Option<usize> {
+    fn least_loaded_with(&mut self, candidates: &[Candidate], turn: Turn) -> Option<usize> {
         let Ties { scores, tied } = self;
         scores.resize(candidates.len(), 0);
         tied.clear();
@@ -66,7 +69,9 @@ impl Ties {
         for (i, c) in candidates.iter().enumerate() {
             if !c.available {
                 // An unavailable backend takes no part and builds up no credit.
-                scores[i] = 0;
+                if turn == Turn::Pick {
+                    scores[i] = 0;
+                }
                 continue;
             }
             match tied.first().map(|&l| load_cmp(c, &candidates[l])) {
@@ -86,11 +91,19 @@ impl Ties {
         // scores on 0 (which changes no order among them) and bounding each to one round
         // of this set keeps old credit from buying more than a turn or two now; with a
         // fixed set, both leave plain smooth weighted round-robin untouched.
-        let shift = sum.div_euclid(tied.len().max(1) as i128);
+        // A retry is a step of the first pick's round among those left: no re-centring.
+        let shift = match turn {
+            Turn::Pick => sum.div_euclid(tied.len().max(1) as i128),
+            Turn::Retry => 0,
+        };
         let mut best: Option<usize> = None;
         for &i in tied.iter() {
             let weight = i128::from(candidates[i].weight.max(1));
-            scores[i] = (scores[i] - shift).clamp(-total, total) + weight;
+            let kept = scores[i] - shift;
+            scores[i] = match turn {
+                Turn::Pick => kept.clamp(-total, total),
+                Turn::Retry => kept,
+            } + weight;
             if best.is_none_or(|b| scores[i] > scores[b]) {
                 best = Some(i);
             }
@@ -106,30 +119,40 @@ mod tests {
     use super::super::test_support::*;
     use super::*;
 
-    /// One client's connection: the first pick, then retries leaving out what failed.
-    fn first_try_then_retries(lc: &LeastConn, cands: &[Candidate], dead: usize) -> usize {
-        let first = lc.pick(cands, CLIENT).expect("a backend");
-        if first == dead {
-            let mut retry = cands.to_vec();
-            retry[dead].available = false;
-            let second = lc.retry(&retry, CLIENT).expect("a live backend");
-            assert_ne!(second, dead);
-        }
-        first
-    }
-
     #[test]
-    fn a_backend_that_failed_a_connect_gets_no_more_first_tries_than_its_share() {
-        let lc = LeastConn::default();
-        let c = weights(&[1, 1, 1]);
-        let firsts = (0..300)
-            .filter(|_| first_try_then_retries(&lc, &c, 0) == 0)
-            .count();
-        // Short connections: every pick is a tie; the dead backend's turn is one in three.
-        assert_eq!(
-            firsts, 100,
-            "dead backend tried first {firsts} times of 300"
-        );
+    fn a_backend_that_fails_every_connect_gets_only_its_share_and_its_clients_spread() {
+        for ws in [[1, 1, 1], [2, 1, 1]] {
+            let lc = LeastConn::default();
+            let c = weights(&ws);
+            let (mut firsts, mut served) = ([0u32; 3], [0u32; 3]);
+            // Short connections: every pick is a tie at 0.
+            for _ in 0..1200 {
+                let first = lc.pick(&c, CLIENT).expect("a backend");
+                firsts[first] += 1;
+                let mut at = first;
+                if first == 0 {
+                    let mut retry = c.clone();
+                    retry[0].available = false;
+                    at = lc.retry(&retry, CLIENT).expect("a live backend");
+                }
+                served[at] += 1;
+            }
+            let sum: u32 = ws.iter().sum();
+            let share = |w: u32| 1200 * w / sum;
+            let due = ws.map(share);
+            assert!(
+                (0..3).all(|i| firsts[i].abs_diff(due[i]) <= 1),
+                "weights {ws:?}: first tries {firsts:?}, due {due:?}"
+            );
+            // Not all to one neighbour: the two others share the dead one's clients.
+            // b and c weigh the same: each serves half of all clients.
+            let rest = 600;
+            assert_eq!(served[0], 0);
+            assert!(
+                served[1].abs_diff(rest) <= 1 && served[2].abs_diff(rest) <= 1,
+                "weights {ws:?}: {served:?}"
+            );
+        }
     }
 
     #[test]

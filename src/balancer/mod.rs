@@ -63,6 +63,15 @@ pub trait Balancer: Send + Sync + fmt::Debug {
     }
 }
 
+/// Whether a step is a client's first pick or a retry after a failed connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Turn {
+    /// Unavailable backends are out of service: they build up no credit (nor debt).
+    Pick,
+    /// Unavailable backends were tried for this client: their scores stay as they are.
+    Retry,
+}
+
 /// Builds the balancer of `strategy` for backends with these names and weights (config
 /// order). Names matter only to `ip_hash`, whose table depends on them so that a backend
 /// keeps its clients when others come or go.

@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 use std::sync::Mutex;
 
-use super::{Balancer, Candidate};
+use super::{Balancer, Candidate, Turn};
 
 #[derive(Debug, Default)]
 pub struct Weighted {
@@ -20,7 +20,7 @@ pub struct Weighted {
 impl Balancer for Weighted {
     fn pick(&self, candidates: &[Candidate], _client: IpAddr) -> Option<usize> {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        step(&mut current, candidates)
+        step(&mut current, candidates, Turn::Pick)
     }
 
     fn peek(&self, candidates: &[Candidate], _client: IpAddr) -> Option<usize> {
@@ -29,26 +29,29 @@ impl Balancer for Weighted {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        step(&mut scratch, candidates)
+        step(&mut scratch, candidates, Turn::Pick)
     }
 
-    /// A retry is not a turn: the running scores stay as the first pick left them, so a
-    /// backend that fails every connect still gets only its weight's share of first
-    /// tries (and the others' shares stay exact).
-    fn retry(&self, candidates: &[Candidate], client: IpAddr) -> Option<usize> {
-        self.peek(candidates, client)
+    /// A retry is a turn among the backends not tried yet; the ones tried keep their
+    /// scores (they are unavailable only for this client), so a backend that fails every
+    /// connect gets only its weight's share of first tries, and its clients spread over
+    /// the others by weight instead of falling to one neighbour.
+    fn retry(&self, candidates: &[Candidate], _client: IpAddr) -> Option<usize> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        step(&mut current, candidates, Turn::Retry)
     }
 }
 
-/// One round of smooth weighted round-robin over the running scores `current`.
-fn step(current: &mut Vec<i128>, candidates: &[Candidate]) -> Option<usize> {
+fn step(current: &mut Vec<i128>, candidates: &[Candidate], turn: Turn) -> Option<usize> {
     current.resize(candidates.len(), 0);
     let mut total: i128 = 0;
     let mut best: Option<usize> = None;
     for (i, c) in candidates.iter().enumerate() {
         if !c.available {
             // An unavailable backend takes no part and builds up no credit.
-            current[i] = 0;
+            if turn == Turn::Pick {
+                current[i] = 0;
+            }
             continue;
         }
         let weight = i128::from(c.weight.max(1));
@@ -96,19 +99,27 @@ mod tests {
     }
 
     #[test]
-    fn a_backend_that_fails_every_connect_gets_only_its_share_of_first_tries() {
+    fn a_backend_that_fails_every_connect_gets_only_its_share_and_its_clients_spread() {
         let w = Weighted::default();
         let c = weights(&[2, 1, 1]);
-        let mut firsts = [0; 3];
-        for _ in 0..400 {
+        let (mut firsts, mut served) = ([0u32; 3], [0u32; 3]);
+        for _ in 0..1200 {
             let first = w.pick(&c, CLIENT).expect("a backend");
             firsts[first] += 1;
+            let mut at = first;
             if first == 0 {
                 let mut retry = c.clone();
                 retry[0].available = false;
-                assert_ne!(w.retry(&retry, CLIENT), Some(0));
+                at = w.retry(&retry, CLIENT).expect("a live backend");
             }
+            served[at] += 1;
         }
-        assert_eq!(firsts, [200, 100, 100]);
+        assert_eq!(firsts, [600, 300, 300]);
+        // Not all to one neighbour: the two others share the dead one's clients.
+        assert_eq!(served[0], 0);
+        assert!(
+            served[1].abs_diff(600) <= 1 && served[2].abs_diff(600) <= 1,
+            "{served:?}"
+        );
     }
 }
