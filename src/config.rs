@@ -29,8 +29,6 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{de, Deserialize, Deserializer};
-
 /// How many problems an error lists before it says how many more there are.
 const MAX_SHOWN: usize = 20;
 
@@ -132,13 +130,6 @@ impl FromStr for HumanDuration {
     }
 }
 
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(de::Error::custom)
-    }
-}
-
 /// A listen address: `"IPv4:port"` or `"[IPv6]:port"`, no host names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenAddr(pub SocketAddr);
@@ -157,13 +148,6 @@ impl FromStr for ListenAddr {
             };
             format!("invalid listen address {text:?}: expected \"IPv4:port\" or \"[IPv6]:port\"{hint}")
         })
-    }
-}
-
-impl<'de> Deserialize<'de> for ListenAddr {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(de::Error::custom)
     }
 }
 
@@ -214,8 +198,7 @@ const MAX_RISE_FALL: u64 = 1000;
 // The validated config that the rest of ballast uses.
 
 /// How a listener picks a backend for a new connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Strategy {
     RoundRobin,
     Weighted,
@@ -246,8 +229,7 @@ impl fmt::Display for Strategy {
 }
 
 /// What an active health check does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HealthKind {
     /// The backend accepts a TCP connection.
     #[default]

@@ -24,7 +24,7 @@ pub(super) fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         file,
         problems: Vec::new(),
     };
-    let config = match toml::from_str::<Node>(text) {
+    let config = match super::tree::parse(text) {
         Ok(mut root) => {
             root.fill_spans(&(0..0));
             reader.config(&root)
