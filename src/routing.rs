@@ -199,7 +199,11 @@ impl ListenerRoute {
                 active: b.state.active(),
             })
             .collect();
-        if !self.backends.iter().any(|b| b.is_available()) {
+        // The second scan runs only when no candidate is available: never on the way of a
+        // connection that has somewhere to go.
+        if !candidates.iter().any(|c| c.available)
+            && !self.backends.iter().any(|b| b.is_available())
+        {
             // No backend is up with room (tried or not): backends still waiting for their
             // first check are tried rather than refusing the client (Envoy's panic
             // routing). A reload that replaces every backend, or renames a listener, must
