@@ -597,16 +597,7 @@ async fn answered_within_two_seconds(
     if answer.is_empty() {
         return Err("empty reply: the connection was closed without an answer".into());
     }
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    Ok(status_and_body(&answer))
 }
 
 /// Health, readiness and metrics each answer 200 within 2 s on new connections.

@@ -105,12 +105,7 @@ async fn a_lost_stderr_breaks_neither_reload_nor_drain_nor_proxying_at_debug_lev
     assert_eq!(code, 200, "{body}");
     let (code, body) = post(admin, "/api/v1/listeners/web/backends/a/undrain").await;
     assert_eq!(code, 200, "{body}");
-    let pid = child.0.id().to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    send_signal(child.0.id(), "-HUP");
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while status(admin).await["generation"] != 3 {
         assert!(

@@ -246,6 +246,11 @@ pub async fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &str
         .await
         .expect("admin answers in time")
         .unwrap();
+    status_and_body(&answer)
+}
+
+/// The status code and the body of an HTTP/1.1 answer (0 when there is no status line).
+pub fn status_and_body(answer: &str) -> (u16, String) {
     let status = answer
         .split(' ')
         .nth(1)
@@ -256,6 +261,15 @@ pub async fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &str
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Sends `signal` (such as `-HUP`) to process `pid` with kill(1).
+pub fn send_signal(pid: u32, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill {signal} {pid}");
 }
 
 /// A child process that is killed if the test ends early (a failed assertion), so that
@@ -271,12 +285,7 @@ impl Drop for KillOnDrop {
 
 /// Sends SIGTERM and waits for the exit status (within the deadline).
 pub async fn terminate(mut child: KillOnDrop) -> std::process::ExitStatus {
-    let pid = child.0.id().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    send_signal(child.0.id(), "-TERM");
     let deadline = std::time::Instant::now() + DEADLINE;
     loop {
         if let Some(status) = child.0.try_wait().unwrap() {
@@ -364,11 +373,7 @@ impl Proc {
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .args([signal, &self.pid()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        send_signal(self.child.0.id(), signal);
     }
 
     /// SIGTERM, then the exit status and the whole log.
