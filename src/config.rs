@@ -292,6 +292,8 @@ pub struct ListenerConfig {
     pub slow_start: Option<Duration>,
     pub health: Option<HealthConfig>,
     pub rebalance: Option<RebalanceConfig>,
+    /// One line per connection when it ends (`access_log = true`).
+    pub access_log: bool,
     pub backends: Vec<BackendConfig>,
 }
 

@@ -87,8 +87,22 @@ fn filter(level: Level) -> EnvFilter {
     EnvFilter::new(format!("{}{quiet_deps}", level.as_str()))
 }
 
+/// The format of every line, set by [`init`]; text until then.
+static FORMAT: std::sync::OnceLock<Format> = std::sync::OnceLock::new();
+
+/// The format log lines are written in.
+pub fn format() -> Format {
+    FORMAT.get().copied().unwrap_or(Format::Text)
+}
+
+/// Writes one whole line (an access log line) as it is, never failing the caller.
+pub fn write_line(line: &str) {
+    let _ = Stderr.write(line.as_bytes());
+}
+
 /// Installs the global subscriber. Call once, first thing; later calls do nothing.
 pub fn init(level: Level, format: Format) {
+    let _ = FORMAT.set(format);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(level))
         .with_writer(Stderr)
@@ -125,7 +139,7 @@ where
     ) -> std::fmt::Result {
         let meta = event.metadata();
         let mut line = Map::new();
-        line.insert("timestamp".into(), crate::rfc3339(SystemTime::now()).into());
+        line.insert("timestamp".into(), rfc3339(SystemTime::now()).into());
         line.insert("level".into(), meta.level().as_str().into());
         line.insert("target".into(), meta.target().into());
         if let Some(scope) = ctx.event_scope() {
@@ -226,6 +240,38 @@ pub fn eprint_line(message: &str) {
     let _ = writeln!(stderr, "{message}");
 }
 
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// `time` as RFC 3339 in UTC with millisecond precision: `2026-11-23T05:20:08.123Z`.
+pub fn rfc3339(time: std::time::SystemTime) -> String {
+    let since_epoch = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        since_epoch.subsec_millis()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,5 +284,15 @@ mod tests {
             .contains("pingora_core=warn"));
         assert!(!filter(Level::Debug).to_string().contains("pingora"));
         assert!(filter(Level::Info).to_string().contains("notify=error"));
+    }
+
+    #[test]
+    fn times_read_as_rfc_3339_in_utc() {
+        use std::time::{Duration, UNIX_EPOCH};
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_411_208_123);
+        assert_eq!(rfc3339(t), "2026-11-23T05:20:08.123Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
     }
 }

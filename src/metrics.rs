@@ -7,6 +7,7 @@
 //! numbers. Values that are properties of the config or of the moment (up, draining,
 //! weight, imbalance, generation) are set from the routing snapshot at each scrape.
 
+use crate::conn::EndReason;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -30,6 +31,7 @@ pub struct Metrics {
     listener_active: IntGaugeVec,
     listener_total: IntCounterVec,
     listener_rejected: IntCounterVec,
+    listener_closed: IntCounterVec,
     listener_imbalance: GaugeVec,
     connection_duration: HistogramVec,
     backend_active: IntGaugeVec,
@@ -59,6 +61,8 @@ pub struct ListenerMetrics {
     pub rejected_denied: IntCounter,
     pub imbalance: Gauge,
     pub connection_duration: Histogram,
+    /// `ballast_connections_closed_total` by [`EndReason::index`].
+    pub closed: Vec<IntCounter>,
 }
 
 /// One backend's handles.
@@ -123,6 +127,11 @@ impl Metrics {
             listener_rejected: counter_vec(
                 "ballast_listener_connections_rejected_total",
                 "Client connections closed without a backend, by reason.",
+                &["listener", "reason"],
+            ),
+            listener_closed: counter_vec(
+                "ballast_connections_closed_total",
+                "Client connections that ended, by why they ended.",
                 &["listener", "reason"],
             ),
             listener_imbalance: register(
@@ -258,6 +267,13 @@ impl Metrics {
                 .with_label_values(&[listener, "denied"]),
             imbalance: self.listener_imbalance.with_label_values(l),
             connection_duration: self.connection_duration.with_label_values(l),
+            closed: EndReason::ALL
+                .iter()
+                .map(|r| {
+                    self.listener_closed
+                        .with_label_values(&[listener, r.as_str()])
+                })
+                .collect(),
         }
     }
 
@@ -302,6 +318,11 @@ impl Metrics {
             let _ = self
                 .listener_rejected
                 .remove_label_values(&[listener, reason]);
+        }
+        for reason in EndReason::ALL {
+            let _ = self
+                .listener_closed
+                .remove_label_values(&[listener, reason.as_str()]);
         }
         let _ = self.listener_imbalance.remove_label_values(l);
         let _ = self.connection_duration.remove_label_values(l);

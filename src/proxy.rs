@@ -1,24 +1,35 @@
-//! One listener's accept loop and the life of one client connection:
-//! accept -> limits -> pick -> connect (timeout, retries) -> relay -> account.
+//! The data plane: one listener's accept loop and the life of one client connection.
 //!
-//! The first pick happens in the accept loop, before the connection's task is spawned,
-//! and the pick immediately counts against the chosen backend. Picks of one listener are
-//! therefore serialised and each one sees the counts of all the picks before it, so
-//! `least_conn` fills exactly even under a burst of new connections.
+//! accept -> register -> (stage) -> limits -> pick -> connect (timeout, retries) -> relay
+//! -> end, with one [`EndReason`].
+//!
+//! The connection path gets a [`DataPlane`] and nothing else: the routing snapshot, the
+//! connection table, and the pause that local resource exhaustion imposes. It never sees
+//! the control plane (reload, health, drain, admin): those drive it through the same
+//! snapshot and table.
+//!
+//! Without a stage before the pick, the first pick happens in the accept loop, before the
+//! connection's task is spawned, and counts against the chosen backend at once; every
+//! pick of a listener holds the listener's pick lock, so each one sees the counts of all
+//! the picks before it and `least_conn` fills exactly even under a burst of new
+//! connections.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, warn};
 
-use crate::relay::{self, RelayEnd};
-use crate::routing::ListenerRoute;
+use crate::conn::{Ask, Conn, Conns, EndReason};
+use crate::relay::{Relay, RelayEnd, Side, Stop};
+use crate::routing::{ListenerRoute, Routing};
+use crate::stage;
 use crate::state::{BackendGuard, ListenerGuard, RejectReason};
-use crate::Ballast;
 
 /// TCP keepalive on both sides of every connection: probe after 60 s of silence, every
 /// 10 s, give up after 6 unanswered probes.
@@ -27,36 +38,114 @@ pub(crate) const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
     .with_interval(Duration::from_secs(10))
     .with_retries(6);
 
-/// How long the accept loop pauses after running out of file descriptors or memory.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long accept loops pause after running out of file descriptors or memory.
+const BACKOFF: Duration = Duration::from_millis(100);
 
-/// Accepts connections on `listener` for the listener called `name` until `shutdown`
-/// turns true. Never returns early on an accept error: a transient one (EMFILE, ...) is
-/// logged and retried after a short pause.
+/// What the connection path may use.
+#[derive(Clone, Debug)]
+pub struct DataPlane {
+    routing: Arc<ArcSwap<Routing>>,
+    conns: Arc<Conns>,
+    pressure: Arc<Pressure>,
+}
+
+impl DataPlane {
+    pub fn new(routing: Arc<ArcSwap<Routing>>, conns: Arc<Conns>) -> DataPlane {
+        DataPlane {
+            routing,
+            conns,
+            pressure: Arc::new(Pressure::default()),
+        }
+    }
+
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.load_full()
+    }
+
+    pub fn conns(&self) -> &Arc<Conns> {
+        &self.conns
+    }
+
+    /// Puts a new routing snapshot in place (the control plane's reload).
+    pub(crate) fn swap_routing(&self, routing: Routing) {
+        self.routing.store(Arc::new(routing));
+    }
+}
+
+/// When local resources (file descriptors, memory, ports) ran out: accepting pauses
+/// for a moment instead of taking connections it cannot serve.
+#[derive(Debug)]
+struct Pressure {
+    epoch: Instant,
+    /// Millis since `epoch` until which accepting pauses; 0 when it need not.
+    until_ms: AtomicU64,
+}
+
+impl Default for Pressure {
+    fn default() -> Pressure {
+        Pressure {
+            epoch: Instant::now(),
+            until_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Pressure {
+    fn note(&self) {
+        let until = (self.epoch.elapsed() + BACKOFF).as_millis() as u64;
+        self.until_ms.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// How long to pause before the next accept, if at all.
+    fn pause(&self) -> Option<Duration> {
+        let until = self.until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return None;
+        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        (until > now).then(|| Duration::from_millis(until - now))
+    }
+}
+
+/// Out of file descriptors, memory, buffers or local ports: this machine's trouble, not
+/// a backend's.
+pub fn is_local_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
+/// Accepts connections on `listener` for the listener called `name` until `stop` turns
+/// true. Never returns early on an accept error: a transient one (EMFILE, ...) is logged
+/// and retried after a short pause.
 pub async fn serve(
     listener: TcpListener,
     name: String,
-    ballast: Ballast,
-    mut shutdown: watch::Receiver<bool>,
+    plane: DataPlane,
+    mut stop: watch::Receiver<bool>,
 ) {
     match listener.local_addr() {
         Ok(addr) => info!(listener = %name, %addr, "listener bound"),
         Err(_) => info!(listener = %name, "listener bound"),
     }
     loop {
+        if let Some(pause) = plane.pressure.pause() {
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => break,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
         let accepted = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            _ = stop.wait_for(|stop| *stop) => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((client, peer)) => admit(&ballast, &name, client, peer),
-            Err(e) if is_resource_exhaustion(&e) => {
+            Ok((client, peer)) => admit(&plane, &name, client, peer),
+            Err(e) if is_local_exhaustion(&e) => {
                 warn!(listener = %name, error = %e, "accept failed; pausing");
-                tokio::select! {
-                    _ = shutdown.wait_for(|stop| *stop) => break,
-                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
-                }
+                plane.pressure.note();
             }
             Err(e) => debug!(listener = %name, error = %e, "accept failed"),
         }
@@ -64,111 +153,192 @@ pub async fn serve(
     info!(listener = %name, "stopped accepting connections");
 }
 
-fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
-/// Applies the listener's limits and the first pick, then hands the connection to its
-/// own task. Runs in the accept loop: no awaits.
-fn admit(ballast: &Ballast, name: &str, client: TcpStream, peer: SocketAddr) {
-    let routing = ballast.routing();
+/// Registers the connection and, without a stage before the pick, applies the limits and
+/// the first pick; then hands the connection to its own task. No awaits.
+fn admit(plane: &DataPlane, name: &str, client: TcpStream, peer: SocketAddr) {
+    let routing = plane.routing();
     let Some(route) = routing.listener(name).cloned() else {
         // The listener left the config; its accept loop is being stopped.
         return;
     };
     drop(routing);
+    let conn = plane.conns.open(&route.state, peer);
+    let accepted = route.state.accept();
+    let Some(stage) = route.stage() else {
+        match pick_first(&route, &conn) {
+            Ok(first) => {
+                let plane = plane.clone();
+                tokio::spawn(async move {
+                    let early = Vec::new();
+                    proxy(&plane, &route, conn, accepted, client, early, first).await;
+                });
+            }
+            Err(refused) => end(&route, &conn, &Ended::refused(refused)),
+        }
+        return;
+    };
+    let plane = plane.clone();
+    tokio::spawn(async move {
+        let hello = tokio::select! {
+            hello = stage::read(&client, peer, stage.as_ref()) => hello,
+            ask = conn.wait_ask(None) => return end(&route, &conn, &Ended::refused(ask.reason())),
+        };
+        let hello = match hello {
+            Ok(hello) => hello,
+            Err(e) => {
+                debug!(listener = %route.config.name, client = %peer, error = %e, "ended before the pick");
+                let reason = match e {
+                    stage::StageError::Closed => EndReason::ClientClosed,
+                    stage::StageError::Io(_) => EndReason::Error,
+                    _ => EndReason::Limit,
+                };
+                return end(&route, &conn, &Ended::refused(reason));
+            }
+        };
+        match pick_first(&route, &conn) {
+            Ok(first) => proxy(&plane, &route, conn, accepted, client, hello.early, first).await,
+            Err(refused) => end(&route, &conn, &Ended::refused(refused)),
+        }
+    });
+}
+
+/// The listener's limits and the first pick, which counts against the backend at once.
+fn pick_first(route: &ListenerRoute, conn: &Conn) -> Result<(usize, BackendGuard), EndReason> {
     if route
         .config
         .max_conns
-        .is_some_and(|max| route.state.active() >= max)
+        .is_some_and(|max| route.state.active() > max)
     {
-        route.state.record_refused_at_accept(RejectReason::MaxConns);
-        debug!(listener = %name, client = %peer, "rejected: listener at max_conns");
-        return;
+        route.state.record_rejected(RejectReason::MaxConns);
+        debug!(listener = %route.config.name, client = %conn.client, "refused: listener at max_conns");
+        return Err(EndReason::Limit);
     }
-    let Some(first) = route.pick(peer.ip(), &[]) else {
-        route
-            .state
-            .record_refused_at_accept(RejectReason::NoBackend);
-        warn!(listener = %name, client = %peer, "rejected: no backend available");
-        return;
+    let Some((first, guard)) = route.pick_and_acquire(conn.client.ip(), &[]) else {
+        route.state.record_rejected(RejectReason::NoBackend);
+        warn!(listener = %route.config.name, client = %conn.client, "refused: no backend available");
+        return Err(EndReason::NoBackend);
     };
-    let listener_guard = route.state.accept();
-    let backend_guard = route.backends[first].state.acquire();
-    let span = tracing::info_span!("conn", listener = %name, client = %peer);
-    let stop = ballast.close_signal();
-    tokio::spawn(
-        async move {
-            let _listener_guard: ListenerGuard = listener_guard;
-            proxy(route, client, peer, first, backend_guard, stop).await;
-        }
-        .instrument(span),
-    );
+    conn.set_backend(guard.backend());
+    Ok((first, guard))
 }
 
-/// Connects to the picked backend (or, failing that, up to `retries` others) and relays.
+/// How a connection ended, for its metrics and its access log line.
+#[derive(Debug)]
+struct Ended {
+    reason: EndReason,
+    /// The backend it was relayed to, once connected.
+    backend: Option<usize>,
+    /// How long the successful connect took.
+    connect: Option<Duration>,
+    /// Bytes delivered: (to the backend, to the client).
+    bytes: (u64, u64),
+}
+
+impl Ended {
+    fn refused(reason: EndReason) -> Ended {
+        Ended {
+            reason,
+            backend: None,
+            connect: None,
+            bytes: (0, 0),
+        }
+    }
+}
+
+/// Connects to the picked backend (or, failing that, up to `retries` others) and relays
+/// until the connection ends; then accounts for it.
 async fn proxy(
-    route: Arc<ListenerRoute>,
+    plane: &DataPlane,
+    route: &ListenerRoute,
+    conn: Conn,
+    accepted: ListenerGuard,
     client: TcpStream,
-    peer: SocketAddr,
-    first: usize,
-    first_guard: BackendGuard,
-    mut stop: watch::Receiver<bool>,
+    early: Vec<u8>,
+    (first, first_guard): (usize, BackendGuard),
 ) {
     let connected = tokio::select! {
-        connected = connect(&route, peer, first, first_guard) => connected,
-        _ = stop.wait_for(|stop| *stop) => return,
+        connected = connect(plane, route, &conn, first, first_guard) => connected,
+        ask = conn.wait_ask(None) => Err(ask.reason()),
     };
-    let Some((index, guard, backend)) = connected else {
-        route.state.record_rejected(RejectReason::NoBackend);
-        warn!("no backend could be reached; closing the client");
-        return;
+    let (index, guard, backend, took) = match connected {
+        Ok(connected) => connected,
+        Err(reason) => return end(route, &conn, &Ended::refused(reason)),
     };
-    let state = Arc::clone(guard.backend());
-    // In the backend's registry from here on, so a drain deadline can close it.
-    let registration = state.register();
-    debug!(backend = %route.backends[index].config.name, "connected");
+    debug!(listener = %route.config.name, client = %conn.client, backend = %route.backends[index].config.name, "connected");
     // The client socket has these from its listener (see `bind_one`). Long-lived
     // connections to a peer that vanished without a FIN end in minutes, not never, even
     // without idle_timeout.
     let _ = backend.set_nodelay(true);
     let _ = socket2::SockRef::from(&backend).set_tcp_keepalive(&KEEPALIVE);
-    let result = relay::relay(
-        client,
-        backend,
-        &|n| state.add_sent(n),
-        &|n| state.add_received(n),
-        route.config.idle_timeout,
-        async {
-            tokio::select! {
-                _ = stop.wait_for(|stop| *stop) => {}
-                () = registration.closed() => {}
+    let state = guard.backend();
+    let mut relay = Relay::new(client, backend).with_early_bytes(early);
+    let to_backend = |n| state.add_sent(n);
+    let to_client = |n| state.add_received(n);
+    let stop = async {
+        match conn.wait_ask(None).await {
+            Ask::Close(_) => Stop::Close,
+            Ask::Abort(_) => Stop::Abort,
+        }
+    };
+    let end_of_relay = tokio::select! {
+        end = relay.run(&to_backend, &to_client, route.config.idle_timeout, stop) => end,
+        // A clean close still finishing when an abort comes: the sockets go now.
+        () = wait_abort(&conn) => RelayEnd::Stopped,
+    };
+    let reason = match end_of_relay {
+        RelayEnd::Closed {
+            first: Side::Client,
+        } => EndReason::ClientClosed,
+        RelayEnd::Closed {
+            first: Side::Backend,
+        } => EndReason::BackendClosed,
+        RelayEnd::Failed { side, error } => {
+            debug!(listener = %route.config.name, client = %conn.client, ?side, %error, "closed on error");
+            match side {
+                _ if is_local_exhaustion(&error) => EndReason::Error,
+                Side::Client => EndReason::ClientClosed,
+                Side::Backend => EndReason::BackendClosed,
             }
-        },
-    )
-    .await;
-    match result {
-        Ok(RelayEnd::Done) => debug!("closed"),
-        Ok(RelayEnd::Idle) => debug!("closed after idle_timeout"),
-        Ok(RelayEnd::Stopped) => debug!("closed by ballast"),
-        Err(e) => debug!(error = %e, "closed on error"),
-    }
-    drop(registration);
+        }
+        RelayEnd::Idle => EndReason::IdleTimeout,
+        RelayEnd::Stopped => conn.asked().map_or(EndReason::Error, |a| a.reason()),
+        RelayEnd::Parked => EndReason::Handover,
+    };
+    let ended = Ended {
+        reason,
+        backend: Some(index),
+        connect: Some(took),
+        bytes: relay.totals(),
+    };
+    drop(relay);
+    end(route, &conn, &ended);
     drop(guard);
+    drop(accepted);
+}
+
+/// Resolves when the connection is asked to abort.
+async fn wait_abort(conn: &Conn) {
+    let mut seen = None;
+    loop {
+        let ask = conn.wait_ask(seen).await;
+        if matches!(ask, Ask::Abort(_)) {
+            return;
+        }
+        seen = Some(ask);
+    }
 }
 
 /// Tries the picked backend, then up to `retries` other available ones. The client is
 /// not touched until a backend answers, so it sees no error while any backend is
-/// reachable.
+/// reachable. A local resource error (no file descriptor left) is no backend's fault:
+/// it counts against no backend, tries no other, and pauses accepting.
 async fn connect(
+    plane: &DataPlane,
     route: &ListenerRoute,
-    peer: SocketAddr,
+    conn: &Conn,
     first: usize,
     first_guard: BackendGuard,
-) -> Option<(usize, BackendGuard, TcpStream)> {
+) -> Result<(usize, BackendGuard, TcpStream, Duration), EndReason> {
     let mut tried = vec![first];
     let mut attempt = Some((first, first_guard));
     while let Some((index, guard)) = attempt.take() {
@@ -177,14 +347,20 @@ async fn connect(
         let started = tokio::time::Instant::now();
         match tokio::time::timeout(route.config.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
-                backend.state.record_connected(started.elapsed());
-                return Some((index, guard, stream));
+                let took = started.elapsed();
+                backend.state.record_connected(took);
+                return Ok((index, guard, stream, took));
+            }
+            Ok(Err(e)) if is_local_exhaustion(&e) => {
+                warn!(listener = %route.config.name, client = %conn.client, error = %e, "cannot connect: no local resources; pausing accepts");
+                plane.pressure.note();
+                return Err(EndReason::Error);
             }
             Ok(Err(e)) => {
-                warn!(backend = %backend.config.name, %addr, error = %e, "connect failed")
+                warn!(listener = %route.config.name, client = %conn.client, backend = %backend.config.name, %addr, error = %e, "connect failed")
             }
             Err(_) => warn!(
-                backend = %backend.config.name, %addr,
+                listener = %route.config.name, client = %conn.client, backend = %backend.config.name, %addr,
                 timeout = ?route.config.connect_timeout, "connect timed out"
             ),
         }
@@ -193,10 +369,64 @@ async fn connect(
         if tried.len() > route.config.retries as usize {
             break;
         }
-        if let Some(next) = route.pick(peer.ip(), &tried) {
+        if let Some((next, guard)) = route.pick_and_acquire(conn.client.ip(), &tried) {
             tried.push(next);
-            attempt = Some((next, route.backends[next].state.acquire()));
+            attempt = Some((next, guard));
         }
     }
-    None
+    route.state.record_rejected(RejectReason::NoBackend);
+    warn!(listener = %route.config.name, client = %conn.client, "no backend could be reached; closing the client");
+    Err(EndReason::ConnectFailed)
+}
+
+/// The end of a connection: its metric, and its access log line when the listener asks
+/// for one.
+fn end(route: &ListenerRoute, conn: &Conn, ended: &Ended) {
+    route.state.record_end(ended.reason);
+    if route.config.access_log {
+        crate::logging::write_line(&access_line(route, conn, ended));
+    }
+}
+
+/// `ts listener client backend backend_addr connect_ms duration_ms bytes_sent
+/// bytes_received reason` (SPEC section 8), as text or as one JSON object with those
+/// keys, by the log format in use. `bytes_sent` went to the backend, `bytes_received`
+/// came from it; `-` (or null) where there was no backend.
+fn access_line(route: &ListenerRoute, conn: &Conn, ended: &Ended) -> String {
+    let backend = ended.backend.map(|i| &route.backends[i].config);
+    let ts = crate::logging::rfc3339(std::time::SystemTime::now());
+    let duration_ms = conn.started.elapsed().as_secs_f64() * 1000.0;
+    let connect_ms = ended.connect.map(|d| d.as_secs_f64() * 1000.0);
+    match crate::logging::format() {
+        crate::logging::Format::Json => {
+            let line = serde_json::json!({
+                "ts": ts,
+                "listener": route.config.name,
+                "client": conn.client.to_string(),
+                "backend": backend.map(|b| b.name.as_str()),
+                "backend_addr": backend.map(|b| b.addr.to_string()),
+                "connect_ms": connect_ms.map(round3),
+                "duration_ms": round3(duration_ms),
+                "bytes_sent": ended.bytes.0,
+                "bytes_received": ended.bytes.1,
+                "reason": ended.reason.as_str(),
+            });
+            format!("{line}\n")
+        }
+        crate::logging::Format::Text => format!(
+            "{ts} {} {} {} {} {} {duration_ms:.3} {} {} {}\n",
+            route.config.name,
+            conn.client,
+            backend.map_or("-", |b| b.name.as_str()),
+            backend.map_or_else(|| "-".to_string(), |b| b.addr.to_string()),
+            connect_ms.map_or_else(|| "-".to_string(), |ms| format!("{ms:.3}")),
+            ended.bytes.0,
+            ended.bytes.1,
+            ended.reason.as_str(),
+        ),
+    }
+}
+
+fn round3(ms: f64) -> f64 {
+    (ms * 1000.0).round() / 1000.0
 }

@@ -50,7 +50,7 @@ thread_local! {
 
 /// How a relay ended.
 #[derive(Debug, PartialEq, Eq)]
-pub enum RelayEnd {
+pub enum Ended {
     /// Both sides closed their writes; every byte was delivered.
     Done,
     /// Nothing moved either way for `idle_timeout`.
@@ -177,7 +177,7 @@ pub async fn relay(
     to_client: &dyn Counter,
     idle_timeout: Option<Duration>,
     stop: impl Future<Output = ()>,
-) -> io::Result<RelayEnd> {
+) -> io::Result<Ended> {
     let start = Instant::now();
     // Millis since `start` of the last byte moved either way, for the idle timer.
     let last_activity = AtomicU64::new(0);
@@ -205,11 +205,11 @@ pub async fn relay(
         }
     };
     let end = tokio::select! {
-        result = both => result.map(|_| RelayEnd::Done),
-        () = idle => Ok(RelayEnd::Idle),
-        () = stop => Ok(RelayEnd::Stopped),
+        result = both => result.map(|_| Ended::Done),
+        () = idle => Ok(Ended::Idle),
+        () = stop => Ok(Ended::Stopped),
     };
-    if matches!(end, Ok(RelayEnd::Idle | RelayEnd::Stopped)) {
+    if matches!(end, Ok(Ended::Idle | Ended::Stopped)) {
         let websocket = protocol.load(Ordering::Relaxed) == PROTOCOL_WEBSOCKET;
         // Boxed: its state (read buffers) is allocated only for connections that are
         // being closed, not carried in every connection's task.
@@ -449,6 +449,106 @@ async fn discard(stream: &TcpStream) -> io::Result<()> {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
+        }
+    }
+}
+
+// Interim: the resumable relay's interface over the relay above.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Close,
+    Abort,
+    Park,
+}
+
+#[derive(Debug)]
+pub enum RelayEnd {
+    Closed { first: Side },
+    Failed { side: Side, error: io::Error },
+    Idle,
+    Stopped,
+    Parked,
+}
+
+pub struct Relay {
+    sockets: Option<(TcpStream, TcpStream)>,
+    early: Vec<u8>,
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl Relay {
+    pub fn new(client: TcpStream, backend: TcpStream) -> Relay {
+        Relay {
+            sockets: Some((client, backend)),
+            early: Vec::new(),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        }
+    }
+
+    pub fn with_early_bytes(mut self, early: Vec<u8>) -> Relay {
+        self.early = early;
+        self
+    }
+
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+
+    pub async fn run(
+        &mut self,
+        to_backend: &dyn Counter,
+        to_client: &dyn Counter,
+        idle_timeout: Option<Duration>,
+        stop: impl Future<Output = Stop>,
+    ) -> RelayEnd {
+        let Some((client, backend)) = self.sockets.take() else {
+            return RelayEnd::Stopped;
+        };
+        if !self.early.is_empty() {
+            if let Err(error) = write_all(&backend, &self.early).await {
+                return RelayEnd::Failed {
+                    side: Side::Backend,
+                    error,
+                };
+            }
+            to_backend.add(self.early.len() as u64);
+        }
+        let up = |n| {
+            self.sent.fetch_add(n, Ordering::Relaxed);
+            to_backend.add(n)
+        };
+        let down = |n| {
+            self.received.fetch_add(n, Ordering::Relaxed);
+            to_client.add(n)
+        };
+        let aborted = std::sync::atomic::AtomicBool::new(false);
+        let stop = async {
+            if stop.await == Stop::Abort {
+                aborted.store(true, Ordering::Relaxed);
+            }
+        };
+        match relay(client, backend, &up, &down, idle_timeout, stop).await {
+            Ok(Ended::Done) => RelayEnd::Closed {
+                first: Side::Client,
+            },
+            Ok(Ended::Idle) => RelayEnd::Idle,
+            Ok(Ended::Stopped) => RelayEnd::Stopped,
+            Err(error) => RelayEnd::Failed {
+                side: Side::Client,
+                error,
+            },
         }
     }
 }

@@ -7,12 +7,13 @@
 //! while it is in use (live counts, health, drain) is in the shared runtime state.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::balancer::{self, Balancer, Candidate, WEIGHT_SCALE};
 use crate::config::{BackendConfig, Config, ListenerConfig};
-use crate::state::{BackendState, Health, ListenerState, Registry};
+use crate::stage::Stage;
+use crate::state::{BackendGuard, BackendState, Health, ListenerState, Phase, Registry};
 
 /// One generation of the whole routing table.
 #[derive(Debug)]
@@ -58,7 +59,11 @@ pub struct ListenerRoute {
     pub config: ListenerConfig,
     pub state: Arc<ListenerState>,
     pub backends: Vec<BackendRoute>,
+    /// What the listener reads of a connection before the pick, if anything.
+    pub stage: Option<Arc<dyn Stage>>,
     balancer: Box<dyn Balancer>,
+    /// Held by every pick and the count it adds, so that each pick sees all before it.
+    pick_lock: Mutex<()>,
 }
 
 /// A backend as configured, with its runtime state.
@@ -68,57 +73,28 @@ pub struct BackendRoute {
     pub state: Arc<BackendState>,
 }
 
-/// What an operator sees as a backend's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendStatus {
-    Up,
-    Down,
-    Draining,
-    /// New, waiting for its first health check.
-    Checking,
-}
-
-impl BackendStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendStatus::Up => "up",
-            BackendStatus::Down => "down",
-            BackendStatus::Draining => "draining",
-            BackendStatus::Checking => "checking",
-        }
-    }
-}
-
 impl BackendRoute {
-    /// Draining: drained by an operator or configured with `max_conns = 0`.
+    /// The backend's state, in one word (see [`Phase`]).
+    pub fn phase(&self) -> Phase {
+        self.state.phase()
+    }
+
+    /// Out of service: drained, `max_conns = 0` or removed.
     pub fn is_draining(&self) -> bool {
-        self.state.is_drained() || self.state.is_removed() || self.config.max_conns == Some(0)
+        self.phase().is_draining()
     }
 
-    pub fn status(&self) -> BackendStatus {
-        if self.is_draining() {
-            BackendStatus::Draining
-        } else {
-            match self.state.health() {
-                Health::Up => BackendStatus::Up,
-                Health::Down => BackendStatus::Down,
-                Health::Checking => BackendStatus::Checking,
-            }
-        }
-    }
-
-    /// Up, not draining and below its `max_conns`: may get a new connection.
+    /// The one answer to "may it get a new connection": up, in service and below its
+    /// `max_conns`.
     pub fn is_available(&self) -> bool {
-        self.state.is_up() && self.has_room()
+        self.phase() == Phase::Up && self.has_room()
     }
 
-    /// Not draining and below its `max_conns`, whatever its health.
+    /// Below its `max_conns`.
     fn has_room(&self) -> bool {
-        !self.is_draining()
-            && self
-                .config
-                .max_conns
-                .is_none_or(|max| self.state.active() < max)
+        self.config
+            .max_conns
+            .is_none_or(|max| self.state.active() < max)
     }
 
     /// The weight a strategy should use now, reduced while the backend is in slow start.
@@ -160,14 +136,21 @@ impl ListenerRoute {
                 state: registry.backend(&config.name, &b.name, new_backends),
             })
             .collect::<Vec<_>>();
-        if config.health.is_none() {
-            backends.iter().for_each(|b| b.state.set_up_unchecked());
+        for b in &backends {
+            // A backend in the config is not removed, whatever an earlier reload did.
+            b.state.set_removed(false);
+            if config.health.is_none() {
+                b.state.set_up_unchecked();
+            }
+            b.state.set_config_drained(b.config.max_conns == Some(0));
         }
         ListenerRoute {
             state: registry.listener(&config.name),
             config,
             backends,
+            stage: None,
             balancer,
+            pick_lock: Mutex::new(()),
         }
     }
 
@@ -180,6 +163,23 @@ impl ListenerRoute {
         } else {
             self.balancer.retry(&candidates, client)
         }
+    }
+
+    /// Picks as [`ListenerRoute::pick`] does and counts the connection against the
+    /// backend before any other pick of this listener can look.
+    pub fn pick_and_acquire(
+        &self,
+        client: IpAddr,
+        tried: &[usize],
+    ) -> Option<(usize, BackendGuard)> {
+        let _serialised = self.pick_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let index = self.pick(client, tried)?;
+        Some((index, self.backends[index].state.acquire()))
+    }
+
+    /// The stage before the pick, when the listener has one.
+    pub fn stage(&self) -> Option<Arc<dyn Stage>> {
+        self.stage.clone()
     }
 
     /// Where a new connection from `client` would go now, without opening one or
@@ -210,7 +210,7 @@ impl ListenerRoute {
             // refuse no connection. Up backends that are full or failed for this client
             // do not open this door.
             for (i, b) in self.backends.iter().enumerate() {
-                if b.state.health() == Health::Checking && b.has_room() && !tried.contains(&i) {
+                if b.phase() == Phase::Checking && b.has_room() && !tried.contains(&i) {
                     candidates[i].available = true;
                 }
             }
@@ -225,7 +225,7 @@ impl ListenerRoute {
         let available: Vec<&BackendRoute> = self
             .backends
             .iter()
-            .filter(|b| !b.is_draining() && b.state.is_up())
+            .filter(|b| b.phase() == Phase::Up)
             .collect();
         let total: u64 = available.iter().map(|b| b.state.active()).sum();
         let weights: u64 = available.iter().map(|b| u64::from(b.config.weight)).sum();

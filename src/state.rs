@@ -1,6 +1,7 @@
 //! Runtime state: what ballast knows about listeners and backends that is not config.
 //!
-//! Live counts, totals, byte counters, health and drain flags are atomics in an
+//! Live counts, totals, byte counters and a backend's state (its [`Phase`]: up,
+//! checking, down, draining since when, removed) are atomics in an
 //! `Arc<BackendState>` (and `Arc<ListenerState>`), kept in the [`Registry`] by name. A new
 //! routing snapshot (at start or at a reload) looks its backends up by (listener, backend
 //! name), so a backend that stays in the config keeps its live count, health and drain
@@ -11,14 +12,12 @@
 //! guard's drop is the only place the live count goes down, so every exit path of a
 //! connection (success, error, timeout, panic) gives its slot back.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use crate::metrics::{BackendMetrics, ListenerMetrics, Metrics};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-
-use tokio::sync::Notify;
 
 /// What the health checks say of a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,42 +50,100 @@ pub struct CheckFailure {
     pub reason: String,
 }
 
+/// Whether a backend takes new connections, as the operator and the config say; its
+/// health is the other half of its state (see [`Phase`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Service {
+    /// Takes connections when healthy.
+    InService = 0,
+    /// Drained through the admin API; survives reloads while the backend exists.
+    Drained = 1,
+    /// Configured with `max_conns = 0`.
+    ConfigDrained = 2,
+    /// Left the config in a reload; gets nothing new, even from an older snapshot.
+    Removed = 3,
+}
+
+impl Service {
+    fn from_u8(v: u8) -> Service {
+        match v {
+            0 => Service::InService,
+            1 => Service::Drained,
+            2 => Service::ConfigDrained,
+            _ => Service::Removed,
+        }
+    }
+}
+
+/// A backend's whole state in one word: what status shows and what decides whether it
+/// gets new connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// In service and healthy.
+    Up,
+    /// In service, waiting for its first health check.
+    Checking,
+    /// In service, failing its health checks.
+    Down,
+    /// Out of service since `since` (drained or `max_conns = 0`); its connections are
+    /// closed once `drain_timeout` has passed.
+    Draining { since: Instant },
+    /// Left the config at `since`; forgotten once its last connection ends.
+    Removed { since: Instant },
+}
+
+impl Phase {
+    /// What `/api/v1/status` calls it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Up => "up",
+            Phase::Checking => "checking",
+            Phase::Down => "down",
+            Phase::Draining { .. } | Phase::Removed { .. } => "draining",
+        }
+    }
+
+    /// Out of service: its connections are on their way out.
+    pub fn is_draining(self) -> bool {
+        matches!(self, Phase::Draining { .. } | Phase::Removed { .. })
+    }
+
+    /// When it left service, if it did.
+    pub fn draining_since(self) -> Option<Instant> {
+        match self {
+            Phase::Draining { since } | Phase::Removed { since } => Some(since),
+            _ => None,
+        }
+    }
+}
+
 /// Runtime state of one backend of one listener.
 #[derive(Debug)]
 pub struct BackendState {
     pub listener: String,
     pub name: String,
-    /// Live count (from pick to close), totals and byte counters: the Prometheus handles
-    /// themselves, so `/metrics` and the admin API read the same atomics.
+    /// The live count (from pick to close: the one count strategies, rebalance, metrics
+    /// and status read), totals and byte counters: the Prometheus handles themselves.
     metrics: BackendMetrics,
     /// A [`Health`], as its `u8`.
     health: AtomicU8,
-    /// When the health, drain or removal state last changed (what status calls
-    /// "since"); millis since `epoch`.
+    /// A [`Service`], as its `u8`.
+    service: AtomicU8,
+    /// When the health or the service last changed (what status calls "since"); millis
+    /// since `epoch`.
     changed_ms: AtomicU64,
+    /// When the service last changed: the drain clock; millis since `epoch`.
+    service_since_ms: AtomicU64,
     /// The wall-clock time at `epoch`, to show `changed_ms` as a date.
     epoch_wall: SystemTime,
     /// The latest failed health check; kept after the backend is up again.
     last_failure: Mutex<Option<CheckFailure>>,
-    /// Drained through the admin API; survives reloads while the backend exists.
-    drained: AtomicBool,
-    /// Left the config in a reload; gets nothing new, even from an older snapshot.
-    removed: AtomicBool,
     /// Consecutive health check results of the current streak (for rise/fall).
     health_streak: AtomicU32,
     /// When the backend (re)entered service, for slow start; millis since `epoch`.
     in_service_since_ms: AtomicU64,
-    /// When the drain supervisor first saw the backend draining; millis since `epoch`
-    /// plus one (0 = not draining).
-    draining_since_ms: AtomicU64,
     epoch: Instant,
-    /// The connections established to this backend and still open, by id (ids grow
-    /// with time, so the map is ordered oldest first). Touched once when a connection
-    /// is established and once when it ends, never per byte.
-    connections: Mutex<BTreeMap<u64, Arc<Notify>>>,
-    next_connection_id: AtomicU64,
-    /// Connections asked to close that have not ended yet (migrations in progress).
-    closing: AtomicU64,
 }
 
 impl BackendState {
@@ -96,18 +153,14 @@ impl BackendState {
             name: name.to_string(),
             metrics,
             health: AtomicU8::new(Health::Up as u8),
+            service: AtomicU8::new(Service::InService as u8),
             changed_ms: AtomicU64::new(0),
+            service_since_ms: AtomicU64::new(0),
             epoch_wall: SystemTime::now(),
             last_failure: Mutex::new(None),
-            drained: AtomicBool::new(false),
-            removed: AtomicBool::new(false),
             health_streak: AtomicU32::new(0),
             in_service_since_ms: AtomicU64::new(0),
-            draining_since_ms: AtomicU64::new(0),
             epoch: Instant::now(),
-            connections: Mutex::new(BTreeMap::new()),
-            next_connection_id: AtomicU64::new(0),
-            closing: AtomicU64::new(0),
         }
     }
 
@@ -135,8 +188,26 @@ impl BackendState {
     pub fn is_up(&self) -> bool {
         self.health() == Health::Up
     }
+    pub fn service(&self) -> Service {
+        Service::from_u8(self.service.load(Ordering::Relaxed))
+    }
 
-    /// When the health, drain or removal state last changed.
+    /// The backend's state, in one word.
+    pub fn phase(&self) -> Phase {
+        let since =
+            || self.epoch + Duration::from_millis(self.service_since_ms.load(Ordering::Relaxed));
+        match self.service() {
+            Service::InService => match self.health() {
+                Health::Up => Phase::Up,
+                Health::Checking => Phase::Checking,
+                Health::Down => Phase::Down,
+            },
+            Service::Drained | Service::ConfigDrained => Phase::Draining { since: since() },
+            Service::Removed => Phase::Removed { since: since() },
+        }
+    }
+
+    /// When the health or service state last changed.
     pub fn since(&self) -> SystemTime {
         self.epoch_wall + Duration::from_millis(self.changed_ms.load(Ordering::Relaxed))
     }
@@ -149,9 +220,12 @@ impl BackendState {
             .clone()
     }
 
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
     fn mark_changed(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.changed_ms.store(ms, Ordering::Relaxed);
+        self.changed_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     /// Sets the health; returns the one before.
@@ -166,23 +240,40 @@ impl BackendState {
         before
     }
 
+    /// Moves the service state from what `from` accepts to `to`; the drain clock starts
+    /// when a backend leaves service and stops when it comes back, never in between.
+    fn move_service(&self, from: impl Fn(Service) -> bool, to: Service) {
+        let mut current = self.service.load(Ordering::Relaxed);
+        loop {
+            let before = Service::from_u8(current);
+            if before == to || !from(before) {
+                return;
+            }
+            match self.service.compare_exchange(
+                current,
+                to as u8,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(seen) => current = seen,
+            }
+        }
+        let before = Service::from_u8(current);
+        self.mark_changed();
+        if before == Service::InService {
+            self.service_since_ms
+                .store(self.now_ms(), Ordering::Relaxed);
+        }
+        if to == Service::InService {
+            self.mark_in_service();
+        }
+    }
+
     /// A backend new to a listener with health checks waits for its first check.
     pub fn set_checking(&self) {
         self.health_streak.store(0, Ordering::Relaxed);
         self.set_health(Health::Checking);
-    }
-    pub fn is_drained(&self) -> bool {
-        self.drained.load(Ordering::Relaxed)
-    }
-
-    pub fn is_removed(&self) -> bool {
-        self.removed.load(Ordering::Relaxed)
-    }
-
-    pub fn set_removed(&self, removed: bool) {
-        if self.removed.swap(removed, Ordering::Relaxed) != removed {
-            self.mark_changed();
-        }
     }
 
     /// Without health checks a backend is up: a reload that drops `[listeners.health]`
@@ -192,14 +283,36 @@ impl BackendState {
         self.set_health(Health::Up);
     }
 
-    /// Takes the backend out of service (`true`) or puts it back (`false`).
+    /// The operator takes the backend out of service (`true`) or puts it back
+    /// (`false`); a backend the config drains (`max_conns = 0`) stays drained.
     pub fn set_drained(&self, drained: bool) {
-        let before = self.drained.swap(drained, Ordering::Relaxed);
-        if before != drained {
-            self.mark_changed();
-            if !drained {
-                self.mark_in_service();
-            }
+        if drained {
+            self.move_service(
+                |s| matches!(s, Service::InService | Service::ConfigDrained),
+                Service::Drained,
+            );
+        } else {
+            self.move_service(|s| s == Service::Drained, Service::InService);
+        }
+    }
+
+    /// The config says whether the backend is drained (`max_conns = 0`); an operator's
+    /// drain is kept either way.
+    pub fn set_config_drained(&self, drained: bool) {
+        if drained {
+            self.move_service(|s| s == Service::InService, Service::ConfigDrained);
+        } else {
+            self.move_service(|s| s == Service::ConfigDrained, Service::InService);
+        }
+    }
+
+    /// A reload removed the backend (`true`) or brought it back (`false`, back in
+    /// service: the operator's drain goes with the backend that left).
+    pub fn set_removed(&self, removed: bool) {
+        if removed {
+            self.move_service(|s| s != Service::Removed, Service::Removed);
+        } else {
+            self.move_service(|s| s == Service::Removed, Service::InService);
         }
     }
 
@@ -260,84 +373,15 @@ impl BackendState {
         Some(ok)
     }
 
-    /// Puts an established connection in the registry; it leaves it when the returned
-    /// registration is dropped. The `Notify` is how ballast asks it to close.
-    pub fn register(self: &Arc<Self>) -> Registration {
-        let id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
-        let close = Arc::new(Notify::new());
-        self.lock_connections().insert(id, Arc::clone(&close));
-        Registration {
-            backend: Arc::clone(self),
-            id,
-            close,
-        }
-    }
-
-    fn lock_connections(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Notify>>> {
-        self.connections.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Established connections open right now, less those already asked to close.
-    pub fn open_connections(&self) -> usize {
-        self.lock_connections().len()
-    }
-
-    /// Asks up to `n` open connections to close, the newest first when `newest` is set,
-    /// else the oldest first; returns how many were asked. A connection asked twice
-    /// closes once.
-    pub fn close_connections(&self, n: usize, newest: bool) -> usize {
-        let mut conns = self.lock_connections();
-        let chosen: Vec<u64> = if newest {
-            conns.keys().rev().take(n).copied().collect()
-        } else {
-            conns.keys().take(n).copied().collect()
-        };
-        // A connection asked to close leaves the registry at once: it may take a moment
-        // to end cleanly, and must not be counted (or asked) again meanwhile.
-        for id in &chosen {
-            if let Some(close) = conns.remove(id) {
-                self.closing.fetch_add(1, Ordering::Relaxed);
-                close.notify_one();
-            }
-        }
-        chosen.len()
-    }
-
-    /// Connections asked to close that are still ending.
-    pub fn closing_connections(&self) -> u64 {
-        self.closing.load(Ordering::Relaxed)
-    }
-
-    /// For the drain supervisor: how long the backend has been draining, starting the
-    /// clock at the first call while draining; `None` (and the clock reset) when not.
-    pub fn draining_for(&self, draining: bool) -> Option<Duration> {
-        let now = self.epoch.elapsed().as_millis() as u64 + 1;
-        if !draining {
-            self.draining_since_ms.store(0, Ordering::Relaxed);
-            return None;
-        }
-        let since = match self.draining_since_ms.compare_exchange(
-            0,
-            now,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        ) {
-            Ok(_) => now,
-            Err(since) => since,
-        };
-        Some(Duration::from_millis(now - since))
-    }
-
     fn mark_in_service(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.in_service_since_ms.store(ms, Ordering::Relaxed);
+        self.in_service_since_ms
+            .store(self.now_ms(), Ordering::Relaxed);
     }
 
     /// How long the backend has been in service, for slow start.
     pub fn in_service_for(&self) -> Duration {
         let since = self.in_service_since_ms.load(Ordering::Relaxed);
-        let now = self.epoch.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(since))
+        Duration::from_millis(self.now_ms().saturating_sub(since))
     }
 }
 
@@ -356,31 +400,6 @@ impl BackendGuard {
 impl Drop for BackendGuard {
     fn drop(&mut self) {
         self.backend.metrics.active.dec();
-    }
-}
-
-/// An established connection's entry in its backend's registry.
-#[derive(Debug)]
-pub struct Registration {
-    backend: Arc<BackendState>,
-    id: u64,
-    close: Arc<Notify>,
-}
-
-impl Registration {
-    /// Resolves when ballast asks this connection to close (drain deadline, migration).
-    /// Cancel-safe: a request made before this is polled is not lost.
-    pub async fn closed(&self) {
-        self.close.notified().await
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        if self.backend.lock_connections().remove(&self.id).is_none() {
-            // It had been asked to close, and now it has.
-            self.backend.closing.fetch_sub(1, Ordering::Relaxed);
-        }
     }
 }
 
@@ -432,6 +451,11 @@ impl ListenerState {
     /// accepted connection does), or one that no backend could be reached for.
     pub fn record_rejected(&self, reason: RejectReason) {
         self.rejected_counter(reason).inc();
+    }
+
+    /// Counts a connection that ended, by why.
+    pub fn record_end(&self, reason: crate::conn::EndReason) {
+        self.metrics.closed[reason.index()].inc();
     }
 
     /// Counts a connection that is accepted and at once refused (limits, no backend).

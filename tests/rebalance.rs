@@ -30,7 +30,7 @@ async fn open_on(ballast: &ballast::Running, backend: &str) -> u64 {
         .backend(backend)
         .unwrap()
         .state
-        .open_connections() as u64
+        .active()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +247,7 @@ async fn a_migrated_websocket_gets_close_1012_after_whole_frames_and_its_backend
             .backend("a")
             .unwrap()
             .state
-            .open_connections()
+            .active()
             == 4
     })
     .await;
@@ -262,7 +262,7 @@ async fn a_migrated_websocket_gets_close_1012_after_whole_frames_and_its_backend
             .backend("b")
             .unwrap()
             .state
-            .open_connections()
+            .active()
             == 2
     })
     .await;

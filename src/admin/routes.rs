@@ -365,7 +365,7 @@ fn drain(ballast: &Ballast, listener: &str, backend: &str, drained: bool) -> Res
     );
     Response::json(
         200,
-        &serde_json::json!({ "listener": listener, "backend": backend, "state": b.status().as_str() }),
+        &serde_json::json!({ "listener": listener, "backend": backend, "state": b.phase().as_str() }),
     )
 }
 

@@ -83,6 +83,7 @@ const LISTENER_KEYS: &[&str] = &[
     "slow_start",
     "health",
     "rebalance",
+    "access_log",
     "backends",
 ];
 const HEALTH_KEYS: &[&str] = &["kind", "path", "interval", "timeout", "rise", "fall"];
@@ -446,6 +447,25 @@ impl Reader<'_> {
         Field::Wrong
     }
 
+    fn flag(&mut self, t: &Table, key: &str) -> Field<bool> {
+        let Some(node) = t.get(key) else {
+            return Field::Absent;
+        };
+        if let Value::Boolean(b) = &node.value {
+            return Field::Given(At {
+                value: *b,
+                span: node.span.clone(),
+            });
+        }
+        let message = format!(
+            "{} must be true or false, like {key} = true, not {}",
+            t.what(key),
+            node.describe()
+        );
+        self.problem(node.span.clone(), message);
+        Field::Wrong
+    }
+
     fn listen_addr(&mut self, t: &Table, key: &str, example: &str) -> Field<SocketAddr> {
         let Some(node) = t.get(key) else {
             return Field::Absent;
@@ -780,6 +800,7 @@ impl Reader<'_> {
             ),
         );
         let slow_start = self.duration(&t, "slow_start", "30s");
+        let access_log = self.flag(&t, "access_log");
         let health = match t.get("health") {
             None => Some(None),
             Some(node) => self.health(&t.prefix, node).map(Some),
@@ -840,6 +861,7 @@ impl Reader<'_> {
                 slow_start: slow_start.optional()?.filter(|d| !d.is_zero()),
                 health: health?,
                 rebalance: rebalance?,
+                access_log: access_log.or(false)?,
                 backends: backends.into_iter().collect::<Option<Vec<_>>>()?,
             })
         })();

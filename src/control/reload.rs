@@ -23,9 +23,12 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
+use super::RemovedBackend;
 use crate::config::{Config, ConfigError};
+use crate::listen::bind_listener;
+use crate::logging::unix_now;
 use crate::routing::Routing;
-use crate::{bind_listener, systemd, unix_now, Ballast, BindError, RemovedBackend};
+use crate::{systemd, Ballast, BindError};
 
 /// Why a reload was refused.
 #[derive(Debug, thiserror::Error)]
@@ -131,15 +134,10 @@ impl Ballast {
         {
             let mut removed = self.removed();
             // A backend or listener that comes back before its connections ended is the
-            // same one again; the backend starts in service.
-            removed.backends.retain(|r| {
-                let back = kept.contains(&(r.state.listener.as_str(), r.state.name.as_str()));
-                if back {
-                    r.state.set_removed(false);
-                    r.state.set_drained(false);
-                }
-                !back
-            });
+            // same one again (the new snapshot put the backend back in service).
+            removed
+                .backends
+                .retain(|r| !kept.contains(&(r.state.listener.as_str(), r.state.name.as_str())));
             removed
                 .listeners
                 .retain(|l| routing.listener(&l.name).is_none());

@@ -77,7 +77,14 @@ async fn check_and_record(addr: SocketAddr, health: HealthConfig, state: Arc<Bac
     let result = tokio::time::timeout(health.timeout, probe(addr, &health)).await;
     let outcome = match result {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(why)) => Err(why),
+        Ok(Err(Failed::Backend(why))) => Err(why),
+        Ok(Err(Failed::Local(e))) => {
+            // Out of file descriptors or memory here says nothing of the backend.
+            return warn!(
+                listener = %state.listener, backend = %state.name, %addr, error = %e,
+                "health check not run: no local resources; the backend keeps its state"
+            );
+        }
         Err(_) => Err(format!("no answer within {:?}", health.timeout)),
     };
     let reason = outcome.as_ref().err().cloned().unwrap_or_default();
@@ -93,10 +100,27 @@ async fn check_and_record(addr: SocketAddr, health: HealthConfig, state: Arc<Bac
     }
 }
 
-async fn probe(addr: SocketAddr, health: &HealthConfig) -> Result<(), String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+/// Why a probe failed: the backend's fault, or a lack of local resources.
+#[derive(Debug)]
+enum Failed {
+    Backend(String),
+    Local(std::io::Error),
+}
+
+impl From<String> for Failed {
+    fn from(why: String) -> Failed {
+        Failed::Backend(why)
+    }
+}
+
+async fn probe(addr: SocketAddr, health: &HealthConfig) -> Result<(), Failed> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| {
+        if crate::proxy::is_local_exhaustion(&e) {
+            Failed::Local(e)
+        } else {
+            Failed::Backend(format!("connect: {e}"))
+        }
+    })?;
     if health.kind == HealthKind::Tcp {
         return Ok(());
     }
@@ -125,7 +149,7 @@ async fn probe(addr: SocketAddr, health: &HealthConfig) -> Result<(), String> {
         ended = connection.as_mut() => match ended {
             // An answer read just before the close is waiting in `send`.
             Ok(()) => send.await,
-            Err(e) => return Err(format!("HTTP: {e}")),
+            Err(e) => return Err(format!("HTTP: {e}").into()),
         },
     }
     .map_err(|e| format!("HTTP: {e}"))?;
@@ -133,7 +157,7 @@ async fn probe(addr: SocketAddr, health: &HealthConfig) -> Result<(), String> {
     if status.is_success() || status.is_redirection() {
         Ok(())
     } else {
-        Err(format!("HTTP status {}", status.as_u16()))
+        Err(format!("HTTP status {}", status.as_u16()).into())
     }
 }
 

@@ -18,8 +18,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::info;
 
+use std::sync::Arc;
+
 use crate::config::RebalanceConfig;
+use crate::conn::{Conns, EndReason};
 use crate::routing::ListenerRoute;
+use crate::state::Phase;
 use crate::Ballast;
 
 /// The longest the loop sleeps, so that a reload that adds rebalancing is seen quickly.
@@ -120,7 +124,7 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
                 .copied()
                 .unwrap_or(now + config.interval);
             if at <= now {
-                rebalance(listener, config);
+                rebalance(ballast.conns(), listener, config);
                 at = now + config.interval;
             }
             wake = wake.min(at);
@@ -136,24 +140,20 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
 }
 
 /// One interval of one listener.
-fn rebalance(listener: &ListenerRoute, config: &RebalanceConfig) {
+fn rebalance(conns: &Conns, listener: &ListenerRoute, config: &RebalanceConfig) {
     // While migrated connections are still ending, their clients have not reconnected:
     // the counts would understate the total and the plan would overshoot. Wait.
-    if listener
-        .backends
-        .iter()
-        .any(|b| b.state.closing_connections() > 0)
-    {
+    let ending = conns.select(|e| e.asked().is_some() && Arc::ptr_eq(&e.listener, &listener.state));
+    if !ending.is_empty() {
         return;
     }
     let loads: Vec<Load> = listener
         .backends
         .iter()
         .map(|b| Load {
-            // Established connections: only those can be migrated.
-            active: b.state.open_connections() as u64,
+            active: b.state.active(),
             weight: b.config.weight,
-            available: !b.is_draining() && b.state.is_up(),
+            available: b.phase() == Phase::Up,
             max_conns: b.config.max_conns,
         })
         .collect();
@@ -166,7 +166,7 @@ fn rebalance(listener: &ListenerRoute, config: &RebalanceConfig) {
         if n == 0 {
             continue;
         }
-        let migrated = backend.state.close_connections(n as usize, true);
+        let migrated = conns.close_backend(&backend.state, n as usize, true, EndReason::Migrated);
         backend.state.metrics().migrations.inc_by(migrated as u64);
         info!(
             listener = %listener.config.name, backend = %backend.config.name, migrated,

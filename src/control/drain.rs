@@ -12,11 +12,12 @@
 //! connection has ended; a backend that a later reload brings back before then keeps it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::conn::{Conns, EndReason};
 use crate::state::BackendState;
 use crate::Ballast;
 
@@ -42,17 +43,19 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
 /// One look at every draining backend.
 fn supervise(ballast: &Ballast) {
     let routing = ballast.routing();
+    let conns = ballast.conns();
     for listener in &routing.listeners {
         for backend in &listener.backends {
-            if let Some(draining_for) = backend.state.draining_for(backend.is_draining()) {
-                enforce(&backend.state, listener.config.drain_timeout, draining_for);
+            if let Some(since) = backend.phase().draining_since() {
+                enforce(conns, &backend.state, listener.config.drain_timeout, since);
             }
         }
     }
     let mut removed = ballast.removed();
     removed.backends.retain(|r| {
-        let draining_for = r.state.draining_for(true).unwrap_or_default();
-        enforce(&r.state, r.drain_timeout, draining_for);
+        if let Some(since) = r.state.phase().draining_since() {
+            enforce(conns, &r.state, r.drain_timeout, since);
+        }
         if r.state.active() > 0 {
             return true;
         }
@@ -69,13 +72,14 @@ fn supervise(ballast: &Ballast) {
     });
 }
 
-/// Closes a share of `state`'s connections once `draining_for` passed `drain_timeout`:
-/// so many per tick that the last ones close at the end of the spread window.
-fn enforce(state: &Arc<BackendState>, drain_timeout: Duration, draining_for: Duration) {
-    let Some(past) = draining_for.checked_sub(drain_timeout) else {
+/// Closes a share of `state`'s connections once `drain_timeout` has passed since it
+/// began draining: so many per tick that the last ones close at the end of the spread
+/// window.
+fn enforce(conns: &Conns, state: &Arc<BackendState>, drain_timeout: Duration, since: Instant) {
+    let Some(past) = since.elapsed().checked_sub(drain_timeout) else {
         return;
     };
-    let open = state.open_connections();
+    let open = state.active() as usize;
     if open == 0 {
         return;
     }
@@ -87,9 +91,11 @@ fn enforce(state: &Arc<BackendState>, drain_timeout: Duration, draining_for: Dur
         // ceil(open * TICK / left)
         ((open as u128 * TICK.as_micros()).div_ceil(left.as_micros())) as usize
     };
-    let closed = state.close_connections(n, false);
-    info!(
-        listener = %state.listener, backend = %state.name, closed, open,
-        "drain_timeout passed: closing connections"
-    );
+    let closed = conns.close_backend(state, n, false, EndReason::Drain);
+    if closed > 0 {
+        info!(
+            listener = %state.listener, backend = %state.name, closed, open,
+            "drain_timeout passed: closing connections"
+        );
+    }
 }

@@ -1,0 +1,438 @@
+//! The connection table: every client connection from accept to its end, and the one way
+//! ballast ends one.
+//!
+//! A connection is registered the moment it is accepted ([`Conns::open`]) and leaves the
+//! table when its task drops the [`Conn`] handle, whatever path it took. Its entry holds
+//! what the control plane needs to choose connections (listener, backend once picked,
+//! start time) and an [`Ask`] cell: drain, rebalance and shutdown each end connections
+//! with one call here, and the connection's task sees the request at its next poll and
+//! ends with the reason it was given. Nothing else ends a connection from outside.
+//!
+//! The table is split in shards by connection id so that accepts on several threads do
+//! not all queue on one lock; a scan (drain, rebalance, shutdown) takes the shards one
+//! after the other and never holds a lock while a connection wakes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use crate::state::{BackendState, ListenerState};
+
+/// Why a connection ended: the `reason` of the access log and of
+/// `ballast_connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum EndReason {
+    /// The client ended its side first (FIN or reset).
+    ClientClosed = 1,
+    /// The backend ended its side first.
+    BackendClosed,
+    /// Nothing moved for the listener's `idle_timeout`.
+    IdleTimeout,
+    /// Its backend drained (operator, `max_conns = 0`, reload) past `drain_timeout`.
+    Drain,
+    /// Rebalance moved it away from an overloaded backend.
+    Migrated,
+    /// ballast shut down.
+    Shutdown,
+    /// No backend could be reached (every attempt failed or timed out).
+    ConnectFailed,
+    /// No backend was available to pick.
+    NoBackend,
+    /// A limit refused it (the listener's `max_conns`).
+    Limit,
+    /// Handed to another process on upgrade.
+    Handover,
+    /// A local failure (out of file descriptors or memory, a socket error of ballast's).
+    Error,
+}
+
+impl EndReason {
+    pub const ALL: [EndReason; 11] = [
+        EndReason::ClientClosed,
+        EndReason::BackendClosed,
+        EndReason::IdleTimeout,
+        EndReason::Drain,
+        EndReason::Migrated,
+        EndReason::Shutdown,
+        EndReason::ConnectFailed,
+        EndReason::NoBackend,
+        EndReason::Limit,
+        EndReason::Handover,
+        EndReason::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::ClientClosed => "client_closed",
+            EndReason::BackendClosed => "backend_closed",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::Drain => "drain",
+            EndReason::Migrated => "migrated",
+            EndReason::Shutdown => "shutdown",
+            EndReason::ConnectFailed => "connect_failed",
+            EndReason::NoBackend => "no_backend",
+            EndReason::Limit => "limit",
+            EndReason::Handover => "handover",
+            EndReason::Error => "error",
+        }
+    }
+
+    /// The index of this reason in [`EndReason::ALL`].
+    pub fn index(self) -> usize {
+        self as usize - 1
+    }
+
+    fn from_u8(v: u8) -> Option<EndReason> {
+        EndReason::ALL.get(usize::from(v).checked_sub(1)?).copied()
+    }
+}
+
+/// What ballast asks of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// End it cleanly: let the frame in flight complete, then close both sides.
+    Close(EndReason),
+    /// End it now, no grace (the operator's second SIGTERM, a shutdown deadline).
+    Abort(EndReason),
+}
+
+impl Ask {
+    pub fn reason(self) -> EndReason {
+        match self {
+            Ask::Close(r) | Ask::Abort(r) => r,
+        }
+    }
+
+    fn encode(self) -> u8 {
+        match self {
+            Ask::Close(r) => r as u8,
+            Ask::Abort(r) => r as u8 | ABORT,
+        }
+    }
+
+    fn decode(v: u8) -> Option<Ask> {
+        let reason = EndReason::from_u8(v & !ABORT)?;
+        Some(if v & ABORT != 0 {
+            Ask::Abort(reason)
+        } else {
+            Ask::Close(reason)
+        })
+    }
+}
+
+/// The bit of an encoded [`Ask`] that says "abort".
+const ABORT: u8 = 0x80;
+
+/// Shards of the table; a power of two.
+const SHARDS: usize = 16;
+
+/// One connection's entry, shared by its task and the table.
+#[derive(Debug)]
+pub struct Entry {
+    pub id: u64,
+    pub listener: Arc<ListenerState>,
+    /// The client as the pick and the logs see it.
+    pub client: SocketAddr,
+    pub started: Instant,
+    /// Set once the backend is picked.
+    backend: OnceLock<Arc<BackendState>>,
+    /// An encoded [`Ask`], 0 while nobody asked. A later ask may only turn a close into
+    /// an abort.
+    ask: AtomicU8,
+    wake: Notify,
+}
+
+impl Entry {
+    pub fn backend(&self) -> Option<&Arc<BackendState>> {
+        self.backend.get()
+    }
+
+    /// What was asked of the connection so far.
+    pub fn asked(&self) -> Option<Ask> {
+        Ask::decode(self.ask.load(Ordering::Acquire))
+    }
+
+    /// Asks the connection to end; `false` when it had been asked already (an abort
+    /// still upgrades an earlier close).
+    fn ask(&self, ask: Ask) -> bool {
+        let mut current = self.ask.load(Ordering::Acquire);
+        loop {
+            let upgrade = matches!(ask, Ask::Abort(_)) && current & ABORT == 0;
+            if current != 0 && !upgrade {
+                return false;
+            }
+            let next = if current == 0 {
+                ask.encode()
+            } else {
+                current | ABORT
+            };
+            match self
+                .ask
+                .compare_exchange(current, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    // Every waiter: the relay's stop and the watch for an abort.
+                    self.wake.notify_waiters();
+                    return current == 0;
+                }
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Resolves with what ballast asks of this connection, at once if it asked already.
+    /// Cancel-safe, and may be awaited again after it resolved (a close that later
+    /// turns into an abort).
+    pub async fn wait_ask(&self, seen: Option<Ask>) -> Ask {
+        loop {
+            // Created before the look, so an ask made in between still wakes it.
+            let notified = self.wake.notified();
+            if let Some(ask) = self.asked().filter(|a| Some(*a) != seen) {
+                return ask;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Every open client connection.
+#[derive(Debug)]
+pub struct Conns {
+    shards: [Mutex<HashMap<u64, Arc<Entry>>>; SHARDS],
+    next_id: AtomicU64,
+}
+
+impl Default for Conns {
+    fn default() -> Conns {
+        Conns {
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// A connection's place in the table; it leaves the table when this is dropped.
+#[derive(Debug)]
+pub struct Conn {
+    table: Arc<Conns>,
+    entry: Arc<Entry>,
+}
+
+impl std::ops::Deref for Conn {
+    type Target = Entry;
+    fn deref(&self) -> &Entry {
+        &self.entry
+    }
+}
+
+impl Conn {
+    /// Notes the backend picked for this connection (the first pick; a retry's backend
+    /// replaces nothing: the table answers "which connections does backend b hold",
+    /// asked only of established ones).
+    pub fn set_backend(&self, backend: &Arc<BackendState>) {
+        let _ = self.entry.backend.set(Arc::clone(backend));
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.table.shard(self.entry.id).remove(&self.entry.id);
+    }
+}
+
+impl Conns {
+    fn shard(&self, id: u64) -> MutexGuard<'_, HashMap<u64, Arc<Entry>>> {
+        self.shards[id as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a connection just accepted.
+    pub fn open(self: &Arc<Self>, listener: &Arc<ListenerState>, client: SocketAddr) -> Conn {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(Entry {
+            id,
+            listener: Arc::clone(listener),
+            client,
+            started: Instant::now(),
+            backend: OnceLock::new(),
+            ask: AtomicU8::new(0),
+            wake: Notify::new(),
+        });
+        self.shard(id).insert(id, Arc::clone(&entry));
+        Conn {
+            table: Arc::clone(self),
+            entry,
+        }
+    }
+
+    /// Open connections.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The entries that `keep` selects, oldest first.
+    pub fn select(&self, keep: impl Fn(&Entry) -> bool) -> Vec<Arc<Entry>> {
+        let mut chosen: Vec<Arc<Entry>> = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            chosen.extend(shard.values().filter(|e| keep(e)).cloned());
+        }
+        chosen.sort_unstable_by_key(|e| e.id);
+        chosen
+    }
+
+    /// Connections of `backend` not asked to end yet, oldest first.
+    fn of_backend(&self, backend: &Arc<BackendState>) -> Vec<Arc<Entry>> {
+        self.select(|e| e.asked().is_none() && e.backend().is_some_and(|b| Arc::ptr_eq(b, backend)))
+    }
+
+    /// Connections of `backend` asked to end that are still ending.
+    pub fn closing(&self, backend: &Arc<BackendState>) -> usize {
+        self.select(|e| e.asked().is_some() && e.backend().is_some_and(|b| Arc::ptr_eq(b, backend)))
+            .len()
+    }
+
+    /// Asks up to `n` connections of `backend` to close cleanly with `reason`, the
+    /// newest first when `newest`, else the oldest first. Returns how many were asked.
+    pub fn close_backend(
+        &self,
+        backend: &Arc<BackendState>,
+        n: usize,
+        newest: bool,
+        reason: EndReason,
+    ) -> usize {
+        let open = self.of_backend(backend);
+        let chosen: Box<dyn Iterator<Item = &Arc<Entry>>> = if newest {
+            Box::new(open.iter().rev().take(n))
+        } else {
+            Box::new(open.iter().take(n))
+        };
+        chosen.filter(|e| e.ask(Ask::Close(reason))).count()
+    }
+
+    /// Asks every connection `ask`; returns how many had not been asked before.
+    pub fn ask_all(&self, ask: Ask) -> usize {
+        self.select(|_| true).iter().filter(|e| e.ask(ask)).count()
+    }
+
+    /// Asks up to `n` of the oldest connections not asked yet to close with `reason`.
+    pub fn close_oldest(&self, n: usize, reason: EndReason) -> usize {
+        self.select(|e| e.asked().is_none())
+            .iter()
+            .take(n)
+            .filter(|e| e.ask(Ask::Close(reason)))
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn listener() -> Arc<ListenerState> {
+        Arc::new(ListenerState::new("web", Metrics::new().listener("web")))
+    }
+
+    fn client() -> SocketAddr {
+        "127.0.0.1:40000".parse().unwrap()
+    }
+
+    #[test]
+    fn a_connection_leaves_the_table_when_its_handle_drops() {
+        let table = Arc::new(Conns::default());
+        let l = listener();
+        let a = table.open(&l, client());
+        let b = table.open(&l, client());
+        assert_eq!(table.len(), 2);
+        drop(a);
+        assert_eq!(table.len(), 1);
+        drop(b);
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn the_first_ask_wins_and_an_abort_upgrades_a_close() {
+        let table = Arc::new(Conns::default());
+        let c = table.open(&listener(), client());
+        assert_eq!(c.asked(), None);
+        assert!(c.ask(Ask::Close(EndReason::Drain)));
+        assert!(!c.ask(Ask::Close(EndReason::Migrated)));
+        assert_eq!(c.asked(), Some(Ask::Close(EndReason::Drain)));
+        assert!(!c.ask(Ask::Abort(EndReason::Shutdown)), "asked before");
+        assert_eq!(c.asked(), Some(Ask::Abort(EndReason::Drain)));
+    }
+
+    #[test]
+    fn a_backend_s_connections_close_oldest_or_newest_first_and_once() {
+        let registry = crate::state::Registry::default();
+        let a = registry.backend("web", "a", crate::state::Health::Up);
+        let other = registry.backend("web", "b", crate::state::Health::Up);
+        let table = Arc::new(Conns::default());
+        let l = listener();
+        let conns: Vec<Conn> = (0..5)
+            .map(|i| {
+                let c = table.open(&l, client());
+                c.set_backend(if i == 2 { &other } else { &a });
+                c
+            })
+            .collect();
+        assert_eq!(table.close_backend(&a, 1, false, EndReason::Drain), 1);
+        assert_eq!(conns[0].asked(), Some(Ask::Close(EndReason::Drain)));
+        assert_eq!(table.close_backend(&a, 1, true, EndReason::Migrated), 1);
+        assert_eq!(conns[4].asked(), Some(Ask::Close(EndReason::Migrated)));
+        assert_eq!(table.closing(&a), 2);
+        assert_eq!(table.close_backend(&a, 10, false, EndReason::Drain), 2);
+        assert_eq!(conns[2].asked(), None, "another backend's");
+        assert_eq!(table.close_backend(&a, 10, false, EndReason::Drain), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_connection_hears_the_ask_made_before_it_waited() {
+        let table = Arc::new(Conns::default());
+        let c = table.open(&listener(), client());
+        table.ask_all(Ask::Close(EndReason::Shutdown));
+        assert_eq!(c.wait_ask(None).await, Ask::Close(EndReason::Shutdown));
+        table.ask_all(Ask::Abort(EndReason::Shutdown));
+        let seen = Some(Ask::Close(EndReason::Shutdown));
+        assert_eq!(c.wait_ask(seen).await, Ask::Abort(EndReason::Shutdown));
+    }
+
+    #[test]
+    fn reasons_have_their_contract_names() {
+        let names: Vec<&str> = EndReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "client_closed",
+                "backend_closed",
+                "idle_timeout",
+                "drain",
+                "migrated",
+                "shutdown",
+                "connect_failed",
+                "no_backend",
+                "limit",
+                "handover",
+                "error"
+            ]
+        );
+        for (i, r) in EndReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+            assert_eq!(EndReason::from_u8(*r as u8), Some(*r));
+        }
+    }
+}

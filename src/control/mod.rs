@@ -1,0 +1,464 @@
+//! The control plane: everything that drives the data plane from outside a connection.
+//!
+//! [`Ballast`] owns the routing snapshot (one `ArcSwap`, swapped as a whole by
+//! [`reload`]), the runtime state [`Registry`], the connection table and the accept
+//! loops' lifecycle. It hands the data plane ([`crate::proxy`]) only a
+//! [`DataPlane`] — the snapshot, the table — and acts on connections only through the
+//! table: [`drain`] closes a drained backend's connections after `drain_timeout`,
+//! [`rebalance`] migrates the newest away from an overloaded backend, and
+//! [`Ballast::shutdown`] closes what is left, spread over time. [`health`] probes
+//! backends and writes their state; the admin endpoint reads and drives all of it.
+
+pub mod drain;
+pub mod health;
+pub mod rebalance;
+pub mod reload;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::conn::{Ask, Conns, EndReason};
+use crate::logging::{rfc3339, unix_now};
+use crate::proxy::{self, DataPlane};
+use crate::routing::Routing;
+use crate::state::{BackendState, ListenerState, Registry};
+use crate::systemd;
+
+/// A running ballast's control plane. Cheap to clone (one `Arc`).
+#[derive(Clone, Debug)]
+pub struct Ballast {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// What the connection path sees: the routing snapshot and the connection table.
+    plane: DataPlane,
+    /// Runtime state by name, carried across routing snapshots.
+    registry: Registry,
+    /// The file the config came from; reloads read it again.
+    config_path: Option<PathBuf>,
+    /// Every listener is bound (for `/readyz`).
+    ready: AtomicBool,
+    /// Graceful shutdown has begun (`/readyz` answers 503).
+    shutting_down: AtomicBool,
+    /// The accept loop of each listener, by name.
+    listeners: Mutex<HashMap<String, ListenerHandle>>,
+    /// The runtime that accept loops run on (listeners that a reload adds too).
+    spawner: Mutex<Option<Handle>>,
+    /// Backends and listeners that left the config and still have connections.
+    removed: Mutex<Removed>,
+    /// One reload at a time.
+    reload_lock: Mutex<()>,
+    /// The config file's content as last read, so that the file watcher does not reload
+    /// a file that SIGHUP or the API already did.
+    last_loaded: Mutex<Option<Vec<u8>>>,
+    /// Wakes the health checker when a reload swapped the routing snapshot.
+    routing_swapped: tokio::sync::Notify,
+    /// Turns true when shutdown is complete; background loops (admin, health) end then.
+    stopped: watch::Sender<bool>,
+}
+
+/// A running accept loop.
+#[derive(Debug)]
+struct ListenerHandle {
+    /// The bind address from the config (a reload that changes it rebinds).
+    bind: SocketAddr,
+    /// The address really listened on.
+    local: SocketAddr,
+    /// A second handle on the listening socket, so that a reload that renames the
+    /// listener (or swaps addresses) hands the same socket on instead of binding again.
+    /// Dropped with the handle, which closes the port once the accept loop ends too.
+    socket: std::net::TcpListener,
+    /// Stops the accept loop.
+    stop: watch::Sender<bool>,
+}
+
+/// What a reload removed but connections still use; the drain supervisor closes their
+/// connections after `drain_timeout` and forgets them once the last one has ended.
+#[derive(Debug, Default)]
+pub(crate) struct Removed {
+    pub(crate) backends: Vec<RemovedBackend>,
+    pub(crate) listeners: Vec<Arc<ListenerState>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct RemovedBackend {
+    pub(crate) state: Arc<BackendState>,
+    pub(crate) drain_timeout: Duration,
+}
+
+/// How often shutdown looks at what is left.
+const SHUTDOWN_TICK: Duration = Duration::from_millis(20);
+
+impl Ballast {
+    /// A ballast for `config`, as generation 1, not yet serving anything.
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Ballast {
+        let registry = Registry::default();
+        let routing = Routing::build(config, 1, &registry);
+        let metrics = registry.metrics();
+        metrics.config_generation.set(1);
+        metrics.config_last_reload_success.set(unix_now());
+        let last_loaded = config_path.as_ref().and_then(|p| std::fs::read(p).ok());
+        let plane = DataPlane::new(
+            Arc::new(ArcSwap::from_pointee(routing)),
+            Arc::new(Conns::default()),
+        );
+        Ballast {
+            inner: Arc::new(Inner {
+                plane,
+                registry,
+                config_path,
+                ready: AtomicBool::new(false),
+                shutting_down: AtomicBool::new(false),
+                listeners: Mutex::new(HashMap::new()),
+                spawner: Mutex::new(None),
+                removed: Mutex::new(Removed::default()),
+                reload_lock: Mutex::new(()),
+                last_loaded: Mutex::new(last_loaded),
+                routing_swapped: tokio::sync::Notify::new(),
+                stopped: watch::channel(false).0,
+            }),
+        }
+    }
+
+    /// The current routing snapshot. Hold the `Arc` as long as you like; it does not
+    /// block reloads.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.inner.plane.routing()
+    }
+
+    /// Every open client connection.
+    pub fn conns(&self) -> &Arc<Conns> {
+        self.inner.plane.conns()
+    }
+
+    pub(crate) fn swap_routing(&self, routing: Routing) {
+        self.inner.plane.swap_routing(routing);
+        // Backends the new snapshot adds are checked at once, not at the next nap's end.
+        self.inner.routing_swapped.notify_one();
+    }
+
+    /// Resolves after the next routing swap (or at once if one happened since the last
+    /// call). Cancel-safe; meant for one waiter, the health checker.
+    pub(crate) async fn routing_swapped(&self) {
+        self.inner.routing_swapped.notified().await
+    }
+
+    pub fn config_path(&self) -> Option<&PathBuf> {
+        self.inner.config_path.as_ref()
+    }
+
+    /// The bearer token every admin POST needs, when `admin.token_file` is set.
+    pub fn admin_token(&self) -> Option<String> {
+        self.routing()
+            .config
+            .admin
+            .as_ref()
+            .and_then(|a| a.token.clone())
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    pub(crate) fn removed(&self) -> MutexGuard<'_, Removed> {
+        self.inner.removed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_last_loaded(&self, content: &[u8]) {
+        let mut last = self
+            .inner
+            .last_loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *last = Some(content.to_vec());
+    }
+
+    pub(crate) fn is_last_loaded(&self, content: &[u8]) -> bool {
+        let last = self
+            .inner
+            .last_loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        last.as_deref() == Some(content)
+    }
+
+    pub(crate) fn lock_reload(&self) -> MutexGuard<'_, ()> {
+        self.inner
+            .reload_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn handles(&self) -> MutexGuard<'_, HashMap<String, ListenerHandle>> {
+        self.inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves when shutdown is complete.
+    pub fn stopped_signal(&self) -> watch::Receiver<bool> {
+        self.inner.stopped.subscribe()
+    }
+
+    /// Sets the runtime on which accept loops run (the current one, when called from
+    /// inside a runtime and nothing was set before).
+    pub fn set_spawner(&self, handle: Handle) {
+        let mut spawner = self.inner.spawner.lock().unwrap_or_else(|e| e.into_inner());
+        spawner.get_or_insert(handle);
+    }
+
+    /// Starts the accept loop of listener `name` on `socket` (already bound).
+    pub fn open_listener(
+        &self,
+        name: &str,
+        bind: SocketAddr,
+        socket: std::net::TcpListener,
+    ) -> std::io::Result<SocketAddr> {
+        if self.is_shutting_down() {
+            return Err(std::io::Error::other("ballast is shutting down"));
+        }
+        let kept = socket.try_clone()?;
+        let handle = {
+            let spawner = self.inner.spawner.lock().unwrap_or_else(|e| e.into_inner());
+            spawner.clone().or_else(|| Handle::try_current().ok())
+        }
+        .ok_or_else(|| std::io::Error::other("no runtime to run listeners on"))?;
+        let listener = {
+            let _entered = handle.enter();
+            tokio::net::TcpListener::from_std(socket)?
+        };
+        let local = listener.local_addr()?;
+        let (stop, stop_rx) = watch::channel(false);
+        handle.spawn(proxy::serve(
+            listener,
+            name.to_string(),
+            self.inner.plane.clone(),
+            stop_rx,
+        ));
+        let old = self.handles().insert(
+            name.to_string(),
+            ListenerHandle {
+                bind,
+                local,
+                socket: kept,
+                stop,
+            },
+        );
+        if let Some(old) = old {
+            old.stop.send_replace(true);
+        }
+        Ok(local)
+    }
+
+    /// Stops the accept loop of listener `name`; its connections are not touched.
+    pub(crate) fn close_listener(&self, name: &str) {
+        if let Some(handle) = self.handles().remove(name) {
+            handle.stop.send_replace(true);
+        }
+    }
+
+    /// Another handle on the socket of running listener `name`.
+    pub fn clone_socket(&self, name: &str) -> Option<std::net::TcpListener> {
+        self.handles()
+            .get(name)
+            .and_then(|h| h.socket.try_clone().ok())
+    }
+
+    /// The config bind address of every running accept loop, by listener name.
+    pub fn listener_binds(&self) -> HashMap<String, SocketAddr> {
+        self.handles()
+            .iter()
+            .map(|(n, h)| (n.clone(), h.bind))
+            .collect()
+    }
+
+    /// The address listener `name` really listens on, once bound.
+    pub fn bound_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.handles().get(name).map(|h| h.local)
+    }
+
+    pub fn set_ready(&self) {
+        self.inner.ready.store(true, Ordering::Relaxed);
+        systemd::notify("READY=1");
+    }
+
+    /// Every listener is bound and no shutdown has begun.
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Relaxed) && !self.is_shutting_down()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Client connections open right now, over all listeners (removed ones too).
+    pub fn active_connections(&self) -> u64 {
+        self.conns().len() as u64
+    }
+
+    /// Stops every accept loop; connections are not touched.
+    pub fn stop_accepting(&self) {
+        for (_, handle) in self.handles().drain() {
+            handle.stop.send_replace(true);
+        }
+    }
+
+    /// Graceful shutdown: `/readyz` turns 503 and listeners stop accepting. Open
+    /// connections get the first part of `timeout` to end by themselves; those left are
+    /// then closed cleanly, oldest first, spread over the window a drain would use
+    /// (a quarter of `timeout`, 100 ms to 5 s), so that their clients do not all
+    /// reconnect elsewhere in the same instant; whatever is still ending at `timeout` is
+    /// cut. Returns as soon as the last connection has ended, and within `timeout`.
+    pub async fn shutdown(&self, timeout: Duration) {
+        self.inner.shutting_down.store(true, Ordering::Relaxed);
+        systemd::notify("STOPPING=1");
+        self.stop_accepting();
+        let open = self.active_connections();
+        tracing::info!(
+            open,
+            ?timeout,
+            "shutting down: waiting for open connections"
+        );
+        let start = tokio::time::Instant::now();
+        let deadline = start + timeout;
+        let window = drain::spread_window(timeout).min(timeout / 2);
+        // Closes must leave the clean finish (a frame in flight, Close frames) a moment
+        // before the deadline cuts it.
+        let finish = (timeout / 10).min(Duration::from_secs(1));
+        let closes_end = deadline - finish;
+        let closes_start = closes_end.checked_sub(window).unwrap_or(start).max(start);
+        let mut announced = false;
+        loop {
+            let now = tokio::time::Instant::now();
+            if self.conns().is_empty() {
+                break;
+            }
+            if now >= deadline {
+                let cut = self.conns().ask_all(Ask::Abort(EndReason::Shutdown));
+                tracing::info!(cut, "shutdown_timeout reached: cutting what is left");
+                // Aborted connections drop their sockets at their next poll.
+                self.wait_for_idle(Duration::from_millis(200)).await;
+                break;
+            }
+            if now >= closes_start {
+                if !announced {
+                    tracing::info!(
+                        open = self.active_connections(),
+                        over = ?closes_end.saturating_duration_since(now),
+                        "closing open connections"
+                    );
+                    announced = true;
+                }
+                let left = self.conns().select(|e| e.asked().is_none()).len();
+                let remaining = closes_end.saturating_duration_since(now);
+                let n = if remaining <= SHUTDOWN_TICK {
+                    left
+                } else {
+                    ((left as u128 * SHUTDOWN_TICK.as_micros()).div_ceil(remaining.as_micros()))
+                        as usize
+                };
+                self.conns().close_oldest(n, EndReason::Shutdown);
+            }
+            tokio::time::sleep(SHUTDOWN_TICK.min(deadline.saturating_duration_since(now))).await;
+        }
+        self.inner.stopped.send_replace(true);
+    }
+
+    /// Closes every connection at once, with no grace: the operator's second SIGTERM.
+    pub fn close_all_now(&self) {
+        self.inner.shutting_down.store(true, Ordering::Relaxed);
+        self.stop_accepting();
+        let cut = self.conns().ask_all(Ask::Abort(EndReason::Shutdown));
+        tracing::info!(cut, "closing every connection now");
+    }
+
+    /// Waits until no connection is open; `false` when `timeout` passed first.
+    async fn wait_for_idle(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.conns().is_empty() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The text of `GET /metrics`: gauges that describe the current snapshot (up,
+    /// draining, weight, imbalance, generation) are set first, then all is encoded.
+    pub fn render_metrics(&self) -> String {
+        let routing = self.routing();
+        for l in &routing.listeners {
+            for b in &l.backends {
+                let m = b.state.metrics();
+                m.up.set(i64::from(b.state.is_up()));
+                m.draining.set(i64::from(b.is_draining()));
+                m.weight.set(i64::from(b.config.weight));
+            }
+            l.state.metrics().imbalance.set(l.imbalance());
+        }
+        for removed in &self.removed().backends {
+            removed.state.metrics().draining.set(1);
+        }
+        let metrics = self.inner.registry.metrics();
+        metrics.config_generation.set(routing.generation as i64);
+        // Concurrent scrapes each add a disjoint part: the counter never counts twice.
+        metrics
+            .log_lines_dropped
+            .inc_by(crate::logging::newly_dropped_lines());
+        metrics.encode()
+    }
+
+    /// The JSON of `GET /api/v1/status`.
+    pub fn status(&self) -> serde_json::Value {
+        let routing = self.routing();
+        let listeners: Vec<serde_json::Value> = routing
+            .listeners
+            .iter()
+            .map(|l| {
+                let backends: Vec<serde_json::Value> = l
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        serde_json::json!({
+                            "name": b.config.name,
+                            "addr": b.config.addr_text,
+                            "weight": b.config.weight,
+                            "max_conns": b.config.max_conns,
+                            "state": b.phase().as_str(),
+                            "since": rfc3339(b.state.since()),
+                            "last_check_failure": b.state.last_failure().map(|f| {
+                                serde_json::json!({ "at": rfc3339(f.at), "reason": f.reason })
+                            }),
+                            "active": b.state.active(),
+                            "total": b.state.total(),
+                        })
+                    })
+                    .collect();
+                let bind = self.bound_addr(&l.config.name).unwrap_or(l.config.bind);
+                serde_json::json!({
+                    "name": l.config.name,
+                    "bind": bind.to_string(),
+                    "strategy": l.config.strategy.to_string(),
+                    "active": l.state.active(),
+                    "backends": backends,
+                })
+            })
+            .collect();
+        serde_json::json!({ "generation": routing.generation, "listeners": listeners })
+    }
+}
