@@ -37,6 +37,7 @@ pub mod state;
 pub mod status;
 pub mod systemd;
 pub mod websocket;
+pub mod workers;
 
 pub use control::{drain, health, rebalance, reload, Ballast};
 pub use listen::{bind, BindError, Bound};

@@ -117,17 +117,22 @@ pub fn is_local_exhaustion(e: &io::Error) -> bool {
 }
 
 /// Accepts connections on `listener` for the listener called `name` until `stop` turns
-/// true. Never returns early on an accept error: a transient one (EMFILE, ...) is logged
-/// and retried after a short pause.
+/// true; each connection runs on the runtime this loop runs on. Several loops (one per
+/// worker) may serve one listening socket; the `first` one speaks for them in the logs.
+/// Never returns early on an accept error: a transient one (EMFILE, ...) is logged and
+/// retried after a short pause.
 pub async fn serve(
     listener: TcpListener,
     name: String,
     plane: DataPlane,
     mut stop: watch::Receiver<bool>,
+    first: bool,
 ) {
-    match listener.local_addr() {
-        Ok(addr) => info!(listener = %name, %addr, "listener bound"),
-        Err(_) => info!(listener = %name, "listener bound"),
+    if first {
+        match listener.local_addr() {
+            Ok(addr) => info!(listener = %name, %addr, "listener bound"),
+            Err(_) => info!(listener = %name, "listener bound"),
+        }
     }
     loop {
         if let Some(pause) = plane.pressure.pause() {
@@ -150,7 +155,9 @@ pub async fn serve(
             Err(e) => debug!(listener = %name, error = %e, "accept failed"),
         }
     }
-    info!(listener = %name, "stopped accepting connections");
+    if first {
+        info!(listener = %name, "stopped accepting connections");
+    }
 }
 
 /// Registers the connection and, without a stage before the pick, applies the limits and

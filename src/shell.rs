@@ -87,9 +87,10 @@ pub fn run(config: Config, path: PathBuf, bound: Bound) -> bool {
     started.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Threads started besides the proxy's workers: pingora's main runtime, the admin
-/// thread, the config file watcher's and one of tokio's blocking pool (the reload).
-const EXTRA_THREADS: usize = 4;
+/// Threads started besides the workers: pingora's main runtime, the control plane's,
+/// the admin thread, the config file watcher's and one of tokio's blocking pool (the
+/// reload).
+const EXTRA_THREADS: usize = 5;
 
 /// The stack of a tokio worker thread (tokio's default).
 const WORKER_STACK: usize = 2 << 20;
@@ -146,6 +147,16 @@ impl Service for ProxyService {
         let Some(mut bound) = self.bound.take() else {
             return;
         };
+        match crate::workers::Workers::start(self.threads) {
+            Ok(workers) => self.ballast.set_workers(&workers),
+            Err(e) => {
+                error!(error = %e, "cannot start the worker threads");
+                if let Some(ready) = self.ready.take() {
+                    let _ = ready.send(false);
+                }
+                return;
+            }
+        }
         self.ballast.set_spawner(tokio::runtime::Handle::current());
         let admin_socket = bound.admin.take();
         let mut tasks = JoinSet::new();
@@ -200,7 +211,9 @@ impl Service for ProxyService {
     }
 
     fn threads(&self) -> Option<usize> {
-        Some(self.threads)
+        // The control plane (health checks, drain, rebalance, reloads); connections run
+        // on the workers.
+        Some(1)
     }
 }
 

@@ -53,8 +53,9 @@ struct Inner {
     shutting_down: AtomicBool,
     /// The accept loop of each listener, by name.
     listeners: Mutex<HashMap<String, ListenerHandle>>,
-    /// The runtime that accept loops run on (listeners that a reload adds too).
-    spawner: Mutex<Option<Handle>>,
+    /// The runtimes that accept loops (and so their connections) run on, one loop per
+    /// runtime per listener: the worker threads, or the runtime ballast started on.
+    spawner: Mutex<Vec<Handle>>,
     /// Backends and listeners that left the config and still have connections.
     removed: Mutex<Removed>,
     /// One reload at a time.
@@ -121,7 +122,7 @@ impl Ballast {
                 ready: AtomicBool::new(false),
                 shutting_down: AtomicBool::new(false),
                 listeners: Mutex::new(HashMap::new()),
-                spawner: Mutex::new(None),
+                spawner: Mutex::new(Vec::new()),
                 removed: Mutex::new(Removed::default()),
                 reload_lock: Mutex::new(()),
                 last_loaded: Mutex::new(last_loaded),
@@ -207,6 +208,12 @@ impl Ballast {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Runs accept loops and connections on `workers` (the binary's worker threads).
+    pub fn set_workers(&self, workers: &crate::workers::Workers) {
+        let mut spawner = self.inner.spawner.lock().unwrap_or_else(|e| e.into_inner());
+        *spawner = workers.handles().to_vec();
+    }
+
     /// Resolves when shutdown is complete.
     pub fn stopped_signal(&self) -> watch::Receiver<bool> {
         self.inner.stopped.subscribe()
@@ -216,7 +223,9 @@ impl Ballast {
     /// inside a runtime and nothing was set before).
     pub fn set_spawner(&self, handle: Handle) {
         let mut spawner = self.inner.spawner.lock().unwrap_or_else(|e| e.into_inner());
-        spawner.get_or_insert(handle);
+        if spawner.is_empty() {
+            spawner.push(handle);
+        }
     }
 
     /// Starts the accept loop of listener `name` on `socket` (already bound).
@@ -229,24 +238,37 @@ impl Ballast {
         if self.is_shutting_down() {
             return Err(std::io::Error::other("ballast is shutting down"));
         }
-        let kept = socket.try_clone()?;
-        let handle = {
-            let spawner = self.inner.spawner.lock().unwrap_or_else(|e| e.into_inner());
-            spawner.clone().or_else(|| Handle::try_current().ok())
+        let local = socket.local_addr()?;
+        let mut runtimes = self
+            .inner
+            .spawner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if runtimes.is_empty() {
+            runtimes.extend(Handle::try_current().ok());
         }
-        .ok_or_else(|| std::io::Error::other("no runtime to run listeners on"))?;
-        let listener = {
+        if runtimes.is_empty() {
+            return Err(std::io::Error::other("no runtime to run listeners on"));
+        }
+        // Every loop registers the socket with its own runtime first: a failure starts
+        // none of them.
+        let mut loops = Vec::with_capacity(runtimes.len());
+        for handle in &runtimes {
             let _entered = handle.enter();
-            tokio::net::TcpListener::from_std(socket)?
-        };
-        let local = listener.local_addr()?;
+            loops.push(tokio::net::TcpListener::from_std(socket.try_clone()?)?);
+        }
         let (stop, stop_rx) = watch::channel(false);
-        handle.spawn(proxy::serve(
-            listener,
-            name.to_string(),
-            self.inner.plane.clone(),
-            stop_rx,
-        ));
+        for (i, (handle, listener)) in runtimes.iter().zip(loops).enumerate() {
+            handle.spawn(proxy::serve(
+                listener,
+                name.to_string(),
+                self.inner.plane.clone(),
+                stop_rx.clone(),
+                i == 0,
+            ));
+        }
+        let kept = socket;
         let old = self.handles().insert(
             name.to_string(),
             ListenerHandle {
