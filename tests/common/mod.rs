@@ -311,8 +311,27 @@ impl Proc {
     /// Runs `ballast run --config FILE` with extra environment, waits until `listeners`
     /// listeners are bound and `/readyz` answers 200.
     pub async fn run(config: &std::path::Path, envs: &[(&str, &str)], listeners: usize) -> Proc {
-        use std::io::BufRead;
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ballast"));
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        Proc::spawn(command, config, listeners).await
+    }
+
+    /// Runs `ballast run --config FILE` (one listener) with at most `nofile` file
+    /// descriptors.
+    pub async fn run_limited(config: &std::path::Path, nofile: u32) -> Proc {
+        let mut command = std::process::Command::new("sh");
+        command.args([
+            "-c",
+            &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
+            env!("CARGO_BIN_EXE_ballast"),
+        ]);
+        Proc::spawn(command, config, 1).await
+    }
+
+    async fn spawn(mut command: std::process::Command, config: &std::path::Path, listeners: usize) -> Proc {
+        use std::io::BufRead;
         command
             .args([
                 "run",
@@ -325,9 +344,6 @@ impl Proc {
             .env_remove("NOTIFY_SOCKET")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
-        for (k, v) in envs {
-            command.env(k, v);
-        }
         let mut child = KillOnDrop(command.spawn().unwrap());
         let stderr = std::io::BufReader::new(child.0.stderr.take().unwrap());
         let mut lines = stderr.lines().map_while(Result::ok).map(|l| strip_ansi(&l));
