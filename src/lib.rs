@@ -350,6 +350,12 @@ impl Ballast {
         self.inner.stopped.send_replace(true);
     }
 
+    /// Closes every open connection now, whatever a graceful shutdown in progress was
+    /// waiting for (a second SIGTERM: the operator means it).
+    pub fn close_all_now(&self) {
+        self.inner.close_all.send_replace(true);
+    }
+
     /// Waits until no connection is open, polling every few milliseconds; `false` when
     /// `timeout` passed first.
     async fn wait_for_idle(&self, timeout: Duration) -> bool {
