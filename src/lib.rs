@@ -32,6 +32,7 @@ pub mod shell;
 pub mod state;
 pub mod status;
 pub mod systemd;
+pub mod upgrade;
 pub mod websocket;
 
 use std::collections::HashMap;
