@@ -268,6 +268,10 @@ pub struct RuntimeConfig {
     /// Worker threads per service; 0 means one per core.
     pub threads: usize,
     pub shutdown_timeout: Duration,
+    /// The Unix socket on which `ballast run --upgrade` waits for the listening sockets
+    /// of the running process (a relative path is taken from the config file's folder,
+    /// so that the old and the new process agree whatever their working directories).
+    pub upgrade_sock: PathBuf,
 }
 
 impl Default for RuntimeConfig {
@@ -275,9 +279,13 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             threads: 0,
             shutdown_timeout: read::DEFAULT_SHUTDOWN_TIMEOUT,
+            upgrade_sock: PathBuf::from(read::DEFAULT_UPGRADE_SOCK),
         }
     }
 }
+
+/// The longest path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
+pub const MAX_UNIX_SOCKET_PATH: usize = 107;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {

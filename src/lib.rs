@@ -36,6 +36,7 @@ pub mod stage;
 pub mod state;
 pub mod status;
 pub mod systemd;
+pub mod upgrade;
 pub mod websocket;
 pub mod workers;
 

@@ -8,7 +8,9 @@
 //! off.
 //!
 //! pingora's own bootstrap lines (through the `log` crate) are shown only at `debug` and
-//! below: at the default level an operator sees ballast's lines alone. Colour codes are
+//! below: at the default level an operator sees ballast's lines alone. That holds for
+//! its upgrade socket's errors too (it logs an error every second while `run --upgrade`
+//! legitimately waits): [`crate::upgrade`] reports the outcome with the path. Colour codes are
 //! written only to a terminal, never to a file or pipe.
 
 use std::io::{self, IsTerminal, Write};
@@ -81,8 +83,12 @@ fn filter(level: Level) -> EnvFilter {
     // that went away).
     let quiet_deps = match level {
         Level::Debug | Level::Trace => ",notify=error",
-        Level::Error => ",pingora_core=error,pingora=error,notify=error",
-        Level::Warn | Level::Info => ",pingora_core=warn,pingora=warn,notify=error",
+        Level::Error => {
+            ",pingora_core=error,pingora=error,notify=error,pingora_core::server::transfer_fd=off"
+        }
+        Level::Warn | Level::Info => {
+            ",pingora_core=warn,pingora=warn,notify=error,pingora_core::server::transfer_fd=off"
+        }
     };
     EnvFilter::new(format!("{}{quiet_deps}", level.as_str()))
 }

@@ -18,7 +18,9 @@ macro_rules! report {
 /// The end of `--help` and the man page: what an operator looks up besides the flags.
 const AFTER_HELP: &str = "\
 Signals (run): SIGHUP reloads the config (an invalid file is refused, the old config
-keeps serving); SIGTERM or SIGINT stop gracefully.
+keeps serving); SIGTERM or SIGINT stop gracefully, and a second one during that closes
+every connection at once; SIGQUIT hands the listening sockets to a `ballast run
+--upgrade` waiting on runtime.upgrade_sock, then stops gracefully.
 
 Exit codes: 0 clean shutdown, 1 bad config or usage, 2 a failure at start.
 
@@ -50,6 +52,10 @@ enum Command {
         /// The config file (TOML; conf/ballast.toml describes every key)
         #[arg(long, value_name = "FILE", default_value = "conf/ballast.toml")]
         config: PathBuf,
+        /// Take over the listening sockets of the running ballast: wait for them on
+        /// runtime.upgrade_sock, then send the running one SIGQUIT
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file as `run` would, without binding anything.
     Check {
@@ -213,7 +219,10 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "ballast", &mut script);
             print_bytes(&script)
         }
-        Command::Run { config: path } => {
+        Command::Run {
+            config: path,
+            upgrade,
+        } => {
             let config = match Config::load(&path) {
                 Ok(config) => config,
                 Err(e) => {
@@ -221,7 +230,12 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
-            let bound = match ballast::bind(&config) {
+            let bound = if upgrade {
+                ballast::upgrade::take_over(&config).map_err(|e| e.to_string())
+            } else {
+                ballast::bind(&config).map_err(|e| e.to_string())
+            };
+            let bound = match bound {
                 Ok(bound) => bound,
                 Err(e) => {
                     report!("error: {e}");

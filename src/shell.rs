@@ -1,8 +1,7 @@
 //! The process shell: ballast inside pingora's `Server`.
 //!
-//! pingora-core runs each service on its own tokio runtime, handles the process
-//! lifecycle and will carry listening sockets over to a new process on upgrade. ballast
-//! runs two services:
+//! pingora-core runs each service on its own tokio runtime and handles the process
+//! lifecycle. ballast runs two services:
 //!
 //! - `proxy`, with `runtime.threads` worker threads: the accept loop of every listener
 //!   and every proxied connection. Listeners that a reload adds are started on this
@@ -13,11 +12,15 @@
 //! - the admin endpoint, on a thread and runtime of its own, so that a busy proxy never
 //!   delays `/metrics` or `/readyz`.
 //!
-//! Sockets are bound *before* the server starts (see [`crate::bind`]), so that a port in
-//! use is reported as an error naming the listener, with exit code 2, instead of a panic
-//! inside a service. Signals go through our own [`ShutdownSignalWatch`]: SIGHUP reloads;
-//! SIGTERM and SIGINT both mean a graceful shutdown as the user-facing contract says, and
-//! the watch hands control back to pingora only once every connection has ended (or
+//! Sockets are bound *before* the server starts (see [`crate::bind`], or
+//! [`crate::upgrade::take_over`] for `run --upgrade`), so that a port in use is reported
+//! as an error naming the listener, with exit code 2, instead of a panic inside a
+//! service. Signals go through our own [`ShutdownSignalWatch`]: SIGHUP reloads; SIGTERM
+//! and SIGINT both mean a graceful shutdown as the user-facing contract says; SIGQUIT
+//! hands the listening sockets to a new process ([`crate::upgrade`]: why pingora's own
+//! `GracefulUpgrade` does not do it), then shuts down gracefully as SIGTERM does. During
+//! a graceful shutdown a SIGTERM or SIGINT closes every connection at once. The watch
+//! hands control back to pingora only once every connection has ended (or
 //! `shutdown_timeout` passed), so pingora's own runtime shutdown has nothing left to cut.
 
 use std::path::PathBuf;
@@ -29,12 +32,13 @@ use pingora_core::server::{
     ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
 };
 use pingora_core::services::Service;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::{Ballast, Bound};
+use crate::{upgrade, Ballast, Bound};
 
 /// Runs ballast for `config` (read from `path`) on already `bound` sockets until a
 /// graceful shutdown ends. Blocks the calling thread. `false` when serving could not
@@ -54,11 +58,24 @@ pub fn run(config: Config, path: PathBuf, bound: Bound) -> bool {
         return false;
     }
     let shutdown_timeout = config.runtime.shutdown_timeout;
+    // A second handle on the admin socket, to hand it over on SIGQUIT.
+    let admin = config.admin.as_ref().map(|a| a.bind).and_then(|addr| {
+        let socket = bound.admin.as_ref()?.try_clone();
+        match socket {
+            Ok(socket) => Some((addr, socket)),
+            Err(e) => {
+                warn!(error = %e, "the admin socket cannot be handed over on upgrade");
+                None
+            }
+        }
+    });
+    let (admin_stop, admin_stopped) = watch::channel(false);
     let ballast = Ballast::new(config, Some(path));
 
     let conf = ServerConf {
         threads,
-        // Our signal watch returns only after connections have ended; nothing to wait for.
+        // Our signal watch returns only after connections have ended, and always as a
+        // FastShutdown; nothing to wait for.
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
@@ -71,6 +88,7 @@ pub fn run(config: Config, path: PathBuf, bound: Bound) -> bool {
         bound: Some(bound),
         threads,
         ready: Some(ready_tx),
+        admin_stopped: Some(admin_stopped),
     });
     info!(version = crate::VERSION, threads, "ballast starting");
     let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -79,6 +97,8 @@ pub fn run(config: Config, path: PathBuf, bound: Bound) -> bool {
         shutdown_timeout,
         ready: std::sync::Mutex::new(Some(ready_rx)),
         started: std::sync::Arc::clone(&started),
+        admin: std::sync::Mutex::new(admin),
+        admin_stop,
     };
     server.run(RunArgs {
         shutdown_signal: Box::new(signals),
@@ -134,6 +154,8 @@ struct ProxyService {
     threads: usize,
     /// Says whether every listener is being served.
     ready: Option<std::sync::mpsc::Sender<bool>>,
+    /// Stops the admin endpoint's accept loop; taken when the service starts.
+    admin_stopped: Option<watch::Receiver<bool>>,
 }
 
 #[async_trait]
@@ -159,6 +181,7 @@ impl Service for ProxyService {
         }
         self.ballast.set_spawner(tokio::runtime::Handle::current());
         let admin_socket = bound.admin.take();
+        let admin_stopped = self.admin_stopped.take();
         let mut tasks = JoinSet::new();
         let started = crate::serve(&self.ballast, bound, &mut tasks);
         if let Err(e) = &started {
@@ -179,10 +202,9 @@ impl Service for ProxyService {
                 };
                 runtime.block_on(async move {
                     let mut tasks = JoinSet::new();
-                    if let Some(socket) = admin_socket {
+                    if let (Some(socket), Some(stopped)) = (admin_socket, admin_stopped) {
                         match tokio::net::TcpListener::from_std(socket) {
                             Ok(listener) => {
-                                let stopped = ballast.stopped_signal();
                                 tasks.spawn(crate::admin::serve(
                                     listener,
                                     ballast.clone(),
@@ -217,8 +239,8 @@ impl Service for ProxyService {
     }
 }
 
-/// SIGHUP reloads; SIGTERM and SIGINT shut down gracefully and return to pingora once
-/// that is complete.
+/// SIGHUP reloads; SIGTERM and SIGINT shut down gracefully, SIGQUIT after handing the
+/// listening sockets over; either returns to pingora once that is complete.
 struct Signals {
     ballast: Ballast,
     shutdown_timeout: Duration,
@@ -226,7 +248,27 @@ struct Signals {
     ready: std::sync::Mutex<Option<std::sync::mpsc::Receiver<bool>>>,
     /// Set once serving started, for the exit code.
     started: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The admin endpoint's bind address and a second handle on its socket, to hand
+    /// over; dropped once handed over, so that this process keeps no copy.
+    admin: std::sync::Mutex<Option<(std::net::SocketAddr, std::net::TcpListener)>>,
+    /// Stops the admin endpoint's accept loop: once the new process has its socket, and
+    /// at the end of a shutdown.
+    admin_stop: watch::Sender<bool>,
 }
+
+/// Why the signal loop ended.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// SIGTERM or SIGINT (named): a graceful shutdown.
+    Shutdown(&'static str),
+    /// SIGQUIT, and the new process took the listening sockets.
+    HandedOver,
+}
+
+/// How long connections closed by a second SIGTERM get before the runtime is dropped,
+/// which closes what is left: enough for their FINs and WebSocket Close frames to go
+/// out, not for peers to answer them.
+const FORCED_CLOSE_WAIT: Duration = Duration::from_millis(500);
 
 #[async_trait]
 impl ShutdownSignalWatch for Signals {
@@ -246,29 +288,126 @@ impl ShutdownSignalWatch for Signals {
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::hangup()),
+            signal(SignalKind::quit()),
         );
-        let (mut term, mut int, mut hup) = match signals {
-            (Ok(term), Ok(int), Ok(hup)) => (term, int, hup),
-            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+        let (mut term, mut int, mut hup, mut quit) = match signals {
+            (Ok(term), Ok(int), Ok(hup), Ok(quit)) => (term, int, hup, quit),
+            (Err(e), _, _, _) | (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) => {
                 error!(error = %e, "cannot install signal handlers; shutting down");
                 return ShutdownSignal::FastShutdown;
             }
         };
-        let which = loop {
+        let stop = loop {
             tokio::select! {
-                _ = term.recv() => break "SIGTERM",
-                _ = int.recv() => break "SIGINT",
+                _ = term.recv() => break Stop::Shutdown("SIGTERM"),
+                _ = int.recv() => break Stop::Shutdown("SIGINT"),
                 _ = hup.recv() => {
                     info!(signal = "SIGHUP", "reloading the config");
                     let ballast = self.ballast.clone();
                     let _ = tokio::task::spawn_blocking(move || ballast.reload()).await;
                 }
+                _ = quit.recv() => {
+                    if self.hand_over().await {
+                        break Stop::HandedOver;
+                    }
+                }
             }
         };
-        info!(signal = which, "graceful shutdown");
-        self.ballast.shutdown(self.shutdown_timeout).await;
+        match stop {
+            Stop::Shutdown(which) => info!(signal = which, "graceful shutdown"),
+            Stop::HandedOver => {
+                // The new process answers on the admin address from now on.
+                self.admin_stop.send_replace(true);
+                info!("upgrade: the new process serves; this one stops accepting and exits once its connections have ended");
+            }
+        }
+        tokio::select! {
+            () = self.ballast.shutdown(self.shutdown_timeout) => {}
+            which = again(&mut term, &mut int) => {
+                warn!(
+                    signal = which,
+                    open = self.ballast.active_connections(),
+                    "{which} during the graceful shutdown: closing every connection now"
+                );
+                self.ballast.close_all_now();
+                let deadline = tokio::time::Instant::now() + FORCED_CLOSE_WAIT;
+                while self.ballast.active_connections() > 0
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        self.admin_stop.send_replace(true);
         // Every connection has ended: pingora may drop its runtimes at once.
         ShutdownSignal::FastShutdown
+    }
+}
+
+/// Resolves with the signal's name on the next SIGTERM or SIGINT. Cancel-safe.
+async fn again(term: &mut Signal, int: &mut Signal) -> &'static str {
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+impl Signals {
+    /// SIGQUIT: sends every listening socket to the process waiting on
+    /// `runtime.upgrade_sock` (as the config reads now: a reload of the file applies) and
+    /// waits until it has taken them. `false`, logged, when there is no such process or
+    /// it did not take them: this one goes on serving then.
+    async fn hand_over(&self) -> bool {
+        let path = self.ballast.routing().config.runtime.upgrade_sock.clone();
+        let shown = path.display().to_string();
+        info!(
+            signal = "SIGQUIT",
+            "upgrade: handing the listening sockets over on {shown}"
+        );
+        let admin = {
+            let admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+            admin
+                .as_ref()
+                .and_then(|(addr, socket)| Some((*addr, socket.try_clone().ok()?)))
+        };
+        let ballast = self.ballast.clone();
+        let sent = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                // No reload adds or moves a listener while the table is made and sent.
+                let _reloads = ballast.lock_reload();
+                let sockets = upgrade::listening_sockets(
+                    &ballast,
+                    admin.as_ref().map(|(addr, socket)| (*addr, socket)),
+                );
+                let keys: Vec<&str> = sockets.iter().map(|(key, _)| key.as_str()).collect();
+                upgrade::send(&path, &sockets).map(|()| (sockets.len(), keys.join(", ")))
+            })
+            .await
+        };
+        match sent {
+            Ok(Ok((n, keys))) => {
+                info!("upgrade: handed {n} listening sockets over on {shown}: {keys}")
+            }
+            Ok(Err(e)) => {
+                error!("{e}; still serving");
+                return false;
+            }
+            Err(e) => {
+                error!("upgrade: the hand-over on {shown} failed ({e}); still serving");
+                return false;
+            }
+        }
+        if !upgrade::taken(&path, upgrade::TAKEN_WITHIN).await {
+            error!(
+                "upgrade: the new process did not take the listening sockets within {}s ({shown} is still there); still serving",
+                upgrade::TAKEN_WITHIN.as_secs()
+            );
+            return false;
+        }
+        // This process keeps no copy of the admin socket; the listeners' go at shutdown.
+        drop(self.admin.lock().unwrap_or_else(|e| e.into_inner()).take());
+        true
     }
 }
 

@@ -14,7 +14,8 @@ use super::tree::{Entry, Node, Span, Value};
 use super::{
     cores, max_connections, max_threads, AdminConfig, BackendConfig, Config, ConfigError,
     HealthConfig, HealthKind, HumanDuration, ListenAddr, ListenerConfig, Problem, RebalanceConfig,
-    RuntimeConfig, Strategy, MAX_RETRIES, MAX_RISE_FALL, MAX_THREADS, MAX_WEIGHT, THREADS_PER_CORE,
+    RuntimeConfig, Strategy, MAX_RETRIES, MAX_RISE_FALL, MAX_THREADS, MAX_UNIX_SOCKET_PATH,
+    MAX_WEIGHT, THREADS_PER_CORE,
 };
 
 /// Parses `text` into the tree and reads it: the config, or every problem found.
@@ -53,6 +54,7 @@ pub(super) fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
 // Defaults.
 
 pub(super) const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const DEFAULT_UPGRADE_SOCK: &str = "/run/ballast/upgrade.sock";
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_RETRIES: u64 = 2;
@@ -70,7 +72,7 @@ const DEFAULT_WEIGHT: u64 = 1;
 
 const TOP_KEYS: &[&str] = &["admin", "runtime", "listeners"];
 const ADMIN_KEYS: &[&str] = &["bind", "token_file", "allowed_hosts"];
-const RUNTIME_KEYS: &[&str] = &["threads", "shutdown_timeout"];
+const RUNTIME_KEYS: &[&str] = &["threads", "shutdown_timeout", "upgrade_sock"];
 const LISTENER_KEYS: &[&str] = &[
     "name",
     "bind",
@@ -714,10 +716,52 @@ impl Reader<'_> {
             ),
         );
         let shutdown_timeout = self.duration(&t, "shutdown_timeout", "30s");
+        let upgrade_sock = self.upgrade_sock(&t);
         Some(RuntimeConfig {
             threads: threads.or(0)? as usize,
             shutdown_timeout: shutdown_timeout.or(DEFAULT_SHUTDOWN_TIMEOUT)?,
+            upgrade_sock: upgrade_sock.or(PathBuf::from(DEFAULT_UPGRADE_SOCK))?,
         })
+    }
+
+    /// `runtime.upgrade_sock`: a path a Unix socket can be bound at, a relative one taken
+    /// from the config file's folder (as `admin.token_file`), so that the old and the new
+    /// process find the same socket whatever their working directories.
+    fn upgrade_sock(&mut self, t: &Table) -> Field<PathBuf> {
+        let field = match self.string(t, "upgrade_sock", DEFAULT_UPGRADE_SOCK) {
+            Field::Given(at) => Field::Given(At {
+                value: match Path::new(self.file).parent() {
+                    Some(dir) if Path::new(&at.value).is_relative() => dir.join(&at.value),
+                    _ => PathBuf::from(&at.value),
+                },
+                span: at.span,
+            }),
+            Field::Absent => Field::Absent,
+            Field::Wrong => Field::Wrong,
+        };
+        let field = self.check(
+            field,
+            |p| !p.as_os_str().is_empty() && p.file_name().is_some(),
+            || "runtime.upgrade_sock must name a file, like upgrade_sock = \"/run/ballast/upgrade.sock\"".into(),
+        );
+        let field = self.check(
+            field,
+            |p| p.to_str().is_some_and(|p| !p.contains('\0')),
+            || "runtime.upgrade_sock must be a path in UTF-8 without NUL characters".into(),
+        );
+        let shown = field
+            .given()
+            .map(|at| (at.value.display().to_string(), at.value.as_os_str().len()));
+        self.check(
+            field,
+            |p| p.as_os_str().len() <= MAX_UNIX_SOCKET_PATH,
+            || {
+                let (path, long) = shown.unwrap_or_default();
+                format!(
+                    "runtime.upgrade_sock: {path} is {long} bytes long; a Unix socket path holds at most {MAX_UNIX_SOCKET_PATH}"
+                )
+            },
+        )
     }
 
     fn listener(&mut self, index: usize, node: &Node) -> ReadListener {

@@ -330,7 +330,11 @@ impl Proc {
         Proc::spawn(command, config, 1).await
     }
 
-    async fn spawn(mut command: std::process::Command, config: &std::path::Path, listeners: usize) -> Proc {
+    async fn spawn(
+        mut command: std::process::Command,
+        config: &std::path::Path,
+        listeners: usize,
+    ) -> Proc {
         use std::io::BufRead;
         command
             .args([

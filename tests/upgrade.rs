@@ -1,0 +1,487 @@
+//! Upgrading the binary as an operator does it: `ballast run --upgrade` waits on
+//! `runtime.upgrade_sock`, SIGQUIT to the running ballast hands its listening sockets
+//! over; and the operator's second SIGTERM during a graceful shutdown.
+//!
+//! Listening sockets are handed over by bind address, so these configs name fixed ports:
+//! each one found free by binding 127.0.0.1:0 and closing it.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn config(
+    web: SocketAddr,
+    admin: SocketAddr,
+    sock: &Path,
+    shutdown_timeout: &str,
+    backends: &[(&str, SocketAddr, u32)],
+) -> String {
+    format!(
+        "[admin]\nbind = \"{admin}\"\n\n[runtime]\nthreads = 2\nshutdown_timeout = \"{shutdown_timeout}\"\nupgrade_sock = \"{}\"\n\n[[listeners]]\nname = \"web\"\nbind = \"{web}\"\nstrategy = \"least_conn\"\n{}",
+        sock.display(),
+        backends_toml(backends)
+    )
+}
+
+/// A `ballast run` process whose log is read line by line as it comes.
+struct Run {
+    child: KillOnDrop,
+    lines: mpsc::UnboundedReceiver<String>,
+    /// Every line read so far.
+    log: Vec<String>,
+}
+
+impl Run {
+    fn spawn(config: &Path, upgrade: bool) -> Run {
+        use std::io::BufRead;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ballast"));
+        command
+            .args(["run", "--log-format", "text", "--config"])
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if upgrade {
+            command.arg("--upgrade");
+        }
+        let mut child = KillOnDrop(command.spawn().unwrap());
+        let stderr = std::io::BufReader::new(child.0.stderr.take().unwrap());
+        let (tx, lines) = mpsc::unbounded_channel();
+        // Reads to the end, so that ballast never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(strip_ansi(&line));
+            }
+        });
+        Run {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        send_signal(self.child.0.id(), signal);
+    }
+
+    /// The first line from now on that contains `needle`, within the deadline.
+    async fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let line = tokio::time::timeout_at(deadline, self.lines.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "no log line with {needle:?} in time; the log:\n{}",
+                        self.log.join("\n")
+                    )
+                })
+                .unwrap_or_else(|| {
+                    panic!("the log ended without {needle:?}:\n{}", self.log.join("\n"))
+                });
+            self.log.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Whether the process is still running.
+    fn running(&mut self) -> bool {
+        self.child.0.try_wait().unwrap().is_none()
+    }
+
+    /// The exit status, waiting at most `within`; then the whole log.
+    async fn exit_within(&mut self, within: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(status) = self.child.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ballast did not exit within {within:?}; the log:\n{}",
+                self.log.join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        // The pipe closes with the process: the rest of the log is there to read.
+        while let Some(line) = self.lines.recv().await {
+            self.log.push(line);
+        }
+        (status, self.log.join("\n"))
+    }
+}
+
+/// Waits until `/readyz` at `admin` answers 200.
+async fn wait_ready(admin: SocketAddr) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if TcpStream::connect(admin).await.is_ok()
+            && http(admin, "GET", "/readyz").await == (200, "ready\n".to_string())
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "ballast never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One client's life: connect, get the greeting, echo a line, close.
+async fn one_exchange(addr: SocketAddr, n: usize) -> Result<(), String> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut greeting = [0u8; 2];
+    stream
+        .read_exact(&mut greeting)
+        .await
+        .map_err(|e| format!("greeting: {e}"))?;
+    let line = format!("message {n}\n");
+    stream
+        .write_all(line.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut echo = vec![0u8; line.len()];
+    stream
+        .read_exact(&mut echo)
+        .await
+        .map_err(|e| format!("echo: {e}"))?;
+    if echo != line.as_bytes() {
+        return Err(format!(
+            "echo differs: {:?}",
+            String::from_utf8_lossy(&echo)
+        ));
+    }
+    Ok(())
+}
+
+/// Writes a line on `stream` and reads its echo.
+async fn echo(stream: &mut TcpStream, line: &[u8]) -> Result<(), String> {
+    stream.write_all(line).await.map_err(|e| e.to_string())?;
+    let mut back = vec![0u8; line.len()];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut back))
+        .await
+        .map_err(|_| "no echo in time".to_string())?
+        .map_err(|e| e.to_string())?;
+    if back != line {
+        return Err(format!(
+            "echo differs: {:?}",
+            String::from_utf8_lossy(&back)
+        ));
+    }
+    Ok(())
+}
+
+/// Four clients, each opening a connection, exchanging one line and closing, over and
+/// over until `stop` (or 100,000 exchanges): the failures, and the count of exchanges.
+struct Churn {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+    clients: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Churn {
+    fn start(addr: SocketAddr) -> Churn {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let clients = (0..4)
+            .map(|_| {
+                let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
+                tokio::spawn(async move {
+                    let mut failures = Vec::new();
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) && n < 100_000 {
+                        if let Err(e) = one_exchange(addr, n).await {
+                            failures.push(e);
+                        }
+                        n += 1;
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    failures
+                })
+            })
+            .collect();
+        Churn {
+            stop,
+            done,
+            clients,
+        }
+    }
+
+    fn done(&self) -> usize {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` further exchanges have been made.
+    async fn wait_for_more(&self, more: usize) {
+        let target = self.done() + more;
+        wait_until("more exchanges", || self.done() >= target).await;
+    }
+
+    async fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for client in self.clients {
+            failures.extend(client.await.unwrap());
+        }
+        (self.done.load(Ordering::Relaxed), failures)
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    sock: PathBuf,
+    web: SocketAddr,
+    admin: SocketAddr,
+}
+
+fn setup(shutdown_timeout: &str, backends: &[(&str, SocketAddr, u32)]) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    let sock = dir.path().join("upgrade.sock");
+    let web: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    std::fs::write(&path, config(web, admin, &sock, shutdown_timeout, backends)).unwrap();
+    Setup {
+        _dir: dir,
+        path,
+        sock,
+        web,
+        admin,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_under_churn_refuses_no_connection_and_the_old_process_exits_once_its_connections_end(
+) {
+    let (a, b) = (Backend::greeter("a").await, Backend::greeter("b").await);
+    let s = setup("30s", &[("a", a.addr, 1), ("b", b.addr, 1)]);
+    let mut old = Run::spawn(&s.path, false);
+    old.wait_for("listener bound").await;
+    wait_ready(s.admin).await;
+
+    // A long-lived connection through the old process, and clients churning.
+    let (mut held, _) = connect_and_greet(s.web).await;
+    let churn = Churn::start(s.web);
+    churn.wait_for_more(50).await;
+
+    let mut new = Run::spawn(&s.path, true);
+    let waiting = new
+        .wait_for("upgrade: waiting for listening sockets on")
+        .await;
+    assert!(waiting.contains(s.sock.to_str().unwrap()), "{waiting}");
+    old.signal("-QUIT");
+    // The listener's socket and the admin endpoint's.
+    old.wait_for("upgrade: handed 2 listening sockets over on")
+        .await;
+    new.wait_for("upgrade: took over 2 listening sockets; bound afresh: none")
+        .await;
+    // Ready once every accept loop is started (their "listener bound" lines may come
+    // before or after).
+    new.wait_for("ready").await;
+    old.wait_for("upgrade: the new process serves").await;
+    old.wait_for("stopped accepting connections").await;
+
+    // The old process no longer accepts, and the churn goes on through the new one.
+    churn.wait_for_more(300).await;
+    // The connection opened before the upgrade still works, through the old process,
+    // which waits for it.
+    echo(&mut held, b"still here\n")
+        .await
+        .expect("the held connection works through the old process");
+    assert!(
+        old.running(),
+        "the old process exited with a connection open"
+    );
+
+    // Once its last connection ends, the old process exits, 0.
+    drop(held);
+    let (status, old_log) = old.exit_within(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(0), "{old_log}");
+    assert!(!old_log.contains("panicked"), "{old_log}");
+
+    churn.wait_for_more(100).await;
+    let (exchanges, failures) = churn.stop().await;
+    eprintln!(
+        "upgrade under churn: {exchanges} exchanges, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {exchanges} exchanges failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+
+    // The new process serves alone: clients and the admin endpoint.
+    one_exchange(s.web, 0)
+        .await
+        .expect("the new process serves");
+    wait_ready(s.admin).await;
+    new.signal("-TERM");
+    let (status, new_log) = new.exit_within(DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "{new_log}");
+    assert!(!new_log.contains("panicked"), "{new_log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_during_a_graceful_shutdown_closes_every_connection_and_exits_at_once() {
+    let a = Backend::greeter("a").await;
+    let s = setup("10m", &[("a", a.addr, 1)]);
+    let mut run = Run::spawn(&s.path, false);
+    run.wait_for("listener bound").await;
+    wait_ready(s.admin).await;
+    let (mut held, _) = connect_and_greet(s.web).await;
+
+    run.signal("-TERM");
+    run.wait_for("graceful shutdown").await;
+    run.wait_for("shutting down: waiting for open connections")
+        .await;
+    // Graceful: the open connection still works, and ballast waits for it.
+    echo(&mut held, b"still here\n").await.unwrap();
+    assert!(run.running());
+
+    let again = Instant::now();
+    run.signal("-TERM");
+    let (status, log) = run.exit_within(Duration::from_secs(2)).await;
+    eprintln!("exited {:?} after the second SIGTERM", again.elapsed());
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(
+        log.contains("SIGTERM during the graceful shutdown: closing every connection now"),
+        "{log}"
+    );
+    assert_closed(&mut held).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_with_no_running_ballast_fails_with_exit_2_naming_the_socket_and_binds_nothing()
+{
+    let a = Backend::greeter("a").await;
+    let s = setup("30s", &[("a", a.addr, 1)]);
+    let started = Instant::now();
+    let mut run = Run::spawn(&s.path, true);
+    let (status, log) = run.exit_within(Duration::from_secs(15)).await;
+    eprintln!("gave up after {:?}", started.elapsed());
+    assert_eq!(status.code(), Some(2), "{log}");
+    let expected = format!(
+        "error: upgrade: no listening sockets came on {} within 6s",
+        s.sock.display()
+    );
+    assert!(log.contains(&expected), "{log}");
+    assert!(log.contains("was it sent SIGQUIT?"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    // pingora's receiver logs an error every second while it waits: not shown.
+    assert!(!log.contains("No incoming socket transfer"), "{log}");
+    // It did not fall back to binding the listeners itself.
+    assert!(TcpStream::connect(s.web).await.is_err());
+    assert!(!s.sock.exists(), "the socket file is left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_socket_in_a_missing_folder_fails_at_once_naming_the_folder() {
+    let a = Backend::greeter("a").await;
+    let s = setup("30s", &[("a", a.addr, 1)]);
+    let missing = s.path.parent().unwrap().join("missing/upgrade.sock");
+    let text = std::fs::read_to_string(&s.path)
+        .unwrap()
+        .replace(s.sock.to_str().unwrap(), missing.to_str().unwrap());
+    std::fs::write(&s.path, text).unwrap();
+    let mut run = Run::spawn(&s.path, true);
+    let (status, log) = run.exit_within(Duration::from_secs(3)).await;
+    assert_eq!(status.code(), Some(2), "{log}");
+    let expected = format!(
+        "error: upgrade: cannot wait on {}: cannot create files in {}: No such file or directory",
+        missing.display(),
+        missing.parent().unwrap().display()
+    );
+    assert!(log.contains(&expected), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigquit_with_no_new_process_waiting_keeps_serving() {
+    let a = Backend::greeter("a").await;
+    let s = setup("30s", &[("a", a.addr, 1)]);
+    let mut run = Run::spawn(&s.path, false);
+    run.wait_for("listener bound").await;
+    wait_ready(s.admin).await;
+    let (mut held, _) = connect_and_greet(s.web).await;
+
+    run.signal("-QUIT");
+    let line = run
+        .wait_for("upgrade: cannot hand the listening sockets over on")
+        .await;
+    assert!(line.contains(s.sock.to_str().unwrap()), "{line}");
+    assert!(line.contains("still serving"), "{line}");
+    // Nothing changed: it accepts, it is ready, the open connection works.
+    one_exchange(s.web, 1).await.unwrap();
+    wait_ready(s.admin).await;
+    echo(&mut held, b"still here\n").await.unwrap();
+    drop(held);
+    run.signal("-TERM");
+    let (status, log) = run.exit_within(DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_that_a_reload_added_is_handed_over_too() {
+    let a = Backend::greeter("a").await;
+    let s = setup("30s", &[("a", a.addr, 1)]);
+    let mut old = Run::spawn(&s.path, false);
+    old.wait_for("listener bound").await;
+    wait_ready(s.admin).await;
+    let api: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let text = std::fs::read_to_string(&s.path).unwrap();
+    let with_api = format!(
+        "{text}\n[[listeners]]\nname = \"api\"\nbind = \"{api}\"\n{}",
+        backends_toml(&[("a", a.addr, 1)])
+    );
+    std::fs::write(&s.path, with_api).unwrap();
+    old.signal("-HUP");
+    old.wait_for("listener bound listener=api").await;
+
+    let mut new = Run::spawn(&s.path, true);
+    new.wait_for("upgrade: waiting for listening sockets on")
+        .await;
+    old.signal("-QUIT");
+    let handed = old
+        .wait_for("upgrade: handed 3 listening sockets over")
+        .await;
+    assert!(handed.contains(&api.to_string()), "{handed}");
+    new.wait_for("upgrade: took over 3 listening sockets; bound afresh: none")
+        .await;
+    new.wait_for("ready").await;
+    let (status, log) = old.exit_within(DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "{log}");
+    one_exchange(api, 1)
+        .await
+        .expect("the new process serves api");
+    one_exchange(s.web, 2)
+        .await
+        .expect("the new process serves web");
+    new.signal("-TERM");
+    let (status, log) = new.exit_within(DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "{log}");
+}
