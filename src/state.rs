@@ -458,12 +458,6 @@ impl ListenerState {
         self.metrics.closed[reason.index()].inc();
     }
 
-    /// Counts a connection that is accepted and at once refused (limits, no backend).
-    pub fn record_refused_at_accept(&self, reason: RejectReason) {
-        self.metrics.total.inc();
-        self.record_rejected(reason);
-    }
-
     /// Counts an accepted client connection until the guard is dropped.
     pub fn accept(self: &Arc<Self>) -> ListenerGuard {
         self.metrics.active.inc();
@@ -615,6 +609,37 @@ mod tests {
         assert_eq!(bad.record_health(Ok(()), 2, 3), Some(true));
         // An existing backend keeps its state whatever is asked for.
         assert!(r.backend("web", "good", Health::Checking).is_up());
+    }
+
+    #[test]
+    fn a_backend_s_phase_follows_its_service_and_its_health_and_the_drain_clock_starts_once() {
+        let b = BackendState::new("web", "a", Metrics::new().backend("web", "a"));
+        assert_eq!(b.phase(), Phase::Up);
+        b.set_drained(true);
+        let Phase::Draining { since } = b.phase() else {
+            panic!("{:?}", b.phase())
+        };
+        // The config draining it too, or the operator again, does not restart the clock.
+        b.set_config_drained(true);
+        b.set_drained(true);
+        assert_eq!(b.phase(), Phase::Draining { since });
+        b.set_drained(false);
+        assert_eq!(b.phase(), Phase::Up);
+        b.set_config_drained(true);
+        b.set_drained(false);
+        assert!(b.phase().is_draining(), "the config still drains it");
+        b.set_config_drained(false);
+        b.record_health(Err("refused".into()), 1, 1);
+        assert_eq!(b.phase(), Phase::Down);
+        b.set_removed(true);
+        assert!(matches!(b.phase(), Phase::Removed { .. }));
+        b.set_drained(false);
+        assert!(
+            matches!(b.phase(), Phase::Removed { .. }),
+            "only a reload brings it back"
+        );
+        b.set_removed(false);
+        assert_eq!(b.phase(), Phase::Down, "back in service, health as checked");
     }
 
     #[test]

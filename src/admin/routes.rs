@@ -357,6 +357,8 @@ fn drain(ballast: &Ballast, listener: &str, backend: &str, drained: bool) -> Res
         );
     };
     b.state.set_drained(drained);
+    // Undrained, it is back in service unless its config says `max_conns = 0`.
+    b.state.set_config_drained(b.config.max_conns == Some(0));
     tracing::info!(
         listener,
         backend,
