@@ -263,10 +263,15 @@ async fn proxy(
     early: Vec<u8>,
     (first, first_guard): (usize, BackendGuard),
 ) {
-    let connected = tokio::select! {
-        connected = connect(plane, route, &conn, first, first_guard) => connected,
-        ask = conn.wait_ask(None) => Err(ask.reason()),
-    };
+    // Boxed: the connect phase's state is freed once connected, not carried for the
+    // connection's whole life.
+    let connected = Box::pin(async {
+        tokio::select! {
+            connected = connect(plane, route, &conn, first, first_guard) => connected,
+            ask = conn.wait_ask(None) => Err(ask.reason()),
+        }
+    })
+    .await;
     let (index, guard, backend, took) = match connected {
         Ok(connected) => connected,
         Err(reason) => return end(route, &conn, &Ended::refused(reason)),
