@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::relay::{self, RelayEnd};
+use crate::relay::{Relay, RelayEnd, Stop};
 use crate::routing::ListenerRoute;
 use crate::state::{BackendGuard, ListenerGuard, RejectReason};
 use crate::Ballast;
@@ -136,25 +136,28 @@ async fn proxy(
     // without idle_timeout.
     let _ = backend.set_nodelay(true);
     let _ = socket2::SockRef::from(&backend).set_tcp_keepalive(&KEEPALIVE);
-    let result = relay::relay(
-        client,
-        backend,
-        &|n| state.add_sent(n),
-        &|n| state.add_received(n),
-        route.config.idle_timeout,
-        async {
-            tokio::select! {
-                _ = stop.wait_for(|stop| *stop) => {}
-                () = registration.closed() => {}
-            }
-        },
-    )
-    .await;
-    match result {
-        Ok(RelayEnd::Done) => debug!("closed"),
-        Ok(RelayEnd::Idle) => debug!("closed after idle_timeout"),
-        Ok(RelayEnd::Stopped) => debug!("closed by ballast"),
-        Err(e) => debug!(error = %e, "closed on error"),
+    let mut relay = Relay::new(client, backend);
+    let end = relay
+        .run(
+            &|n| state.add_sent(n),
+            &|n| state.add_received(n),
+            route.config.idle_timeout,
+            async {
+                tokio::select! {
+                    _ = stop.wait_for(|stop| *stop) => {}
+                    () = registration.closed() => {}
+                }
+                Stop::Close
+            },
+        )
+        .await;
+    // The sockets close here, before the counts drop.
+    drop(relay);
+    match end {
+        RelayEnd::Closed { .. } => debug!("closed"),
+        RelayEnd::Idle => debug!("closed after idle_timeout"),
+        RelayEnd::Stopped | RelayEnd::Parked => debug!("closed by ballast"),
+        RelayEnd::Failed { side, error } => debug!(?side, error = %error, "closed on error"),
     }
     drop(registration);
     drop(guard);
