@@ -273,17 +273,8 @@ const FORCED_CLOSE_WAIT: Duration = Duration::from_millis(500);
 #[async_trait]
 impl ShutdownSignalWatch for Signals {
     async fn recv(&self) -> ShutdownSignal {
-        let ready = self.ready.lock().ok().and_then(|mut r| r.take());
-        if let Some(ready) = ready {
-            let started = tokio::task::spawn_blocking(move || ready.recv().unwrap_or(false)).await;
-            if !matches!(started, Ok(true)) {
-                return ShutdownSignal::FastShutdown;
-            }
-            self.started
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            self.ballast.set_ready();
-            info!("ready");
-        }
+        // Handlers first: a signal sent as soon as ballast says it is ready (to systemd,
+        // on /readyz) must find them, not the default action that ends the process.
         let signals = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
@@ -297,6 +288,17 @@ impl ShutdownSignalWatch for Signals {
                 return ShutdownSignal::FastShutdown;
             }
         };
+        let ready = self.ready.lock().ok().and_then(|mut r| r.take());
+        if let Some(ready) = ready {
+            let started = tokio::task::spawn_blocking(move || ready.recv().unwrap_or(false)).await;
+            if !matches!(started, Ok(true)) {
+                return ShutdownSignal::FastShutdown;
+            }
+            self.started
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.ballast.set_ready();
+            info!("ready");
+        }
         let stop = loop {
             tokio::select! {
                 _ = term.recv() => break Stop::Shutdown("SIGTERM"),

@@ -149,6 +149,7 @@ async fn every_ending_has_its_access_log_line_and_its_counter() {
     let mut b = TcpStream::connect(at("bye")).await.unwrap();
     assert_eq!(read_line(&mut b).await, "bye");
     assert_closed(&mut b).await;
+    drop(b);
     // idle_timeout
     let mut i = TcpStream::connect(at("idle")).await.unwrap();
     assert_closed(&mut i).await;
@@ -194,7 +195,6 @@ async fn every_ending_has_its_access_log_line_and_its_counter() {
     s.write_all(b"z").await.unwrap();
     s.read_exact(&mut [0u8; 1]).await.unwrap();
 
-    let text = scrape(ballast.admin).await;
     for (listener, reason) in [
         ("echo", "client_closed"),
         ("bye", "backend_closed"),
@@ -204,9 +204,18 @@ async fn every_ending_has_its_access_log_line_and_its_counter() {
         ("tight", "limit"),
         ("tight", "no_backend"),
     ] {
-        assert_eq!(closed(&text, listener, reason), 1.0, "{listener} {reason}");
+        let labels = [("listener", listener), ("reason", reason)];
+        wait_for_metric(
+            ballast.admin,
+            "ballast_connections_closed_total",
+            &labels,
+            |v| v == 1.0,
+        )
+        .await;
     }
+    let text = scrape(ballast.admin).await;
     assert_eq!(closed(&text, "echo", "backend_closed"), 0.0);
+    assert_eq!(closed(&text, "bye", "client_closed"), 0.0);
 
     let (exit, log) = ballast.stop().await;
     assert!(exit.success());

@@ -312,6 +312,7 @@ impl Proc {
     /// listeners are bound and `/readyz` answers 200.
     pub async fn run(config: &std::path::Path, envs: &[(&str, &str)], listeners: usize) -> Proc {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ballast"));
+        command.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET");
         for (k, v) in envs {
             command.env(k, v);
         }
@@ -322,6 +323,7 @@ impl Proc {
     /// descriptors.
     pub async fn run_limited(config: &std::path::Path, nofile: u32) -> Proc {
         let mut command = std::process::Command::new("sh");
+        command.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET");
         command.args([
             "-c",
             &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
@@ -344,8 +346,6 @@ impl Proc {
                 "--config",
                 config.to_str().unwrap(),
             ])
-            .env_remove("RUST_LOG")
-            .env_remove("NOTIFY_SOCKET")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
         let mut child = KillOnDrop(command.spawn().unwrap());
