@@ -21,6 +21,7 @@ Two modes:
 Usage:
   cargo build --release && python3 benches/compare.py [--duration 10] [--reps 3]
   python3 benches/compare.py --pin --kit .bench/kit --ballast .bench/ballast
+  (--pin runs 10 variants per scenario: split a long run with --only to fit a time limit)
 Options: --only http,connect,idle   --threads 1,2   --idle-conns 5000   --json FILE
 Scenarios: bulkN (iperf3 -P N), http (wrk keep-alive), connect (wrk, Connection: close),
 redis (redis-benchmark GET), idle (RSS growth per idle connection).
@@ -389,9 +390,11 @@ def ratio(a, b):
 
 
 def report(results, args):
+    """One row per figure and thread count: every T side by side, ratios at the same T."""
     threads = args.thread_counts
-    lines = [f"\n{'pinned: proxy on cores 0..T-1, backends ' + args.backend_cores + ', load ' + args.load_cores if args.pin else 'not pinned'}; "
-             f"{os.cpu_count()} cores; {args.duration} s per measurement; medians of {args.reps}; "
+    where = (f"pinned: proxy on cores 0..T-1, backends {args.backend_cores}, load {args.load_cores}"
+             if args.pin else "not pinned")
+    lines = [f"\n{where}; {os.cpu_count()} cores; {args.duration} s per measurement; medians of {args.reps}; "
              f"idle: {args.idle_conns} connections\n",
              "| figure | T | direct | ballast | HAProxy | nginx | ballast/HAProxy | ballast/nginx | ballast T/1 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -405,15 +408,17 @@ def report(results, args):
             base = value(f"ballast-{threads[0]}")
             for t in threads:
                 v = {p: value(f"{p}-{t}") for p in PROXIES}
-                cells = [fmt(direct)] + [fmt(v[p]) + (f" ({v[p] / direct:.2f})" if is_throughput and direct and v[p] else "")
-                                         for p in PROXIES]
-                scaling = ratio(v["ballast"], base) if t != threads[0] else ""
-                lines.append(f"| {label} | {t} | " + " | ".join(cells) +
-                             f" | {ratio(v['ballast'], v['haproxy'])} | {ratio(v['ballast'], v['nginx'])} | {scaling} |")
-    errors = sorted({f"{s} {v}: {r['errors']}" for (s, v), rs in results.items() for r in rs if "errors" in r})
+                cells = [fmt(direct)]
+                for p in PROXIES:
+                    to_direct = f" ({v[p] / direct:.2f})" if is_throughput and direct and v[p] else ""
+                    cells.append(fmt(v[p]) + to_direct)
+                cells += [ratio(v["ballast"], v["haproxy"]), ratio(v["ballast"], v["nginx"]),
+                          ratio(v["ballast"], base) if t != threads[0] else ""]
+                lines.append(f"| {label} | {t} | " + " | ".join(cells) + " |")
     lines.append("\n(x) after a throughput: its ratio to direct. Ratios below 1 mean ballast uses less "
                  "(CPU, p99, memory); above 1, more throughput. ballast T/1: ballast at T over ballast at "
                  f"T = {threads[0]}.")
+    errors = sorted({f"{s} {v}: {r['errors']}" for (s, v), rs in results.items() for r in rs if "errors" in r})
     lines += [f"load generator errors: {e}" for e in errors]
     return "\n".join(lines)
 
@@ -458,6 +463,8 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     variants = ["direct"] + [f"{p}-{t}" for t in args.thread_counts for p in proxies]
+    runs = sum(args.reps * (len(variants) - (s == "idle")) for s in args.scenarios)
+    print(f"{runs} measurements, about {runs * (args.duration + 2) // 60 + 1} min", file=sys.stderr, flush=True)
     backends = bench.start_backends()
     results = {}  # (scenario, variant) -> [one dict per repetition]
     try:
