@@ -18,6 +18,11 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
 use crate::state::{BackendState, ListenerState};
@@ -185,17 +190,56 @@ impl Entry {
         }
     }
 
-    /// Resolves with what ballast asks of this connection, at once if it asked already.
-    /// Cancel-safe, and may be awaited again after it resolved (a close that later
-    /// turns into an abort).
-    pub async fn wait_ask(&self, seen: Option<Ask>) -> Ask {
+    /// Resolves with what ballast asks of this connection other than `seen`, at once if
+    /// it asked already. Cancel-safe; a close that later turns into an abort is seen by
+    /// a new wait with the close as `seen`.
+    ///
+    /// Cheap to poll again and again (a relay polls its stop on every wake-up): after
+    /// the first poll has registered the task's waker, a poll is one atomic load.
+    pub fn wait_ask(&self, seen: Option<Ask>) -> WaitAsk<'_> {
+        WaitAsk {
+            entry: self,
+            seen,
+            registered: false,
+            // Created before any look, so an ask made in between still wakes it.
+            notified: self.wake.notified(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`Entry::wait_ask`].
+    pub struct WaitAsk<'a> {
+        entry: &'a Entry,
+        seen: Option<Ask>,
+        registered: bool,
+        #[pin]
+        notified: Notified<'a>,
+    }
+}
+
+impl Future for WaitAsk<'_> {
+    type Output = Ask;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ask> {
+        let mut this = self.project();
         loop {
-            // Created before the look, so an ask made in between still wakes it.
-            let notified = self.wake.notified();
-            if let Some(ask) = self.asked().filter(|a| Some(*a) != seen) {
-                return ask;
+            if let Some(ask) = this.entry.asked().filter(|a| Some(*a) != *this.seen) {
+                return Poll::Ready(ask);
             }
-            notified.await;
+            if *this.registered {
+                // The waker given at registration is this task's for its whole life
+                // (a connection's task never moves), and an ask wakes every waiter.
+                return Poll::Pending;
+            }
+            match this.notified.as_mut().poll(cx) {
+                Poll::Pending => {
+                    *this.registered = true;
+                    return Poll::Pending;
+                }
+                // Woken by an ask this future does not want (an earlier one): wait anew.
+                Poll::Ready(()) => this.notified.set(this.entry.wake.notified()),
+            }
         }
     }
 }

@@ -13,7 +13,7 @@
 //! connection (success, error, timeout, panic) gives its slot back.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use crate::metrics::{BackendMetrics, ListenerMetrics, Metrics};
 use std::sync::{Arc, Mutex};
@@ -144,6 +144,65 @@ pub struct BackendState {
     /// When the backend (re)entered service, for slow start; millis since `epoch`.
     in_service_since_ms: AtomicU64,
     epoch: Instant,
+    /// Bytes to and from the backend: added on every write of every connection, so
+    /// kept per thread (see [`Striped`]) and published to `metrics` at each scrape.
+    sent: Striped,
+    received: Striped,
+}
+
+/// A counter that each thread adds to on a cache line of its own, so that workers
+/// relaying bytes for the same backend never contend for one line. Its total is the sum
+/// of the stripes.
+#[derive(Debug)]
+pub struct Striped {
+    stripes: Box<[Stripe]>,
+    /// How much of the total a Prometheus counter has been given.
+    published: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe(AtomicU64);
+
+/// Stripes per counter: threads beyond this share stripes (still correct, just shared).
+const STRIPES: usize = 16;
+
+thread_local! {
+    static STRIPE: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES
+    };
+}
+
+impl Default for Striped {
+    fn default() -> Striped {
+        Striped {
+            stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
+            published: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Striped {
+    pub fn add(&self, n: u64) {
+        let i = STRIPE.with(|i| *i);
+        self.stripes[i].0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn total(&self) -> u64 {
+        self.stripes
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Adds to `counter` what it has not been given yet. Concurrent callers add
+    /// disjoint parts, so nothing is counted twice.
+    pub fn publish(&self, counter: &prometheus::IntCounter) {
+        let total = self.total();
+        let before = self.published.fetch_max(total, Ordering::Relaxed);
+        counter.inc_by(total.saturating_sub(before));
+    }
 }
 
 impl BackendState {
@@ -161,6 +220,8 @@ impl BackendState {
             health_streak: AtomicU32::new(0),
             in_service_since_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            sent: Striped::default(),
+            received: Striped::default(),
         }
     }
 
@@ -173,11 +234,19 @@ impl BackendState {
     pub fn connect_failures(&self) -> u64 {
         self.metrics.connect_failures.get()
     }
+    /// Bytes delivered to the backend so far.
     pub fn sent_bytes(&self) -> u64 {
-        self.metrics.sent_bytes.get()
+        self.sent.total()
     }
+    /// Bytes delivered from the backend to clients so far.
     pub fn received_bytes(&self) -> u64 {
-        self.metrics.received_bytes.get()
+        self.received.total()
+    }
+
+    /// Brings the byte counters' Prometheus series up to date (at each scrape).
+    pub fn publish_bytes(&self) {
+        self.sent.publish(&self.metrics.sent_bytes);
+        self.received.publish(&self.metrics.received_bytes);
     }
     pub fn metrics(&self) -> &BackendMetrics {
         &self.metrics
@@ -333,10 +402,10 @@ impl BackendState {
         self.metrics.connect_duration.observe(took.as_secs_f64());
     }
     pub fn add_sent(&self, bytes: u64) {
-        self.metrics.sent_bytes.inc_by(bytes);
+        self.sent.add(bytes);
     }
     pub fn add_received(&self, bytes: u64) {
-        self.metrics.received_bytes.inc_by(bytes);
+        self.received.add(bytes);
     }
 
     /// Feeds one health check result (`Err` carries why it failed); returns the new

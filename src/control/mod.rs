@@ -430,11 +430,13 @@ impl Ballast {
                 m.up.set(i64::from(b.state.is_up()));
                 m.draining.set(i64::from(b.is_draining()));
                 m.weight.set(i64::from(b.config.weight));
+                b.state.publish_bytes();
             }
             l.state.metrics().imbalance.set(l.imbalance());
         }
         for removed in &self.removed().backends {
             removed.state.metrics().draining.set(1);
+            removed.state.publish_bytes();
         }
         let metrics = self.inner.registry.metrics();
         metrics.config_generation.set(routing.generation as i64);
