@@ -30,7 +30,6 @@ use crate::relay::{Relay, RelayEnd, Side, Stop};
 use crate::routing::{ListenerRoute, Routing};
 use crate::stage;
 use crate::state::{BackendGuard, ListenerGuard, RejectReason};
-use crate::workers::{self, Counted};
 
 /// TCP keepalive on both sides of every connection: probe after 60 s of silence, every
 /// 10 s, give up after 6 unanswered probes.
@@ -136,8 +135,7 @@ pub async fn serve(
         }
     }
     loop {
-        // A worker ahead of the others in connections leaves new ones to them first.
-        if let Some(pause) = plane.pressure.pause().or_else(workers::accept_later) {
+        if let Some(pause) = plane.pressure.pause() {
             tokio::select! {
                 _ = stop.wait_for(|stop| *stop) => break,
                 _ = tokio::time::sleep(pause) => {}
@@ -172,7 +170,7 @@ fn admit(plane: &DataPlane, name: &str, client: TcpStream, peer: SocketAddr) {
     };
     drop(routing);
     let conn = plane.conns.open(&route.state, peer);
-    let accepted = (route.state.accept(), workers::count_connection());
+    let accepted = route.state.accept();
     let Some(stage) = route.stage() else {
         match pick_first(&route, &conn) {
             Ok(first) => {
@@ -260,7 +258,7 @@ async fn proxy(
     plane: &DataPlane,
     route: &ListenerRoute,
     conn: Conn,
-    accepted: (ListenerGuard, Option<Counted>),
+    accepted: ListenerGuard,
     client: TcpStream,
     early: Vec<u8>,
     (first, first_guard): (usize, BackendGuard),
