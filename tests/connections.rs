@@ -26,19 +26,6 @@ async fn closer() -> SocketAddr {
     addr
 }
 
-/// A backend that accepts and then never reads.
-async fn deaf() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        let mut kept = Vec::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            kept.push(stream);
-        }
-    });
-    (addr, task)
-}
-
 /// A backend address where a connect hangs: a listener with a backlog of 0 whose queue
 /// is already full, so further SYNs go unanswered.
 fn hanging_backend() -> (SocketAddr, Vec<std::net::TcpStream>, socket2::Socket) {
@@ -411,7 +398,7 @@ async fn a_connection_still_connecting_is_stopped_by_shutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_reset_is_noticed_while_its_backend_does_not_read() {
-    let (backend, _deaf) = deaf().await;
+    let (backend, _deaf) = silent_server().await;
     let ballast = start(&format!(
         "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n{}",
         backends_toml(&[("deaf", backend, 1)])

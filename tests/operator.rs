@@ -9,7 +9,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use tokio::net::TcpListener;
 
 /// A POST as a script sends it (JSON content type).
 async fn post(admin: SocketAddr, path: &str) -> (u16, String) {
@@ -246,19 +245,6 @@ async fn json_logs_have_flat_fields_and_no_source_paths_even_at_debug_level() {
     );
     drop(lines);
     let _ = child.0.kill();
-}
-
-/// A TCP server that accepts and never answers: an HTTP health check of it times out.
-async fn silent_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            held.push(stream);
-        }
-    });
-    (addr, task)
 }
 
 fn write(path: &Path, text: &str) {

@@ -147,35 +147,6 @@ async fn wait_ready(admin: SocketAddr) {
     }
 }
 
-/// One client's life: connect, get the greeting, echo a line, close.
-async fn one_exchange(addr: SocketAddr, n: usize) -> Result<(), String> {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let mut greeting = [0u8; 2];
-    stream
-        .read_exact(&mut greeting)
-        .await
-        .map_err(|e| format!("greeting: {e}"))?;
-    let line = format!("message {n}\n");
-    stream
-        .write_all(line.as_bytes())
-        .await
-        .map_err(|e| format!("write: {e}"))?;
-    let mut echo = vec![0u8; line.len()];
-    stream
-        .read_exact(&mut echo)
-        .await
-        .map_err(|e| format!("echo: {e}"))?;
-    if echo != line.as_bytes() {
-        return Err(format!(
-            "echo differs: {:?}",
-            String::from_utf8_lossy(&echo)
-        ));
-    }
-    Ok(())
-}
-
 /// Writes a line on `stream` and reads its echo.
 async fn echo(stream: &mut TcpStream, line: &[u8]) -> Result<(), String> {
     stream.write_all(line).await.map_err(|e| e.to_string())?;

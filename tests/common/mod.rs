@@ -508,3 +508,46 @@ pub async fn http_raw(addr: SocketAddr, request: &[u8]) -> (u16, String, String)
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
     (status, head.to_string(), body.to_string())
 }
+
+/// One client's life: connect, get the greeting, echo a line, close.
+pub async fn one_exchange(addr: SocketAddr, n: usize) -> Result<(), String> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut greeting = [0u8; 2];
+    stream
+        .read_exact(&mut greeting)
+        .await
+        .map_err(|e| format!("greeting: {e}"))?;
+    let line = format!("message {n}\n");
+    stream
+        .write_all(line.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut echo = vec![0u8; line.len()];
+    stream
+        .read_exact(&mut echo)
+        .await
+        .map_err(|e| format!("echo: {e}"))?;
+    if echo != line.as_bytes() {
+        return Err(format!(
+            "echo differs: {:?}",
+            String::from_utf8_lossy(&echo)
+        ));
+    }
+    Ok(())
+}
+
+/// A TCP server that accepts and never reads or answers (an HTTP health check of it
+/// times out; a client writing to it through ballast fills every buffer).
+pub async fn silent_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    (addr, task)
+}
