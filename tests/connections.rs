@@ -93,7 +93,7 @@ async fn every_ending_has_its_access_log_line_and_its_counter() {
         format!("\n[[listeners]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\naccess_log = true\n{extra}{backends}")
     };
     let config = format!(
-        "[admin]\nbind = \"127.0.0.1:0\"\n[runtime]\nshutdown_timeout = \"1s\"\n{}{}{}{}{}{}",
+        "[admin]\nbind = \"127.0.0.1:0\"\n[runtime]\nshutdown_timeout = \"1s\"\n{}{}{}{}{}{}{}",
         listener("echo", "", &backends_toml(&[("e", echo.addr, 1)])),
         listener("bye", "", &backends_toml(&[("b", bye, 1)])),
         listener(
@@ -120,9 +120,14 @@ async fn every_ending_has_its_access_log_line_and_its_counter() {
                 echo.addr
             )
         ),
+        listener(
+            "moved",
+            "strategy = \"least_conn\"\n  [listeners.rebalance]\n  interval = \"100ms\"\n  precision = 0\n  step_size = 1\n",
+            &backends_toml(&[("a", echo.addr, 1), ("b", echo.addr, 1)])
+        ),
     );
     std::fs::write(&path, config).unwrap();
-    let ballast = Proc::run(&path, &[], 6).await;
+    let ballast = Proc::run(&path, &[], 7).await;
     let at = |name: &str| ballast.listeners[name];
 
     // client_closed: the client ends first.
@@ -177,6 +182,24 @@ async fn every_ending_has_its_access_log_line_and_its_counter() {
     .await;
     let mut third = TcpStream::connect(at("tight")).await.unwrap();
     assert_closed(&mut third).await;
+    // migrated: two clients on a while b is drained; b comes back, one moves.
+    http(ballast.admin, "POST", "/api/v1/listeners/moved/backends/b/drain").await;
+    let mut pair = Vec::new();
+    for _ in 0..2 {
+        let mut m = TcpStream::connect(at("moved")).await.unwrap();
+        m.write_all(b"m").await.unwrap();
+        m.read_exact(&mut [0u8; 1]).await.unwrap();
+        pair.push(m);
+    }
+    http(ballast.admin, "POST", "/api/v1/listeners/moved/backends/b/undrain").await;
+    wait_for_metric(
+        ballast.admin,
+        "ballast_connections_closed_total",
+        &[("listener", "moved"), ("reason", "migrated")],
+        |v| v == 1.0,
+    )
+    .await;
+    drop(pair);
     // shutdown: still open when ballast stops.
     let mut s = TcpStream::connect(at("echo")).await.unwrap();
     s.write_all(b"z").await.unwrap();
@@ -215,6 +238,7 @@ async fn every_ending_has_its_access_log_line_and_its_counter() {
         ("tight", "limit"),
         ("tight", "client_closed"),
         ("tight", "no_backend"),
+        ("moved", "migrated"),
         ("echo", "shutdown"),
     ];
     for (listener, reason) in expect {
@@ -454,7 +478,7 @@ async fn running_out_of_file_descriptors_leaves_backends_up() {
     std::fs::write(
         &path,
         format!(
-            "[admin]\nbind = \"127.0.0.1:0\"\n[runtime]\nthreads = 1\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nconnect_timeout = \"1s\"\n  [listeners.health]\n  kind = \"tcp\"\n  interval = \"50ms\"\n  timeout = \"50ms\"\n  fall = 2\n{}",
+            "[admin]\nbind = \"127.0.0.1:0\"\n[runtime]\nthreads = 1\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nconnect_timeout = \"1s\"\naccess_log = true\n  [listeners.health]\n  kind = \"tcp\"\n  interval = \"50ms\"\n  timeout = \"50ms\"\n  fall = 2\n{}",
             backends_toml(&[("e", echo.addr, 1)])
         ),
     )
@@ -509,5 +533,9 @@ async fn running_out_of_file_descriptors_leaves_backends_up() {
     );
     let (_, log) = ballast.stop().await;
     assert!(log.contains("no local resources"), "{log}");
+    assert!(
+        access_lines(&log, "web").iter().any(|f| f[9] == "error" && f[3] == "-"),
+        "an access log line with reason error: {log}"
+    );
     assert!(!log.contains("backend is down"), "{log}");
 }
