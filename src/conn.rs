@@ -16,11 +16,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use arc_swap::ArcSwapOption;
 use std::time::Instant;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
@@ -141,11 +143,13 @@ const SHARDS: usize = 16;
 pub struct Entry {
     pub id: u64,
     pub listener: Arc<ListenerState>,
-    /// The client as the pick and the logs see it.
-    pub client: SocketAddr,
+    /// The socket's peer.
+    peer: SocketAddr,
+    /// The client a stage before the pick named (a PROXY protocol header), if any.
+    named: OnceLock<SocketAddr>,
     pub started: Instant,
-    /// Set once the backend is picked.
-    backend: OnceLock<Arc<BackendState>>,
+    /// The backend it counts against: the pick, then the backend a retry went to.
+    backend: ArcSwapOption<BackendState>,
     /// An encoded [`Ask`], 0 while nobody asked. A later ask may only turn a close into
     /// an abort.
     ask: AtomicU8,
@@ -153,8 +157,22 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn backend(&self) -> Option<&Arc<BackendState>> {
-        self.backend.get()
+    pub fn backend(&self) -> Option<Arc<BackendState>> {
+        self.backend.load_full()
+    }
+
+    /// The client as the pick, the limits and the logs see it: the one a stage named,
+    /// else the socket's peer.
+    pub fn client(&self) -> SocketAddr {
+        *self.named.get().unwrap_or(&self.peer)
+    }
+
+    /// Whether this connection counts against `backend` now.
+    fn is_on(&self, backend: &Arc<BackendState>) -> bool {
+        self.backend
+            .load()
+            .as_ref()
+            .is_some_and(|b| Arc::ptr_eq(b, backend))
     }
 
     /// What was asked of the connection so far.
@@ -200,7 +218,7 @@ impl Entry {
         WaitAsk {
             entry: self,
             seen,
-            registered: false,
+            registered: None,
             // Created before any look, so an ask made in between still wakes it.
             notified: self.wake.notified(),
         }
@@ -212,7 +230,8 @@ pin_project_lite::pin_project! {
     pub struct WaitAsk<'a> {
         entry: &'a Entry,
         seen: Option<Ask>,
-        registered: bool,
+        // The waker the `Notified` holds, once it holds one.
+        registered: Option<Waker>,
         #[pin]
         notified: Notified<'a>,
     }
@@ -227,14 +246,19 @@ impl Future for WaitAsk<'_> {
             if let Some(ask) = this.entry.asked().filter(|a| Some(*a) != *this.seen) {
                 return Poll::Ready(ask);
             }
-            if *this.registered {
-                // The waker given at registration is this task's for its whole life
-                // (a connection's task never moves), and an ask wakes every waiter.
+            if this
+                .registered
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                // The `Notified` already holds this waker, and an ask wakes every
+                // waiter: nothing to do until then (a connection's task keeps its waker
+                // for its whole life, so this is the common case).
                 return Poll::Pending;
             }
             match this.notified.as_mut().poll(cx) {
                 Poll::Pending => {
-                    *this.registered = true;
+                    *this.registered = Some(cx.waker().clone());
                     return Poll::Pending;
                 }
                 // Woken by an ask this future does not want (an earlier one): wait anew.
@@ -275,11 +299,15 @@ impl std::ops::Deref for Conn {
 }
 
 impl Conn {
-    /// Notes the backend picked for this connection (the first pick; a retry's backend
-    /// replaces nothing: the table answers "which connections does backend b hold",
-    /// asked only of established ones).
+    /// Notes the backend this connection counts against now (the pick, then each
+    /// retry's), so that drain and rebalance find it under the backend it is on.
     pub fn set_backend(&self, backend: &Arc<BackendState>) {
-        let _ = self.entry.backend.set(Arc::clone(backend));
+        self.entry.backend.store(Some(Arc::clone(backend)));
+    }
+
+    /// The client a stage before the pick found (set once, before the pick).
+    pub fn set_client(&self, client: SocketAddr) {
+        let _ = self.entry.named.set(client);
     }
 }
 
@@ -302,9 +330,10 @@ impl Conns {
         let entry = Arc::new(Entry {
             id,
             listener: Arc::clone(listener),
-            client,
+            peer: client,
+            named: OnceLock::new(),
             started: Instant::now(),
-            backend: OnceLock::new(),
+            backend: ArcSwapOption::empty(),
             ask: AtomicU8::new(0),
             wake: Notify::new(),
         });
@@ -340,13 +369,7 @@ impl Conns {
 
     /// Connections of `backend` not asked to end yet, oldest first.
     fn of_backend(&self, backend: &Arc<BackendState>) -> Vec<Arc<Entry>> {
-        self.select(|e| e.asked().is_none() && e.backend().is_some_and(|b| Arc::ptr_eq(b, backend)))
-    }
-
-    /// Connections of `backend` asked to end that are still ending.
-    pub fn closing(&self, backend: &Arc<BackendState>) -> usize {
-        self.select(|e| e.asked().is_some() && e.backend().is_some_and(|b| Arc::ptr_eq(b, backend)))
-            .len()
+        self.select(|e| e.asked().is_none() && e.is_on(backend))
     }
 
     /// Asks up to `n` connections of `backend` to close cleanly with `reason`, the
@@ -438,7 +461,6 @@ mod tests {
         assert_eq!(conns[0].asked(), Some(Ask::Close(EndReason::Drain)));
         assert_eq!(table.close_backend(&a, 1, true, EndReason::Migrated), 1);
         assert_eq!(conns[4].asked(), Some(Ask::Close(EndReason::Migrated)));
-        assert_eq!(table.closing(&a), 2);
         assert_eq!(table.close_backend(&a, 10, false, EndReason::Drain), 2);
         assert_eq!(conns[2].asked(), None, "another backend's");
         assert_eq!(table.close_backend(&a, 10, false, EndReason::Drain), 0);

@@ -191,7 +191,10 @@ fn admit(plane: &DataPlane, name: &str, client: TcpStream, peer: SocketAddr) {
             ask = conn.wait_ask(None) => return end(&route, &conn, &Ended::refused(ask.reason())),
         };
         let hello = match hello {
-            Ok(hello) => hello,
+            Ok(hello) => {
+                conn.set_client(hello.client);
+                hello
+            }
             Err(e) => {
                 debug!(listener = %route.config.name, client = %peer, error = %e, "ended before the pick");
                 let reason = match e {
@@ -217,12 +220,12 @@ fn pick_first(route: &ListenerRoute, conn: &Conn) -> Result<(usize, BackendGuard
         .is_some_and(|max| route.state.active() > max)
     {
         route.state.record_rejected(RejectReason::MaxConns);
-        debug!(listener = %route.config.name, client = %conn.client, "refused: listener at max_conns");
+        debug!(listener = %route.config.name, client = %conn.client(), "refused: listener at max_conns");
         return Err(EndReason::Limit);
     }
-    let Some((first, guard)) = route.pick_and_acquire(conn.client.ip(), &[]) else {
+    let Some((first, guard)) = route.pick_and_acquire(conn.client().ip(), &[]) else {
         route.state.record_rejected(RejectReason::NoBackend);
-        warn!(listener = %route.config.name, client = %conn.client, "refused: no backend available");
+        warn!(listener = %route.config.name, client = %conn.client(), "refused: no backend available");
         return Err(EndReason::NoBackend);
     };
     conn.set_backend(guard.backend());
@@ -276,7 +279,7 @@ async fn proxy(
         Ok(connected) => connected,
         Err(reason) => return end(route, &conn, &Ended::refused(reason)),
     };
-    debug!(listener = %route.config.name, client = %conn.client, backend = %route.backends[index].config.name, "connected");
+    debug!(listener = %route.config.name, client = %conn.client(), backend = %route.backends[index].config.name, "connected");
     // The client socket has these from its listener (see `bind_one`). Long-lived
     // connections to a peer that vanished without a FIN end in minutes, not never, even
     // without idle_timeout.
@@ -305,7 +308,7 @@ async fn proxy(
             first: Side::Backend,
         } => EndReason::BackendClosed,
         RelayEnd::Failed { side, error } => {
-            debug!(listener = %route.config.name, client = %conn.client, ?side, %error, "closed on error");
+            debug!(listener = %route.config.name, client = %conn.client(), ?side, %error, "closed on error");
             match side {
                 _ if is_local_exhaustion(&error) => EndReason::Error,
                 Side::Client => EndReason::ClientClosed,
@@ -364,15 +367,15 @@ async fn connect(
                 return Ok((index, guard, stream, took));
             }
             Ok(Err(e)) if is_local_exhaustion(&e) => {
-                warn!(listener = %route.config.name, client = %conn.client, error = %e, "cannot connect: no local resources; pausing accepts");
+                warn!(listener = %route.config.name, client = %conn.client(), error = %e, "cannot connect: no local resources; pausing accepts");
                 plane.pressure.note();
                 return Err(EndReason::Error);
             }
             Ok(Err(e)) => {
-                warn!(listener = %route.config.name, client = %conn.client, backend = %backend.config.name, %addr, error = %e, "connect failed")
+                warn!(listener = %route.config.name, client = %conn.client(), backend = %backend.config.name, %addr, error = %e, "connect failed")
             }
             Err(_) => warn!(
-                listener = %route.config.name, client = %conn.client, backend = %backend.config.name, %addr,
+                listener = %route.config.name, client = %conn.client(), backend = %backend.config.name, %addr,
                 timeout = ?route.config.connect_timeout, "connect timed out"
             ),
         }
@@ -381,13 +384,14 @@ async fn connect(
         if tried.len() > route.config.retries as usize {
             break;
         }
-        if let Some((next, guard)) = route.pick_and_acquire(conn.client.ip(), &tried) {
+        if let Some((next, guard)) = route.pick_and_acquire(conn.client().ip(), &tried) {
+            conn.set_backend(guard.backend());
             tried.push(next);
             attempt = Some((next, guard));
         }
     }
     route.state.record_rejected(RejectReason::NoBackend);
-    warn!(listener = %route.config.name, client = %conn.client, "no backend could be reached; closing the client");
+    warn!(listener = %route.config.name, client = %conn.client(), "no backend could be reached; closing the client");
     Err(EndReason::ConnectFailed)
 }
 
@@ -414,7 +418,7 @@ fn access_line(route: &ListenerRoute, conn: &Conn, ended: &Ended) -> String {
             let line = serde_json::json!({
                 "ts": ts,
                 "listener": route.config.name,
-                "client": conn.client.to_string(),
+                "client": conn.client().to_string(),
                 "backend": backend.map(|b| b.name.as_str()),
                 "backend_addr": backend.map(|b| b.addr.to_string()),
                 "connect_ms": connect_ms.map(round3),
@@ -428,7 +432,7 @@ fn access_line(route: &ListenerRoute, conn: &Conn, ended: &Ended) -> String {
         crate::logging::Format::Text => format!(
             "{ts} {} {} {} {} {} {duration_ms:.3} {} {} {}\n",
             route.config.name,
-            conn.client,
+            conn.client(),
             backend.map_or("-", |b| b.name.as_str()),
             backend.map_or_else(|| "-".to_string(), |b| b.addr.to_string()),
             connect_ms.map_or_else(|| "-".to_string(), |ms| format!("{ms:.3}")),
@@ -441,4 +445,78 @@ fn access_line(route: &ListenerRoute, conn: &Conn, ended: &Ended) -> String {
 
 fn round3(ms: f64) -> f64 {
     (ms * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stage::{Inspect, Stage};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// `FROM <addr>\n` names the client and is consumed.
+    #[derive(Debug)]
+    struct FromLine;
+
+    impl Stage for FromLine {
+        fn inspect(&self, bytes: &[u8]) -> Inspect {
+            let Some(end) = bytes.iter().position(|&b| b == b'\n') else {
+                return Inspect::More;
+            };
+            let line = std::str::from_utf8(&bytes[..end]).unwrap_or("");
+            match line.strip_prefix("FROM ").and_then(|a| a.parse().ok()) {
+                Some(addr) => Inspect::Done {
+                    client: Some(addr),
+                    server_name: None,
+                    consumed: end + 1,
+                },
+                None => Inspect::Refuse("bad FROM line"),
+            }
+        }
+        fn deadline(&self) -> Duration {
+            Duration::from_secs(2)
+        }
+        fn max_bytes(&self) -> usize {
+            64
+        }
+    }
+
+    #[tokio::test]
+    async fn the_client_a_stage_names_is_the_one_the_table_and_the_logs_see() {
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend_addr = backend.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = backend.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let toml = format!(
+            "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n[[listeners.backends]]\nname = \"a\"\naddr = \"{backend_addr}\"\n"
+        );
+        let config = crate::config::Config::parse(&toml, "test.toml").unwrap();
+        let registry = crate::state::Registry::default();
+        let mut routing = Routing::build(config, 1, &registry);
+        Arc::get_mut(&mut routing.listeners[0]).unwrap().stage = Some(Arc::new(FromLine));
+        let conns = Arc::new(Conns::default());
+        let plane = DataPlane::new(Arc::new(ArcSwap::from_pointee(routing)), Arc::clone(&conns));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, stop_rx) = watch::channel(false);
+        tokio::spawn(serve(listener, "web".into(), plane, stop_rx, true));
+
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"FROM 192.0.2.7:4000\nhi").await.unwrap();
+        let mut back = [0u8; 2];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"hi");
+        let entries = conns.select(|_| true);
+        assert_eq!(entries.len(), 1);
+        assert_eq!(
+            entries[0].client(),
+            "192.0.2.7:4000".parse::<SocketAddr>().unwrap(),
+            "the pick, the limits and the logs should see the stage's client"
+        );
+    }
 }

@@ -128,13 +128,13 @@ pub struct BackendState {
     metrics: BackendMetrics,
     /// A [`Health`], as its `u8`.
     health: AtomicU8,
-    /// A [`Service`], as its `u8`.
-    service: AtomicU8,
+    /// A [`Service`] in the low 8 bits and when it last left service (the drain clock,
+    /// millis since `epoch`) above them: one word, so that no reader ever sees a new
+    /// service with an old clock.
+    service: AtomicU64,
     /// When the health or the service last changed (what status calls "since"); millis
     /// since `epoch`.
     changed_ms: AtomicU64,
-    /// When the service last changed: the drain clock; millis since `epoch`.
-    service_since_ms: AtomicU64,
     /// The wall-clock time at `epoch`, to show `changed_ms` as a date.
     epoch_wall: SystemTime,
     /// The latest failed health check; kept after the backend is up again.
@@ -212,9 +212,8 @@ impl BackendState {
             name: name.to_string(),
             metrics,
             health: AtomicU8::new(Health::Up as u8),
-            service: AtomicU8::new(Service::InService as u8),
+            service: AtomicU64::new(Service::InService as u64),
             changed_ms: AtomicU64::new(0),
-            service_since_ms: AtomicU64::new(0),
             epoch_wall: SystemTime::now(),
             last_failure: Mutex::new(None),
             health_streak: AtomicU32::new(0),
@@ -258,14 +257,14 @@ impl BackendState {
         self.health() == Health::Up
     }
     pub fn service(&self) -> Service {
-        Service::from_u8(self.service.load(Ordering::Relaxed))
+        Service::from_u8(self.service.load(Ordering::Relaxed) as u8)
     }
 
     /// The backend's state, in one word.
     pub fn phase(&self) -> Phase {
-        let since =
-            || self.epoch + Duration::from_millis(self.service_since_ms.load(Ordering::Relaxed));
-        match self.service() {
+        let word = self.service.load(Ordering::Relaxed);
+        let since = || self.epoch + Duration::from_millis(word >> 8);
+        match Service::from_u8(word as u8) {
             Service::InService => match self.health() {
                 Health::Up => Phase::Up,
                 Health::Checking => Phase::Checking,
@@ -313,14 +312,20 @@ impl BackendState {
     /// when a backend leaves service and stops when it comes back, never in between.
     fn move_service(&self, from: impl Fn(Service) -> bool, to: Service) {
         let mut current = self.service.load(Ordering::Relaxed);
+        let now = self.now_ms();
         loop {
-            let before = Service::from_u8(current);
+            let before = Service::from_u8(current as u8);
             if before == to || !from(before) {
                 return;
             }
+            let since = if before == Service::InService {
+                now
+            } else {
+                current >> 8
+            };
             match self.service.compare_exchange(
                 current,
-                to as u8,
+                since << 8 | to as u64,
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
@@ -328,12 +333,7 @@ impl BackendState {
                 Err(seen) => current = seen,
             }
         }
-        let before = Service::from_u8(current);
         self.mark_changed();
-        if before == Service::InService {
-            self.service_since_ms
-                .store(self.now_ms(), Ordering::Relaxed);
-        }
         if to == Service::InService {
             self.mark_in_service();
         }
@@ -353,7 +353,7 @@ impl BackendState {
     }
 
     /// The operator takes the backend out of service (`true`) or puts it back
-    /// (`false`); a backend the config drains (`max_conns = 0`) stays drained.
+    /// (`false`).
     pub fn set_drained(&self, drained: bool) {
         if drained {
             self.move_service(
@@ -363,6 +363,17 @@ impl BackendState {
         } else {
             self.move_service(|s| s == Service::Drained, Service::InService);
         }
+    }
+
+    /// The operator puts the backend back, and its config (`max_conns = 0`) says
+    /// whether it is then in service; one that stays out keeps its drain clock.
+    pub fn undrain(&self, config_drained: bool) {
+        let to = if config_drained {
+            Service::ConfigDrained
+        } else {
+            Service::InService
+        };
+        self.move_service(|s| s == Service::Drained, to);
     }
 
     /// The config says whether the backend is drained (`max_conns = 0`); an operator's
@@ -695,8 +706,21 @@ mod tests {
         b.set_drained(false);
         assert_eq!(b.phase(), Phase::Up);
         b.set_config_drained(true);
-        b.set_drained(false);
+        b.set_drained(true);
+        b.undrain(true);
         assert!(b.phase().is_draining(), "the config still drains it");
+        let Phase::Draining { since: kept } = b.phase() else {
+            panic!()
+        };
+        // Time passes, so that a restarted clock would show.
+        std::thread::sleep(Duration::from_millis(5));
+        b.set_drained(true);
+        b.undrain(true);
+        assert_eq!(
+            b.phase(),
+            Phase::Draining { since: kept },
+            "the clock runs on"
+        );
         b.set_config_drained(false);
         b.record_health(Err("refused".into()), 1, 1);
         assert_eq!(b.phase(), Phase::Down);

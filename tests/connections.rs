@@ -183,7 +183,12 @@ async fn every_ending_has_its_access_log_line_and_its_counter() {
     let mut third = TcpStream::connect(at("tight")).await.unwrap();
     assert_closed(&mut third).await;
     // migrated: two clients on a while b is drained; b comes back, one moves.
-    http(ballast.admin, "POST", "/api/v1/listeners/moved/backends/b/drain").await;
+    http(
+        ballast.admin,
+        "POST",
+        "/api/v1/listeners/moved/backends/b/drain",
+    )
+    .await;
     let mut pair = Vec::new();
     for _ in 0..2 {
         let mut m = TcpStream::connect(at("moved")).await.unwrap();
@@ -191,7 +196,12 @@ async fn every_ending_has_its_access_log_line_and_its_counter() {
         m.read_exact(&mut [0u8; 1]).await.unwrap();
         pair.push(m);
     }
-    http(ballast.admin, "POST", "/api/v1/listeners/moved/backends/b/undrain").await;
+    http(
+        ballast.admin,
+        "POST",
+        "/api/v1/listeners/moved/backends/b/undrain",
+    )
+    .await;
     wait_for_metric(
         ballast.admin,
         "ballast_connections_closed_total",
@@ -534,8 +544,39 @@ async fn running_out_of_file_descriptors_leaves_backends_up() {
     let (_, log) = ballast.stop().await;
     assert!(log.contains("no local resources"), "{log}");
     assert!(
-        access_lines(&log, "web").iter().any(|f| f[9] == "error" && f[3] == "-"),
+        access_lines(&log, "web")
+            .iter()
+            .any(|f| f[9] == "error" && f[3] == "-"),
         "an access log line with reason error: {log}"
     );
     assert!(!log.contains("backend is down"), "{log}");
+}
+
+/// Found in review: a connection that a retry sent to another backend must be that
+/// backend's in the connection table, or drain and rebalance act on the wrong one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_a_retry_sent_to_a_drained_backend_is_closed_at_its_drain_timeout() {
+    let dead = dead_addr().await;
+    let b = Backend::greeter("b").await;
+    let ballast = start(&format!(
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\nretries = 1\ndrain_timeout = \"100ms\"\n{}",
+        backends_toml(&[("a", dead, 1), ("b", b.addr, 1)])
+    ))
+    .await;
+    let addr = ballast.listener_addr("web");
+    // Round robin picks `a` first for one of two clients: refused, retried on `b`.
+    let (mut c1, g1) = connect_and_greet(addr).await;
+    let (mut c2, g2) = connect_and_greet(addr).await;
+    assert_eq!((g1.as_str(), g2.as_str()), ("b", "b"));
+    let route = ballast.ballast.routing();
+    let web = route.listener("web").unwrap();
+    let (a, b_state) = (web.backends[0].state.clone(), web.backends[1].state.clone());
+    drop(route);
+    assert!(a.connect_failures() >= 1, "a connection was retried");
+    assert_eq!(b_state.active(), 2, "both live on b");
+    // The operator drains b: both connections end once drain_timeout (100 ms) and the
+    // spread window (100 ms) have passed.
+    b_state.set_drained(true);
+    assert_closed(&mut c1).await;
+    assert_closed(&mut c2).await;
 }

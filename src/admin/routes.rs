@@ -356,9 +356,12 @@ fn drain(ballast: &Ballast, listener: &str, backend: &str, drained: bool) -> Res
             &format!("listener {listener:?} has no backend named {backend:?}"),
         );
     };
-    b.state.set_drained(drained);
-    // Undrained, it is back in service unless its config says `max_conns = 0`.
-    b.state.set_config_drained(b.config.max_conns == Some(0));
+    if drained {
+        b.state.set_drained(true);
+    } else {
+        // Back in service unless its config says `max_conns = 0`.
+        b.state.undrain(b.config.max_conns == Some(0));
+    }
     tracing::info!(
         listener,
         backend,

@@ -731,7 +731,13 @@ impl Reader<'_> {
         let field = match self.string(t, "upgrade_sock", DEFAULT_UPGRADE_SOCK) {
             Field::Given(at) => Field::Given(At {
                 value: match Path::new(self.file).parent() {
-                    Some(dir) if Path::new(&at.value).is_relative() => dir.join(&at.value),
+                    // The folder made absolute too: a config named by a relative path
+                    // (`--config conf/ballast.toml`) must not leave the socket relative to
+                    // the working directory.
+                    Some(dir) if Path::new(&at.value).is_relative() => {
+                        std::path::absolute(dir.join(&at.value))
+                            .unwrap_or_else(|_| dir.join(&at.value))
+                    }
                     _ => PathBuf::from(&at.value),
                 },
                 span: at.span,

@@ -360,6 +360,8 @@ impl Ballast {
         // before the deadline cuts it.
         let finish = (timeout / 10).min(Duration::from_secs(1));
         let closes_end = deadline - finish;
+        // What is still ending then is cut, and has the rest of the time to go.
+        let cut_at = deadline - finish / 2;
         let closes_start = closes_end.checked_sub(window).unwrap_or(start).max(start);
         let mut announced = false;
         loop {
@@ -367,11 +369,12 @@ impl Ballast {
             if self.conns().is_empty() {
                 break;
             }
-            if now >= deadline {
+            if now >= cut_at {
                 let cut = self.conns().ask_all(Ask::Abort(EndReason::Shutdown));
                 tracing::info!(cut, "shutdown_timeout reached: cutting what is left");
                 // Aborted connections drop their sockets at their next poll.
-                self.wait_for_idle(Duration::from_millis(200)).await;
+                self.wait_for_idle(deadline.saturating_duration_since(now))
+                    .await;
                 break;
             }
             if now >= closes_start {
@@ -393,7 +396,7 @@ impl Ballast {
                 };
                 self.conns().close_oldest(n, EndReason::Shutdown);
             }
-            tokio::time::sleep(SHUTDOWN_TICK.min(deadline.saturating_duration_since(now))).await;
+            tokio::time::sleep(SHUTDOWN_TICK.min(cut_at.saturating_duration_since(now))).await;
         }
         self.inner.stopped.send_replace(true);
     }
