@@ -397,8 +397,15 @@ impl Conns {
 
     /// Asks up to `n` of the oldest connections not asked yet to close with `reason`.
     pub fn close_oldest(&self, n: usize, reason: EndReason) -> usize {
-        self.select(|e| e.asked().is_none())
-            .iter()
+        self.close_share(|_| n, reason)
+    }
+
+    /// Asks the oldest connections not asked yet to close with `reason`: as many as
+    /// `share` says of how many are left; one scan of the table.
+    pub fn close_share(&self, share: impl FnOnce(usize) -> usize, reason: EndReason) -> usize {
+        let left = self.select(|e| e.asked().is_none());
+        let n = share(left.len());
+        left.iter()
             .take(n)
             .filter(|e| e.ask(Ask::Close(reason)))
             .count()

@@ -386,15 +386,16 @@ impl Ballast {
                     );
                     announced = true;
                 }
-                let left = self.conns().select(|e| e.asked().is_none()).len();
                 let remaining = closes_end.saturating_duration_since(now);
-                let n = if remaining <= SHUTDOWN_TICK {
-                    left
-                } else {
-                    ((left as u128 * SHUTDOWN_TICK.as_micros()).div_ceil(remaining.as_micros()))
-                        as usize
+                let share = |left: usize| {
+                    if remaining <= SHUTDOWN_TICK {
+                        left
+                    } else {
+                        ((left as u128 * SHUTDOWN_TICK.as_micros()).div_ceil(remaining.as_micros()))
+                            as usize
+                    }
                 };
-                self.conns().close_oldest(n, EndReason::Shutdown);
+                self.conns().close_share(share, EndReason::Shutdown);
             }
             tokio::time::sleep(SHUTDOWN_TICK.min(cut_at.saturating_duration_since(now))).await;
         }
