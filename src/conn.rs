@@ -395,11 +395,6 @@ impl Conns {
         self.select(|_| true).iter().filter(|e| e.ask(ask)).count()
     }
 
-    /// Asks up to `n` of the oldest connections not asked yet to close with `reason`.
-    pub fn close_oldest(&self, n: usize, reason: EndReason) -> usize {
-        self.close_share(|_| n, reason)
-    }
-
     /// Asks the oldest connections not asked yet to close with `reason`: as many as
     /// `share` says of how many are left; one scan of the table.
     pub fn close_share(&self, share: impl FnOnce(usize) -> usize, reason: EndReason) -> usize {
