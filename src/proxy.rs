@@ -450,35 +450,8 @@ fn round3(ms: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stage::{Inspect, Stage};
+    use crate::stage::FromLine;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    /// `FROM <addr>\n` names the client and is consumed.
-    #[derive(Debug)]
-    struct FromLine;
-
-    impl Stage for FromLine {
-        fn inspect(&self, bytes: &[u8]) -> Inspect {
-            let Some(end) = bytes.iter().position(|&b| b == b'\n') else {
-                return Inspect::More;
-            };
-            let line = std::str::from_utf8(&bytes[..end]).unwrap_or("");
-            match line.strip_prefix("FROM ").and_then(|a| a.parse().ok()) {
-                Some(addr) => Inspect::Done {
-                    client: Some(addr),
-                    server_name: None,
-                    consumed: end + 1,
-                },
-                None => Inspect::Refuse("bad FROM line"),
-            }
-        }
-        fn deadline(&self) -> Duration {
-            Duration::from_secs(2)
-        }
-        fn max_bytes(&self) -> usize {
-            64
-        }
-    }
 
     #[tokio::test]
     async fn the_client_a_stage_names_is_the_one_the_table_and_the_logs_see() {

@@ -126,42 +126,44 @@ async fn read_until_decided(
     }
 }
 
+/// For tests: a line-based header, `FROM <addr>\n`, names the client and is consumed.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct FromLine;
+
+#[cfg(test)]
+impl Stage for FromLine {
+    fn inspect(&self, bytes: &[u8]) -> Inspect {
+        let Some(end) = bytes.iter().position(|&b| b == b'\n') else {
+            return if b"FROM ".starts_with(&bytes[..bytes.len().min(5)]) {
+                Inspect::More
+            } else {
+                Inspect::Refuse("no FROM line")
+            };
+        };
+        let line = std::str::from_utf8(&bytes[..end]).unwrap_or("");
+        match line.strip_prefix("FROM ").and_then(|a| a.parse().ok()) {
+            Some(addr) => Inspect::Done {
+                client: Some(addr),
+                server_name: None,
+                consumed: end + 1,
+            },
+            None => Inspect::Refuse("bad FROM line"),
+        }
+    }
+    fn deadline(&self) -> Duration {
+        Duration::from_millis(300)
+    }
+    fn max_bytes(&self) -> usize {
+        64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
-
-    /// A line-based header: `FROM <addr>\n` names the client and is consumed.
-    #[derive(Debug)]
-    struct FromLine;
-
-    impl Stage for FromLine {
-        fn inspect(&self, bytes: &[u8]) -> Inspect {
-            let Some(end) = bytes.iter().position(|&b| b == b'\n') else {
-                return if b"FROM ".starts_with(&bytes[..bytes.len().min(5)]) {
-                    Inspect::More
-                } else {
-                    Inspect::Refuse("no FROM line")
-                };
-            };
-            let line = std::str::from_utf8(&bytes[..end]).unwrap_or("");
-            match line.strip_prefix("FROM ").and_then(|a| a.parse().ok()) {
-                Some(addr) => Inspect::Done {
-                    client: Some(addr),
-                    server_name: None,
-                    consumed: end + 1,
-                },
-                None => Inspect::Refuse("bad FROM line"),
-            }
-        }
-        fn deadline(&self) -> Duration {
-            Duration::from_millis(300)
-        }
-        fn max_bytes(&self) -> usize {
-            64
-        }
-    }
 
     async fn pair() -> (TcpStream, TcpStream, SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
