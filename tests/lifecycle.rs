@@ -6,8 +6,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -78,24 +76,7 @@ async fn thirty_reloads_by_every_trigger_lose_no_connection_and_refuse_none() {
     }
 
     // Steady churn from four clients until told to stop.
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
-    let mut churn = Vec::new();
-    for _ in 0..4 {
-        let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
-        churn.push(tokio::spawn(async move {
-            let mut failures = Vec::new();
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) && n < 100_000 {
-                if let Err(e) = one_exchange(addr, n).await {
-                    failures.push(e);
-                }
-                n += 1;
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-            failures
-        }));
-    }
+    let churn = Churn::start(addr);
 
     let mut expected = 1;
     for i in 1..=30 {
@@ -126,12 +107,7 @@ async fn thirty_reloads_by_every_trigger_lose_no_connection_and_refuse_none() {
         }
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut failures = Vec::new();
-    for c in churn {
-        failures.extend(c.await.unwrap());
-    }
-    let exchanges = done.load(Ordering::Relaxed);
+    let (exchanges, failures) = churn.stop().await;
     eprintln!(
         "30 reloads under churn: {exchanges} exchanges, {} failed",
         failures.len()

@@ -48,14 +48,6 @@ async fn wait_for_weight(admin: SocketAddr, weight: u64) -> u64 {
     }
 }
 
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    let at = line
-        .find(key)
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-        + key.len();
-    line[at..].split_whitespace().next().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_stderr_breaks_neither_reload_nor_drain_nor_proxying_at_debug_level() {
     let a = Backend::greeter("a").await;

@@ -10,8 +10,6 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -162,62 +160,6 @@ async fn echo(stream: &mut TcpStream, line: &[u8]) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// Four clients, each opening a connection, exchanging one line and closing, over and
-/// over until `stop` (or 100,000 exchanges): the failures, and the count of exchanges.
-struct Churn {
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicUsize>,
-    clients: Vec<tokio::task::JoinHandle<Vec<String>>>,
-}
-
-impl Churn {
-    fn start(addr: SocketAddr) -> Churn {
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicUsize::new(0));
-        let clients = (0..4)
-            .map(|_| {
-                let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
-                tokio::spawn(async move {
-                    let mut failures = Vec::new();
-                    let mut n = 0;
-                    while !stop.load(Ordering::Relaxed) && n < 100_000 {
-                        if let Err(e) = one_exchange(addr, n).await {
-                            failures.push(e);
-                        }
-                        n += 1;
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                    failures
-                })
-            })
-            .collect();
-        Churn {
-            stop,
-            done,
-            clients,
-        }
-    }
-
-    fn done(&self) -> usize {
-        self.done.load(Ordering::Relaxed)
-    }
-
-    /// Waits until `more` further exchanges have been made.
-    async fn wait_for_more(&self, more: usize) {
-        let target = self.done() + more;
-        wait_until("more exchanges", || self.done() >= target).await;
-    }
-
-    async fn stop(self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut failures = Vec::new();
-        for client in self.clients {
-            failures.extend(client.await.unwrap());
-        }
-        (self.done.load(Ordering::Relaxed), failures)
-    }
 }
 
 struct Setup {

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -409,7 +409,8 @@ impl Proc {
     }
 }
 
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
+/// The value after `key` in a text log line, up to the next space.
+pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
     let at = line
         .find(key)
         .unwrap_or_else(|| panic!("no {key} in {line:?}"))
@@ -550,4 +551,60 @@ pub async fn silent_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
         }
     });
     (addr, task)
+}
+
+/// Four clients, each opening a connection, exchanging one line and closing, over and
+/// over until `stop` (or 100,000 exchanges): the failures, and the count of exchanges.
+pub struct Churn {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+    clients: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Churn {
+    pub fn start(addr: SocketAddr) -> Churn {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let clients = (0..4)
+            .map(|_| {
+                let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
+                tokio::spawn(async move {
+                    let mut failures = Vec::new();
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) && n < 100_000 {
+                        if let Err(e) = one_exchange(addr, n).await {
+                            failures.push(e);
+                        }
+                        n += 1;
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    failures
+                })
+            })
+            .collect();
+        Churn {
+            stop,
+            done,
+            clients,
+        }
+    }
+
+    pub fn done(&self) -> usize {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` further exchanges have been made.
+    pub async fn wait_for_more(&self, more: usize) {
+        let target = self.done() + more;
+        wait_until("more exchanges", || self.done() >= target).await;
+    }
+
+    pub async fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for client in self.clients {
+            failures.extend(client.await.unwrap());
+        }
+        (self.done.load(Ordering::Relaxed), failures)
+    }
 }
