@@ -171,20 +171,20 @@ fn admit(plane: &DataPlane, name: &str, client: TcpStream, peer: SocketAddr) {
     drop(routing);
     let conn = plane.conns.open(&route.state, peer);
     let accepted = route.state.accept();
-    let Some(stage) = route.stage() else {
+    let Some(stage) = route.stage.clone() else {
         match pick_first(&route, &conn) {
             Ok(first) => {
-                let plane = plane.clone();
+                let pressure = Arc::clone(&plane.pressure);
                 tokio::spawn(async move {
                     let early = Vec::new();
-                    proxy(&plane, &route, conn, accepted, client, early, first).await;
+                    proxy(&pressure, &route, conn, accepted, client, early, first).await;
                 });
             }
             Err(refused) => end(&route, &conn, &Ended::refused(refused)),
         }
         return;
     };
-    let plane = plane.clone();
+    let pressure = Arc::clone(&plane.pressure);
     tokio::spawn(async move {
         let hello = tokio::select! {
             hello = stage::read(&client, peer, stage.as_ref()) => hello,
@@ -206,7 +206,18 @@ fn admit(plane: &DataPlane, name: &str, client: TcpStream, peer: SocketAddr) {
             }
         };
         match pick_first(&route, &conn) {
-            Ok(first) => proxy(&plane, &route, conn, accepted, client, hello.early, first).await,
+            Ok(first) => {
+                proxy(
+                    &pressure,
+                    &route,
+                    conn,
+                    accepted,
+                    client,
+                    hello.early,
+                    first,
+                )
+                .await
+            }
             Err(refused) => end(&route, &conn, &Ended::refused(refused)),
         }
     });
@@ -258,7 +269,7 @@ impl Ended {
 /// Connects to the picked backend (or, failing that, up to `retries` others) and relays
 /// until the connection ends; then accounts for it.
 async fn proxy(
-    plane: &DataPlane,
+    pressure: &Pressure,
     route: &ListenerRoute,
     conn: Conn,
     accepted: ListenerGuard,
@@ -270,7 +281,7 @@ async fn proxy(
     // connection's whole life.
     let connected = Box::pin(async {
         tokio::select! {
-            connected = connect(plane, route, &conn, first, first_guard) => connected,
+            connected = connect(pressure, route, &conn, first, first_guard) => connected,
             ask = conn.wait_ask(None) => Err(ask.reason()),
         }
     })
@@ -348,7 +359,7 @@ async fn wait_abort(conn: &Conn) {
 /// reachable. A local resource error (no file descriptor left) is no backend's fault:
 /// it counts against no backend, tries no other, and pauses accepting.
 async fn connect(
-    plane: &DataPlane,
+    pressure: &Pressure,
     route: &ListenerRoute,
     conn: &Conn,
     first: usize,
@@ -368,7 +379,7 @@ async fn connect(
             }
             Ok(Err(e)) if is_local_exhaustion(&e) => {
                 warn!(listener = %route.config.name, client = %conn.client(), error = %e, "cannot connect: no local resources; pausing accepts");
-                plane.pressure.note();
+                pressure.note();
                 return Err(EndReason::Error);
             }
             Ok(Err(e)) => {

@@ -177,11 +177,6 @@ impl ListenerRoute {
         Some((index, self.backends[index].state.acquire()))
     }
 
-    /// The stage before the pick, when the listener has one.
-    pub fn stage(&self) -> Option<Arc<dyn Stage>> {
-        self.stage.clone()
-    }
-
     /// Where a new connection from `client` would go now, without opening one or
     /// advancing any rotation.
     pub fn peek(&self, client: IpAddr) -> Option<usize> {
