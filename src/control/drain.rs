@@ -29,6 +29,17 @@ pub fn spread_window(drain_timeout: Duration) -> Duration {
     (drain_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
 }
 
+/// How many of `open` connections to close in this tick of length `tick`, so that the
+/// last ones close as `left` (the time left in the spread window) runs out: all of them
+/// once less than a tick is left, else `ceil(open * tick / left)`.
+pub(crate) fn share_now(open: usize, tick: Duration, left: Duration) -> usize {
+    if left <= tick {
+        open
+    } else {
+        ((open as u128 * tick.as_micros()).div_ceil(left.as_micros())) as usize
+    }
+}
+
 /// Runs until `stopped` turns true.
 pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
     loop {
@@ -85,12 +96,7 @@ fn enforce(conns: &Conns, state: &Arc<BackendState>, drain_timeout: Duration, si
     }
     let window = spread_window(drain_timeout);
     let left = window.saturating_sub(past);
-    let n = if left <= TICK {
-        open
-    } else {
-        // ceil(open * TICK / left)
-        ((open as u128 * TICK.as_micros()).div_ceil(left.as_micros())) as usize
-    };
+    let n = share_now(open, TICK, left);
     let closed = conns.close_backend(state, n, false, EndReason::Drain);
     if closed > 0 {
         info!(

@@ -387,14 +387,7 @@ impl Ballast {
                     announced = true;
                 }
                 let remaining = closes_end.saturating_duration_since(now);
-                let share = |left: usize| {
-                    if remaining <= SHUTDOWN_TICK {
-                        left
-                    } else {
-                        ((left as u128 * SHUTDOWN_TICK.as_micros()).div_ceil(remaining.as_micros()))
-                            as usize
-                    }
-                };
+                let share = |left| drain::share_now(left, SHUTDOWN_TICK, remaining);
                 self.conns().close_share(share, EndReason::Shutdown);
             }
             tokio::time::sleep(SHUTDOWN_TICK.min(cut_at.saturating_duration_since(now))).await;
