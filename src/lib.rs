@@ -13,7 +13,7 @@
 //! this library in pingora's process shell ([`shell`]); tests drive it directly with
 //! [`start`] on listeners bound to `127.0.0.1:0`.
 //!
-//! The connection path may import: `conn`, `stage`, `relay`, `websocket`, `routing`,
+//! The connection path may import: `conn`, `stage`, `relay`, `splice`, `websocket`, `routing`,
 //! `balancer`, `state`, `config` (read only), `metrics` (through `state`) and
 //! `logging` — never `control`, `admin` or `shell`.
 
@@ -32,6 +32,7 @@ pub mod proxy;
 pub mod relay;
 pub mod routing;
 pub mod shell;
+pub mod splice;
 pub mod stage;
 pub mod state;
 pub mod status;

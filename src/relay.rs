@@ -9,7 +9,11 @@
 //! memory of many long-lived, mostly idle (WebSocket) connections small. A short read
 //! or write (the socket is drained, or full) clears the socket's readiness at once, so
 //! a message costs one read() and one write() per direction, not a third call that only
-//! returns EAGAIN.
+//! returns EAGAIN. A plain direction whose read fills the whole scratch buffer carries
+//! bulk, and splices from then on ([`crate::splice`]): its bytes go from socket to a pipe
+//! of its own to socket without entering ballast; what the pipe holds is that
+//! direction's pending bytes (read back out into [`DirectionState::pending`] whenever
+//! the relay parks or ends, so that the state says everything not yet delivered).
 //!
 //! Half-close is kept: when one side ends its writes (FIN), the other side's write half
 //! is shut down once every byte has been delivered, and the opposite direction goes on
@@ -49,6 +53,7 @@ use tokio::io::{Interest, Ready};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use crate::splice::{self, Pipe};
 use crate::websocket::{self, FrameCursor};
 
 /// Size of the per-thread scratch buffer: one read moves at most this much.
@@ -136,6 +141,42 @@ pub struct Relay {
     client: TcpStream,
     backend: TcpStream,
     state: RelayState,
+    /// Per direction, indexed by the side bytes come from: whether it splices.
+    splice: [Splice; 2],
+}
+
+/// Whether a direction moves its bytes in the kernel ([`crate::splice`]). A plain
+/// direction whose read fills the whole scratch buffer (bulk, not request/response)
+/// splices from then on; a WebSocket one never does (its frames are followed).
+#[derive(Debug, Default)]
+enum Splice {
+    /// Bytes are copied; splicing starts at the first full read.
+    #[default]
+    NotYet,
+    /// Bytes are copied for good: splicing was refused, or no pipe could be had.
+    Never,
+    /// Bytes pass through this pipe; those it holds are the direction's pending bytes,
+    /// delivered before anything else is read.
+    Piped(Pipe),
+}
+
+impl Splice {
+    /// Bytes held in the pipe.
+    fn held(&self) -> usize {
+        match self {
+            Splice::Piped(pipe) => pipe.held(),
+            _ => 0,
+        }
+    }
+
+    /// Reads what the pipe holds out into `dir`'s pending bytes, so that the state
+    /// says everything not yet delivered (at a park, an end, a clean finish); the pipe
+    /// stays for when the relay resumes.
+    fn take_into(&mut self, dir: &mut DirectionState) {
+        if let Splice::Piped(pipe) = self {
+            pipe.take_into(&mut dir.pending);
+        }
+    }
 }
 
 /// A relay's state apart from its sockets: plain data, to carry elsewhere with them.
@@ -332,7 +373,8 @@ impl Relay {
 
     /// The sockets and per-direction state, to carry elsewhere; see
     /// [`Relay::from_parts`].
-    pub fn into_parts(self) -> (TcpStream, TcpStream, RelayState) {
+    pub fn into_parts(mut self) -> (TcpStream, TcpStream, RelayState) {
+        take_pipes(&mut self.state, &mut self.splice);
         (self.client, self.backend, self.state)
     }
 
@@ -341,6 +383,7 @@ impl Relay {
             client,
             backend,
             state,
+            splice: Default::default(),
         }
     }
 
@@ -371,10 +414,12 @@ impl Relay {
             client,
             backend,
             state,
+            splice,
         } = self;
         Run {
             sockets: [client, backend],
             counters: [to_backend, to_client],
+            splice,
             phase: Phase::Relaying(state),
             stop,
             watch: None,
@@ -400,6 +445,7 @@ pin_project! {
         // delivered to the backend, to the client].
         sockets: [&'a TcpStream; 2],
         counters: [&'a dyn Counter; 2],
+        splice: &'a mut [Splice; 2],
         phase: Phase<'a>,
         #[pin]
         stop: S,
@@ -452,11 +498,15 @@ impl<S: Future<Output = Stop>> Future for Run<'_, S> {
                         cx,
                         *this.sockets,
                         state,
+                        this.splice,
                         *this.counters,
                         this.stop.as_mut(),
                         this.watch,
                         this.idle
                     ));
+                    // Whatever ends or pauses the loop, the state says every byte not
+                    // yet delivered.
+                    take_pipes(state, this.splice);
                     match interrupted {
                         Interrupted::End(end) => end,
                         Interrupted::Stop(Stop::Park) => RelayEnd::Parked,
@@ -501,10 +551,12 @@ impl<S> RunProj<'_, '_, S> {
 
 /// The poll loop: `stop`, both directions, the error watch and the idle timer.
 /// `sockets` and `counters` are indexed by the side bytes come from.
+#[allow(clippy::too_many_arguments)]
 fn poll_relay<'a>(
     cx: &mut Context<'_>,
     sockets: [&'a TcpStream; 2],
     state: &mut RelayState,
+    splice: &mut [Splice; 2],
     counters: [&dyn Counter; 2],
     stop: Pin<&mut impl Future<Output = Stop>>,
     watch: &mut Option<(Side, ErrorWatch<'a>)>,
@@ -519,12 +571,22 @@ fn poll_relay<'a>(
     for from in [Side::Client, Side::Backend] {
         let (source, destination) = (sockets[from as usize], sockets[from.other() as usize]);
         let counter = counters[from as usize];
-        match pump_direction(cx, source, destination, from, state, counter, &mut moved) {
+        let pipe = &mut splice[from as usize];
+        match pump_direction(
+            cx,
+            source,
+            destination,
+            from,
+            state,
+            pipe,
+            counter,
+            &mut moved,
+        ) {
             Poll::Ready(Ok(())) => {}
             Poll::Ready(Err((side, error))) => {
                 return Poll::Ready(Interrupted::End(RelayEnd::Failed { side, error }))
             }
-            Poll::Pending if state.direction(from).pending.is_empty() => {
+            Poll::Pending if state.direction(from).pending.is_empty() && pipe.held() == 0 => {
                 waited_on[from as usize] = true
             }
             Poll::Pending => waited_on[from.other() as usize] = true,
@@ -579,20 +641,39 @@ fn poll_relay<'a>(
 /// Moves bytes from `from` to `to` while both are ready, for at most [`TURN`] rounds.
 /// `Ready(Ok)` once the direction is finished (its FIN passed on); `Pending` while it
 /// waits on `from` being readable (nothing pending) or `to` being writable (bytes
-/// pending), or when its turn is over (the task is woken again at once). An error
-/// names its side.
+/// pending, in memory or in its pipe), or when its turn is over (the task is woken
+/// again at once). An error names its side.
+#[allow(clippy::too_many_arguments)]
 fn pump_direction(
     cx: &mut Context<'_>,
     from: &TcpStream,
     to: &TcpStream,
     from_side: Side,
     state: &mut RelayState,
+    splice: &mut Splice,
     counter: &dyn Counter,
     moved: &mut bool,
 ) -> Poll<Result<(), (Side, io::Error)>> {
     let to_side = from_side.other();
     for _ in 0..TURN {
         let dir = state.direction(from_side);
+        if let Splice::Piped(pipe) = splice {
+            if pipe.held() > 0 {
+                ready!(to.poll_write_ready(cx)).map_err(|e| (to_side, e))?;
+                match splice_out(pipe, to) {
+                    Ok(written) => {
+                        *moved |= written > 0;
+                        deliver(dir, counter, written);
+                    }
+                    Err(e) if splice::refused(&e) => {
+                        splice.take_into(dir);
+                        *splice = Splice::Never;
+                    }
+                    Err(e) => return Poll::Ready(Err((to_side, e))),
+                }
+                continue;
+            }
+        }
         if !dir.pending.is_empty() {
             ready!(to.poll_write_ready(cx)).map_err(|e| (to_side, e))?;
             let written = write_some(to, &dir.pending).map_err(|e| (to_side, e))?;
@@ -611,6 +692,21 @@ fn pump_direction(
             return Poll::Ready(Ok(()));
         }
         ready!(from.poll_read_ready(cx)).map_err(|e| (from_side, e))?;
+        if let Splice::Piped(pipe) = splice {
+            match splice_in(from, pipe) {
+                Ok(0) => {}
+                Ok(_) => {
+                    *moved = true;
+                    // Delivered from the pipe on the next round.
+                    continue;
+                }
+                Err(e) if splice::refused(&e) => *splice = Splice::Never,
+                Err(e) => return Poll::Ready(Err((from_side, e))),
+            }
+            // Nothing moved: the socket is drained, at its end, or at urgent data
+            // (which splice stops at): the read below tells which, and takes the bytes
+            // after urgent data.
+        }
         let read = SCRATCH.with(|scratch| {
             let scratch = &mut scratch.borrow_mut()[..];
             let n = match read_some(from, scratch) {
@@ -627,6 +723,12 @@ fn pump_direction(
             let dir = state.direction(from_side);
             deliver(dir, counter, written);
             dir.pending.extend_from_slice(&chunk[written..]);
+            if n == scratch.len()
+                && matches!(splice, Splice::NotYet)
+                && state.protocol == Protocol::Plain
+            {
+                *splice = Pipe::open().map_or(Splice::Never, Splice::Piped);
+            }
             Ok(Some(n))
         })?;
         match read {
@@ -645,6 +747,38 @@ fn pump_direction(
     // turn, then this one goes on.
     cx.waker().wake_by_ref();
     Poll::Pending
+}
+
+/// Moves what `from` has into `pipe`: 0 when nothing moved (the socket is drained, at
+/// its end or at urgent data; a read then tells which and clears the readiness). A
+/// short splice is not taken as drained, since splice stops short at the end of the
+/// pipe's room as well.
+fn splice_in(from: &TcpStream, pipe: &mut Pipe) -> io::Result<usize> {
+    let mut outcome = Ok(0);
+    let _ = from.try_io(Interest::READABLE, || {
+        outcome = match pipe.fill_from(from) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            other => other,
+        };
+        Ok(())
+    });
+    outcome
+}
+
+/// Moves what `pipe` holds into `to`, as much as it takes now; EAGAIN clears the write
+/// readiness.
+fn splice_out(pipe: &mut Pipe, to: &TcpStream) -> io::Result<usize> {
+    match to.try_io(Interest::WRITABLE, || pipe.empty_into(to)) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        other => other,
+    }
+}
+
+/// Reads what the pipes hold back into the directions' pending bytes.
+fn take_pipes(state: &mut RelayState, splice: &mut [Splice; 2]) {
+    let [up, down] = splice;
+    up.take_into(&mut state.to_backend);
+    down.take_into(&mut state.to_client);
 }
 
 /// Counts `bytes` delivered in `dir`.

@@ -7,16 +7,14 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use ballast::relay::{Relay, RelayEnd, RelayState, Side, Stop};
+use ballast::relay::{Relay, RelayEnd, Side, Stop};
 use ballast::websocket::{self, FrameCursor};
+use common::relay::*;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
 fn one_backend(addr: std::net::SocketAddr) -> String {
@@ -24,19 +22,6 @@ fn one_backend(addr: std::net::SocketAddr) -> String {
         "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n{}",
         backends_toml(&[("only", addr, 1)])
     )
-}
-
-/// Deterministic, non-repeating-looking bytes.
-fn payload(len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x1234_5678;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,165 +175,6 @@ async fn client_sockets_inherit_nodelay_and_keepalive_from_their_listener() {
 }
 
 // The relay on its own.
-
-/// A connected pair on loopback: (the peer's end, the relay's end).
-async fn connected() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let peer = TcpStream::connect(listener.local_addr().unwrap())
-        .await
-        .unwrap();
-    let (relay_end, _) = listener.accept().await.unwrap();
-    (peer, relay_end)
-}
-
-/// The byte stream `payload` makes, generated as it goes: (seed, position).
-struct Stream(u32);
-
-impl Stream {
-    fn fill(&mut self, buf: &mut [u8]) {
-        for b in buf {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 17;
-            self.0 ^= self.0 << 5;
-            *b = self.0 as u8;
-        }
-    }
-}
-
-/// Writes `len` bytes of the stream seeded `seed`, then ends the writes.
-async fn send_stream(mut to: tokio::net::tcp::OwnedWriteHalf, seed: u32, len: usize) {
-    let mut stream = Stream(seed);
-    let mut chunk = vec![0u8; 61_000];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(chunk.len());
-        stream.fill(&mut chunk[..n]);
-        to.write_all(&chunk[..n]).await.unwrap();
-        left -= n;
-    }
-    to.shutdown().await.unwrap();
-}
-
-/// Reads until the end of stream, checking each byte against the stream seeded `seed`;
-/// returns how many arrived. Once past `gate_at` bytes it waits for `gate` to open.
-async fn check_stream(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    seed: u32,
-    gate: Option<(u64, tokio::sync::oneshot::Receiver<()>)>,
-) -> u64 {
-    let mut stream = Stream(seed);
-    let mut buf = vec![0u8; 50_000];
-    let mut expected = vec![0u8; 50_000];
-    let mut total = 0u64;
-    let mut gate = gate;
-    loop {
-        if let Some((at, _)) = &gate {
-            if total >= *at {
-                let (_, open) = gate.take().unwrap();
-                open.await.unwrap();
-            }
-        }
-        let n = from.read(&mut buf).await.unwrap();
-        if n == 0 {
-            return total;
-        }
-        stream.fill(&mut expected[..n]);
-        assert!(
-            buf[..n] == expected[..n],
-            "bytes {total}..{} differ from what was sent",
-            total + n as u64
-        );
-        total += n as u64;
-    }
-}
-
-/// What the test asks of a relay driven in its own task.
-enum Ask {
-    Stop(Stop),
-    /// Park, take the relay apart (the sockets leave the runtime and come back, as
-    /// they would through another process), put it together again and resume.
-    HandOver,
-}
-
-/// A relay run in its own task until it ends; parks on request and resumes at once.
-struct Driven {
-    asks: mpsc::UnboundedSender<Ask>,
-    /// The state at each park, in order.
-    parks: mpsc::UnboundedReceiver<RelayState>,
-    /// Bytes counted: to the backend, to the client.
-    counted: [Arc<AtomicU64>; 2],
-    task: tokio::task::JoinHandle<(RelayEnd, Relay)>,
-}
-
-fn drive(mut relay: Relay, idle_timeout: Option<Duration>) -> Driven {
-    let (asks, mut asked) = mpsc::unbounded_channel();
-    let (parked, parks) = mpsc::unbounded_channel();
-    let counted = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
-    let [up, down] = counted.clone();
-    let task = tokio::spawn(async move {
-        let to_backend = move |n: u64| {
-            up.fetch_add(n, Ordering::Relaxed);
-        };
-        let to_client = move |n: u64| {
-            down.fetch_add(n, Ordering::Relaxed);
-        };
-        loop {
-            let mut hand_over = false;
-            let stop = async {
-                match asked.recv().await {
-                    Some(Ask::Stop(stop)) => stop,
-                    Some(Ask::HandOver) => {
-                        hand_over = true;
-                        Stop::Park
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            let end = relay.run(&to_backend, &to_client, idle_timeout, stop).await;
-            if !matches!(end, RelayEnd::Parked) {
-                return (end, relay);
-            }
-            let _ = parked.send(relay.state().clone());
-            if hand_over {
-                let (client, backend, state) = relay.into_parts();
-                let client = TcpStream::from_std(client.into_std().unwrap()).unwrap();
-                let backend = TcpStream::from_std(backend.into_std().unwrap()).unwrap();
-                relay = Relay::from_parts(client, backend, state);
-            }
-        }
-    });
-    Driven {
-        asks,
-        parks,
-        counted,
-        task,
-    }
-}
-
-impl Driven {
-    fn counted(&self) -> (u64, u64) {
-        (
-            self.counted[0].load(Ordering::Relaxed),
-            self.counted[1].load(Ordering::Relaxed),
-        )
-    }
-
-    /// Asks for a park (or a hand-over) and returns the state it parked with.
-    async fn park(&mut self, ask: Ask) -> RelayState {
-        self.asks.send(ask).unwrap();
-        timeout(DEADLINE, self.parks.recv())
-            .await
-            .expect("parked in time")
-            .expect("parked, not ended")
-    }
-
-    async fn end(self) -> (RelayEnd, Relay) {
-        timeout(DEADLINE, self.task)
-            .await
-            .expect("the relay ends in time")
-            .unwrap()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_parked_mid_stream_and_resumed_delivers_50_mib_each_way_exactly_once_in_order() {
@@ -552,28 +378,6 @@ async fn a_websocket_parked_mid_message_resumes_intact_and_later_closes_at_a_fra
     let frames_to_backend = (UPGRADE.len() + frame.len() + last.len()) as u64;
     let frames_to_client = (SWITCHING.len() + 7 + answer.len()) as u64;
     assert_eq!(relay.totals(), (frames_to_backend, frames_to_client));
-}
-
-/// Writes to `stream` until its socket stays full (the relay no longer reads it, as its
-/// bytes wait for a backend that does not read); returns how many bytes it wrote.
-async fn write_until_stuck(stream: &TcpStream) -> u64 {
-    let chunk = vec![7u8; 64 * 1024];
-    let mut written = 0u64;
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        assert!(Instant::now() < deadline, "the socket never filled up");
-        stream.writable().await.unwrap();
-        match stream.try_write(&chunk) {
-            Ok(n) => written += n as u64,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let stuck = Duration::from_millis(500);
-                if timeout(stuck, stream.writable()).await.is_err() {
-                    return written;
-                }
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,8 @@
 //! started from TOML text, waiting on conditions with deadlines.
 #![allow(dead_code)]
 
+pub mod relay;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -155,7 +157,7 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// Asserts that the peer closes `stream` (EOF or reset) within the deadline.
-pub async fn assert_closed(stream: &mut TcpStream) {
+pub async fn assert_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin)) {
     let mut buf = [0u8; 64];
     let result = tokio::time::timeout(DEADLINE, stream.read(&mut buf))
         .await
