@@ -64,6 +64,8 @@ pub async fn run(
     let running = crate::start(config, None).await?;
     let listen = running.listener_addr(LISTENER);
     let admin = running.admin_addr().unwrap_or(admin);
+    // After the startup lines, not among them.
+    crate::logging::flush(crate::logging::FLUSH_WAIT);
     // Not println!: a closed stdout must not end the demo with a panic.
     let _ = writeln!(
         std::io::stdout(),

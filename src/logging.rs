@@ -1,4 +1,16 @@
-//! Logging: tracing to stderr, in text or JSON, that never fails anything.
+//! Logging: tracing to stderr, in text or JSON, that never fails anything and never
+//! holds anything up.
+//!
+//! Once [`init`] has run, every line (tracing's and the access log's) goes to one writer
+//! thread through a queue of [`QUEUE_LINES`] lines; the thread writes whatever is queued
+//! in one `write` (up to [`BATCH_BYTES`]). A stderr that does not take lines (journald
+//! stalled, a pipe nobody reads) then stalls that thread alone, never a worker and the
+//! connections on it: when the queue is full a line is dropped and counted
+//! ([`dropped_lines`], `ballast_log_lines_dropped_total`). [`flush`] waits for the queue
+//! to be written, as the process exits, a panic is reported, or a message meant for a
+//! person is printed ([`eprint_line`]), so that those come after the lines before them.
+//! (tracing-appender's non-blocking writer queues the same way, but flushes only by
+//! ending its worker, once.)
 //!
 //! The terminal that started ballast may go away (an ssh session dropped without
 //! nohup): stderr is then a pipe or tty whose reader is gone and every write fails with
@@ -15,8 +27,9 @@
 
 use std::io::{self, IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use std::time::SystemTime;
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
@@ -103,12 +116,107 @@ pub fn format() -> Format {
 
 /// Writes one whole line (an access log line) as it is, never failing the caller.
 pub fn write_line(line: &str) {
-    let _ = Stderr.write(line.as_bytes());
+    emit(line.as_bytes());
 }
 
-/// Installs the global subscriber. Call once, first thing; later calls do nothing.
+/// Lines the writer thread's queue holds at most.
+pub const QUEUE_LINES: usize = 4096;
+
+/// The most bytes the writer thread writes at once.
+pub const BATCH_BYTES: usize = 64 * 1024;
+
+/// The queue to the writer thread, once [`init`] started it.
+static QUEUE: OnceLock<SyncSender<Vec<u8>>> = OnceLock::new();
+
+/// Lines handed to the queue, and lines the writer thread is done with (written or
+/// dropped), since start: the queue is flushed when the second reaches the first.
+static QUEUED: AtomicU64 = AtomicU64::new(0);
+static DONE: AtomicU64 = AtomicU64::new(0);
+
+/// Starts the writer thread. Without one (it could not be started, or [`init`] was not
+/// called), lines are written by whoever logs them.
+fn start_writer() {
+    let (queue, lines) = mpsc::sync_channel(QUEUE_LINES);
+    let started = std::thread::Builder::new()
+        .name("ballast-log".into())
+        .spawn(move || write_queued(&lines));
+    if started.is_ok() {
+        let _ = QUEUE.set(queue);
+    }
+}
+
+/// The writer thread: writes what is queued, a batch at a time.
+fn write_queued(lines: &Receiver<Vec<u8>>) {
+    let mut batch = Vec::with_capacity(BATCH_BYTES);
+    while let Ok(line) = lines.recv() {
+        batch.clear();
+        batch.extend_from_slice(&line);
+        let mut count = 1;
+        while batch.len() < BATCH_BYTES {
+            match lines.try_recv() {
+                Ok(line) => {
+                    batch.extend_from_slice(&line);
+                    count += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        if io::stderr().lock().write_all(&batch).is_err() {
+            DROPPED.fetch_add(count, Ordering::Relaxed);
+        }
+        DONE.fetch_add(count, Ordering::Release);
+    }
+}
+
+/// Hands one whole line to the writer thread, or drops and counts it when the queue is
+/// full; writes it at once when there is no writer thread.
+fn emit(line: &[u8]) {
+    let Some(queue) = QUEUE.get() else {
+        write_now(line);
+        return;
+    };
+    QUEUED.fetch_add(1, Ordering::Relaxed);
+    if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+        queue.try_send(line.to_vec())
+    {
+        DROPPED.fetch_add(1, Ordering::Relaxed);
+        DONE.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// One write_all of the whole line under stderr's lock, so that lines of several
+/// threads never interleave; a failure drops the line, never the caller.
+fn write_now(line: &[u8]) {
+    if io::stderr().lock().write_all(line).is_err() {
+        DROPPED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Waits until every line queued so far is written (or dropped), for `within` at most.
+pub fn flush(within: Duration) {
+    let queued = QUEUED.load(Ordering::Relaxed);
+    let deadline = Instant::now() + within;
+    while DONE.load(Ordering::Acquire) < queued && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// How long a panic's report, a message for a person or the process's exit waits for
+/// the lines queued before it.
+pub const FLUSH_WAIT: Duration = Duration::from_secs(1);
+
+/// Installs the global subscriber and starts the writer thread. Call once, first thing;
+/// later calls do nothing.
 pub fn init(level: Level, format: Format) {
-    let _ = FORMAT.set(format);
+    if FORMAT.set(format).is_ok() {
+        start_writer();
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            // The lines that lead up to a panic come before its report.
+            flush(FLUSH_WAIT);
+            report(info);
+        }));
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(level))
         .with_writer(Stderr)
@@ -211,7 +319,7 @@ impl Visit for FieldVisitor<'_> {
     }
 }
 
-/// stderr that drops what it cannot write.
+/// stderr through the writer thread, dropping what it cannot take.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Stderr;
 
@@ -224,12 +332,9 @@ impl<'a> MakeWriter<'a> for Stderr {
 }
 
 impl Write for Stderr {
+    /// tracing writes each event's line whole, in one call.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // One write_all of the whole line under stderr's lock, so that lines of several
-        // threads never interleave; a failure drops the line, never the caller.
-        if io::stderr().lock().write_all(buf).is_err() {
-            DROPPED.fetch_add(1, Ordering::Relaxed);
-        }
+        emit(buf);
         Ok(buf.len())
     }
 
@@ -239,9 +344,10 @@ impl Write for Stderr {
     }
 }
 
-/// Prints `message` on stderr for a person (command results, fatal errors), without
-/// panicking when stderr is gone.
+/// Prints `message` on stderr for a person (command results, fatal errors), after the
+/// log lines queued before it, without panicking when stderr is gone.
 pub fn eprint_line(message: &str) {
+    flush(FLUSH_WAIT);
     let mut stderr = io::stderr().lock();
     let _ = writeln!(stderr, "{message}");
 }

@@ -148,6 +148,13 @@ const EXIT_BAD_CONFIG: u8 = 1;
 const EXIT_START_FAILURE: u8 = 2;
 
 fn main() -> ExitCode {
+    let code = run();
+    // The log lines still queued go out before the process does.
+    ballast::logging::flush(ballast::logging::FLUSH_WAIT);
+    code
+}
+
+fn run() -> ExitCode {
     let cli = match parse() {
         Ok(Invocation::Cli(cli)) => cli,
         Ok(Invocation::Manpage(out_dir)) => return manpage(out_dir),

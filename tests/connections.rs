@@ -580,3 +580,53 @@ async fn a_connection_a_retry_sent_to_a_drained_backend_is_closed_at_its_drain_t
     assert_closed(&mut c1).await;
     assert_closed(&mut c2).await;
 }
+
+/// Found in review: every log line was a blocking write to stderr on the worker that
+/// logged it, so a stderr nobody reads (journald stalled, a pipe whose reader hung)
+/// stopped that worker and every connection on it once the pipe was full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stderr_nobody_reads_holds_up_no_connection_and_its_lines_are_counted_as_dropped() {
+    let greeter = Backend::greeter("g").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\n[runtime]\nthreads = 1\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\naccess_log = true\n{}",
+            backends_toml(&[("g", greeter.addr, 1)])
+        ),
+    )
+    .unwrap();
+    let ballast = Proc::run_with_unread_log(&path).await;
+    let web = ballast.listeners["web"];
+    // An access log line is over 100 bytes: a 64 KiB pipe is full after some 600 of
+    // them, the writer's queue after 4,096 more.
+    const CLIENTS: usize = 8;
+    const EACH: usize = 700;
+    let mut clients = tokio::task::JoinSet::new();
+    for client in 0..CLIENTS {
+        clients.spawn(async move {
+            for i in 0..EACH {
+                let n = client * EACH + i;
+                match tokio::time::timeout(Duration::from_secs(2), one_exchange(web, n)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(format!("connection {n}: {e}")),
+                    Err(_) => return Err(format!("connection {n} was held up")),
+                }
+            }
+            Ok(())
+        });
+    }
+    while let Some(done) = clients.join_next().await {
+        done.unwrap().unwrap();
+    }
+    let dropped = sample(
+        &scrape(ballast.admin).await,
+        "ballast_log_lines_dropped_total",
+        &[],
+    )
+    .unwrap_or(0.0);
+    assert!(dropped >= 100.0, "{dropped} lines counted as dropped");
+    let (status, _) = ballast.stop().await;
+    assert!(status.success(), "{status}");
+}

@@ -306,7 +306,16 @@ pub struct Proc {
     pub child: KillOnDrop,
     pub listeners: std::collections::HashMap<String, SocketAddr>,
     pub admin: SocketAddr,
-    log: Option<std::thread::JoinHandle<Vec<String>>>,
+    log: Log,
+}
+
+/// What becomes of a [`Proc`]'s log once it is bound.
+enum Log {
+    /// Read on (so that ballast never meets a full pipe), kept for [`Proc::stop`].
+    Drained(std::thread::JoinHandle<Vec<String>>),
+    /// Never read again: the pipe stays open and fills up.
+    Unread(Box<dyn Send>),
+    Taken,
 }
 
 impl Proc {
@@ -318,7 +327,15 @@ impl Proc {
         for (k, v) in envs {
             command.env(k, v);
         }
-        Proc::spawn(command, config, listeners).await
+        Proc::spawn(command, config, listeners, true).await
+    }
+
+    /// Runs `ballast run --config FILE` (one listener) and never reads its stderr once
+    /// it is bound: a pipe nobody reads.
+    pub async fn run_with_unread_log(config: &std::path::Path) -> Proc {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ballast"));
+        command.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET");
+        Proc::spawn(command, config, 1, false).await
     }
 
     /// Runs `ballast run --config FILE` (one listener) with at most `nofile` file
@@ -331,13 +348,14 @@ impl Proc {
             &format!("ulimit -n {nofile} && exec \"$0\" \"$@\""),
             env!("CARGO_BIN_EXE_ballast"),
         ]);
-        Proc::spawn(command, config, 1).await
+        Proc::spawn(command, config, 1, true).await
     }
 
     async fn spawn(
         mut command: std::process::Command,
         config: &std::path::Path,
         listeners: usize,
+        drain_log: bool,
     ) -> Proc {
         use std::io::BufRead;
         command
@@ -366,8 +384,12 @@ impl Proc {
                 admin = Some(field(&line, "addr=").parse().unwrap());
             }
         }
-        // Keep draining the log so that ballast never blocks on a full pipe.
-        let log = std::thread::spawn(move || lines.collect::<Vec<_>>());
+        let log = if drain_log {
+            // Keep draining the log so that ballast never blocks on a full pipe.
+            Log::Drained(std::thread::spawn(move || lines.collect::<Vec<_>>()))
+        } else {
+            Log::Unread(Box::new(lines))
+        };
         let admin = admin.unwrap();
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
@@ -386,7 +408,7 @@ impl Proc {
             child,
             listeners: bound,
             admin,
-            log: Some(log),
+            log,
         }
     }
 
@@ -400,13 +422,16 @@ impl Proc {
 
     /// SIGTERM, then the exit status and the whole log.
     pub async fn stop(mut self) -> (std::process::ExitStatus, String) {
-        let log = self.log.take().unwrap();
+        let log = std::mem::replace(&mut self.log, Log::Taken);
         let child = std::mem::replace(
             &mut self.child,
             KillOnDrop(std::process::Command::new("true").spawn().unwrap()),
         );
         let status = terminate(child).await;
-        let log = log.join().unwrap().join("\n");
+        let log = match log {
+            Log::Drained(log) => log.join().unwrap().join("\n"),
+            _ => String::new(),
+        };
         (status, log)
     }
 }
