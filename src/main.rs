@@ -250,7 +250,7 @@ fn run() -> ExitCode {
                 }
             };
             // The accept loops and the admin endpoint log their address when they start.
-            if ballast::shell::run(config, path, bound) {
+            if ballast::shell::run(config, path, bound, upgrade) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(EXIT_START_FAILURE)

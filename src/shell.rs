@@ -43,7 +43,9 @@ use crate::{upgrade, Ballast, Bound};
 /// Runs ballast for `config` (read from `path`) on already `bound` sockets until a
 /// graceful shutdown ends. Blocks the calling thread. `false` when serving could not
 /// start.
-pub fn run(config: Config, path: PathBuf, bound: Bound) -> bool {
+/// `upgraded`: the sockets were taken over from a running ballast, which waits for this
+/// process to say it serves ([`upgrade::mark_ready`]).
+pub fn run(config: Config, path: PathBuf, bound: Bound, upgraded: bool) -> bool {
     let threads = match config.runtime.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -99,6 +101,7 @@ pub fn run(config: Config, path: PathBuf, bound: Bound) -> bool {
         started: std::sync::Arc::clone(&started),
         admin: std::sync::Mutex::new(admin),
         admin_stop,
+        upgraded,
     };
     server.run(RunArgs {
         shutdown_signal: Box::new(signals),
@@ -254,6 +257,8 @@ struct Signals {
     /// Stops the admin endpoint's accept loop: once the new process has its socket, and
     /// at the end of a shutdown.
     admin_stop: watch::Sender<bool>,
+    /// Started by `run --upgrade`: the old process waits for the ready mark.
+    upgraded: bool,
 }
 
 /// Why the signal loop ended.
@@ -298,6 +303,15 @@ impl ShutdownSignalWatch for Signals {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             self.ballast.set_ready();
             info!("ready");
+            if self.upgraded {
+                let sock = self.ballast.routing().config.runtime.upgrade_sock.clone();
+                if let Err(e) = upgrade::mark_ready(&sock) {
+                    error!(
+                        "upgrade: cannot tell the old process that this one serves ({}: {e}); it goes on serving too until it is sent SIGTERM",
+                        upgrade::ready_mark(&sock).display()
+                    );
+                }
+            }
         }
         let stop = loop {
             tokio::select! {
@@ -404,6 +418,16 @@ impl Signals {
             error!(
                 "upgrade: the new process did not take the listening sockets within {}s ({shown} is still there); still serving",
                 upgrade::TAKEN_WITHIN.as_secs()
+            );
+            return false;
+        }
+        // Until the new process serves, this one accepts on its copies of the sockets
+        // (one accept queue): a new process that fails now leaves nothing refused.
+        if !upgrade::serving(&path, upgrade::SERVES_WITHIN).await {
+            error!(
+                "upgrade: the new process took the listening sockets but did not say it serves within {}s (no {}); still serving",
+                upgrade::SERVES_WITHIN.as_secs(),
+                upgrade::ready_mark(&path).display()
             );
             return false;
         }

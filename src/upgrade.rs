@@ -7,10 +7,15 @@
 //! config names and binds the others afresh. A listening socket passed this way is the
 //! same kernel socket in both processes, with one accept queue: a client that connects
 //! during the upgrade waits there for whichever process accepts next and is never
-//! refused. Once the new process has taken the sockets, the old one stops accepting
-//! (its copies close; the kernel keeps the sockets open in the new process), keeps its
-//! established connections until they end or `runtime.shutdown_timeout` passes, and
-//! exits.
+//! refused. The old process goes on accepting on its copies until the new one says it
+//! serves: once ready, the new process creates `<upgrade_sock>.ready` ([`ready_mark`]).
+//! A new process that fails after taking the sockets (a listener of its config it cannot
+//! bind, threads it cannot start) thus leaves the old one serving, with nothing refused.
+//! Seeing the mark, the old process removes it, stops accepting (its copies close; the
+//! kernel keeps the sockets open in the new process), keeps its established connections
+//! until they end or `runtime.shutdown_timeout` passes, and exits. With no mark within
+//! [`SERVES_WITHIN`] it says so and goes on serving beside the new process, if that one
+//! serves after all (a slow start, or a binary from before the mark): SIGTERM ends it.
 //!
 //! The transfer is pingora's: [`Fds`], the table behind pingora's `ListenFds`, its
 //! wire format (`SCM_RIGHTS` with the keys as text) and its retries
@@ -47,6 +52,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -72,6 +78,36 @@ const RECEIVE_WAIT: Duration = Duration::from_secs(6);
 /// pingora's receiver looks for them once a second; pingora's own `Server` waits 5 s
 /// before it stops accepting.
 pub const TAKEN_WITHIN: Duration = Duration::from_secs(5);
+
+/// How long the old process gives the new one, once it took the sockets, to say that it
+/// serves: its config's other sockets bound, its threads started.
+pub const SERVES_WITHIN: Duration = Duration::from_secs(15);
+
+/// The file a new process creates on `upgrade_sock`'s folder once it serves:
+/// `<upgrade_sock>.ready`.
+pub fn ready_mark(upgrade_sock: &Path) -> PathBuf {
+    let mut mark = upgrade_sock.as_os_str().to_owned();
+    mark.push(".ready");
+    PathBuf::from(mark)
+}
+
+/// The new process says it serves: creates the [`ready_mark`] (mode 0600, never through
+/// a symbolic link).
+pub fn mark_ready(upgrade_sock: &Path) -> io::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(ready_mark(upgrade_sock))
+        .map(drop)
+}
+
+/// Removes the [`ready_mark`] of an earlier upgrade, before a hand-over.
+fn clear_ready_mark(upgrade_sock: &Path) {
+    let _ = std::fs::remove_file(ready_mark(upgrade_sock));
+}
 
 /// Why an upgrade did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -318,8 +354,9 @@ pub(crate) fn listening_sockets(
     sockets
 }
 
-/// Sends `sockets` to the process waiting on `path`. Blocks: pingora's sender tries
-/// again for about 5 s while nobody listens there.
+/// Sends `sockets` to the process waiting on `path`, after removing the ready mark an
+/// earlier upgrade may have left. Blocks: pingora's sender tries again for about 5 s
+/// while nobody listens there.
 pub fn send(path: &Path, sockets: &[(String, TcpListener)]) -> Result<(), UpgradeError> {
     let not_sent = |source: io::Error| UpgradeError::NotSent {
         path: path.to_path_buf(),
@@ -340,6 +377,7 @@ pub fn send(path: &Path, sockets: &[(String, TcpListener)]) -> Result<(), Upgrad
     let text = path
         .to_str()
         .ok_or_else(|| not_sent(io::Error::other("the path is not UTF-8")))?;
+    clear_ready_mark(path);
     let mut table = Fds::new();
     for (key, socket) in sockets {
         // The table borrows the numbers; `sockets` keeps them open until sent.
@@ -355,9 +393,25 @@ pub fn send(path: &Path, sockets: &[(String, TcpListener)]) -> Result<(), Upgrad
 /// receiver removes the socket file once they arrived. `false` when that did not happen
 /// `within`.
 pub async fn taken(path: &Path, within: Duration) -> bool {
+    within_time(within, || std::fs::symlink_metadata(path).is_err()).await
+}
+
+/// Waits until the new process that took the sockets sent on `path` says it serves (its
+/// [`ready_mark`]), and removes the mark. `false` when it did not say so `within`.
+pub async fn serving(path: &Path, within: Duration) -> bool {
+    let mark = ready_mark(path);
+    let seen = within_time(within, || std::fs::symlink_metadata(&mark).is_ok()).await;
+    if seen {
+        let _ = std::fs::remove_file(&mark);
+    }
+    seen
+}
+
+/// Whether `done` holds within `within`, looking every 20 ms.
+async fn within_time(within: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        if std::fs::symlink_metadata(path).is_err() {
+        if done() {
             return true;
         }
         if tokio::time::Instant::now() >= deadline {

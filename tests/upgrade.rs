@@ -84,7 +84,12 @@ impl Run {
 
     /// The first line from now on that contains `needle`, within the deadline.
     async fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
+        self.wait_for_within(needle, DEADLINE).await
+    }
+
+    /// The first line from now on that contains `needle`, within `within`.
+    async fn wait_for_within(&mut self, needle: &str, within: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             let line = tokio::time::timeout_at(deadline, self.lines.recv())
                 .await
@@ -396,5 +401,61 @@ async fn a_listener_that_a_reload_added_is_handed_over_too() {
         .expect("the new process serves web");
     new.signal("-TERM");
     let (status, log) = new.exit_within(DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "{log}");
+}
+
+/// Found in review: the old process stopped accepting as soon as the new one had taken
+/// the sockets, so a new process that failed after that (here: a listener of its config
+/// on a port already in use) left nobody serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_that_fails_after_taking_the_sockets_leaves_the_old_one_serving() {
+    let a = Backend::greeter("a").await;
+    let s = setup("30s", &[("a", a.addr, 1)]);
+    let mut old = Run::spawn(&s.path, false);
+    old.wait_for("listener bound").await;
+    wait_ready(s.admin).await;
+    let (mut held, _) = connect_and_greet(s.web).await;
+
+    // The new config adds a listener on a port that is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap();
+    let new_config = s.path.with_file_name("new.toml");
+    std::fs::write(
+        &new_config,
+        format!(
+            "{}\n[[listeners]]\nname = \"busy\"\nbind = \"{busy}\"\n{}",
+            std::fs::read_to_string(&s.path).unwrap(),
+            backends_toml(&[("a", a.addr, 1)])
+        ),
+    )
+    .unwrap();
+    let mut new = Run::spawn(&new_config, true);
+    new.wait_for("upgrade: waiting for listening sockets on")
+        .await;
+    old.signal("-QUIT");
+    old.wait_for("upgrade: handed 2 listening sockets over on")
+        .await;
+    let (status, new_log) = new.exit_within(DEADLINE).await;
+    assert_eq!(status.code(), Some(2), "{new_log}");
+    assert!(new_log.contains("busy"), "{new_log}");
+
+    // The old process never stopped serving: it accepts, it is ready, the open
+    // connection works.
+    for n in 0..20 {
+        one_exchange(s.web, n)
+            .await
+            .unwrap_or_else(|e| panic!("the old process still serves web: {e:?}"));
+    }
+    wait_ready(s.admin).await;
+    echo(&mut held, b"still here\n").await.unwrap();
+    // The old process waits 15 s for the new one's word from the hand-over on.
+    let line = old
+        .wait_for_within("did not say it serves within 15s", Duration::from_secs(20))
+        .await;
+    assert!(line.contains("still serving"), "{line}");
+    one_exchange(s.web, 20).await.unwrap();
+    drop(held);
+    old.signal("-TERM");
+    let (status, log) = old.exit_within(DEADLINE).await;
     assert_eq!(status.code(), Some(0), "{log}");
 }
