@@ -30,7 +30,6 @@ async fn a_bulk_stream_is_spliced_both_ways_and_handed_back_with_what_its_pipes_
     const LEN: usize = 50 * MIB;
     let (client, relay_client) = connected().await;
     let (backend, relay_backend) = connected().await;
-    let mut relay = drive(Relay::new(relay_client, relay_backend), None);
     let (client_read, client_write) = client.into_split();
     let (backend_read, backend_write) = backend.into_split();
     // The backend stops reading at 30 MiB until the test lets it go on: the pipe
@@ -38,6 +37,9 @@ async fn a_bulk_stream_is_spliced_both_ways_and_handed_back_with_what_its_pipes_
     let (open_gate, gate) = tokio::sync::oneshot::channel();
     let client_sends = tokio::spawn(send_stream(client_write, 11, LEN));
     let backend_sends = tokio::spawn(send_stream(backend_write, 12, LEN));
+    bulk_waits_at(&relay_client).await;
+    bulk_waits_at(&relay_backend).await;
+    let mut relay = drive(Relay::new(relay_client, relay_backend), None);
     let backend_checks = tokio::spawn(check_stream(
         backend_read,
         11,
@@ -53,7 +55,9 @@ async fn a_bulk_stream_is_spliced_both_ways_and_handed_back_with_what_its_pipes_
     let deadline = Instant::now() + DEADLINE;
     let held = loop {
         let state = relay.park(Ask::HandOver).await;
-        if state.to_backend.pending.len() > 64 * 1024 {
+        // The backend's buffers are full: what the relay read since sits in its pipe,
+        // and the park reads it out into the state.
+        if !state.to_backend.pending.is_empty() {
             break state.to_backend.pending.len();
         }
         assert!(
@@ -75,6 +79,17 @@ async fn a_bulk_stream_is_spliced_both_ways_and_handed_back_with_what_its_pipes_
     drop(relay_after);
     assert_eq!(open_pipes(), 0, "the relay's pipes are closed with it");
     println!("a hand-over carried {held} bytes that a pipe held");
+}
+
+/// Waits until `socket` has a whole relay read (64 KiB) waiting: the relay's first read
+/// of it fills its buffer, and the direction splices from then on.
+async fn bulk_waits_at(socket: &TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = Instant::now() + DEADLINE;
+    while socket.peek(&mut buf).await.unwrap() < buf.len() {
+        assert!(Instant::now() < deadline, "64 KiB never arrived");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 fn relay_after_counted(relay: &Relay) -> (u64, u64) {
@@ -102,12 +117,13 @@ async fn spliced_towards_a_backend_that_does_not_read(
     socket2::SockRef::from(&backend)
         .set_recv_buffer_size(16 * 1024)
         .unwrap();
-    let relay = drive(Relay::new(relay_client, relay_backend), None);
     let (client_read, mut client_write) = client.into_split();
     let writer = tokio::spawn(async move {
         client_write.write_all(&payload(len)).await.unwrap();
         client_write
     });
+    bulk_waits_at(&relay_client).await;
+    let relay = drive(Relay::new(relay_client, relay_backend), None);
     wait_until("the direction splices", || open_pipes() == 1).await;
     (client_read, backend, relay, writer)
 }
