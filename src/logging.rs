@@ -128,8 +128,10 @@ pub const BATCH_BYTES: usize = 64 * 1024;
 /// The queue to the writer thread, once [`init`] started it.
 static QUEUE: OnceLock<SyncSender<Vec<u8>>> = OnceLock::new();
 
-/// Lines handed to the queue, and lines the writer thread is done with (written or
-/// dropped), since start: the queue is flushed when the second reaches the first.
+/// Lines that entered the queue, and lines the writer thread took from it (written, or
+/// dropped when stderr failed), since start: the queue holds nothing older than a
+/// moment when the second reaches what the first was then. A line dropped because the
+/// queue was full is in neither.
 static QUEUED: AtomicU64 = AtomicU64::new(0);
 static DONE: AtomicU64 = AtomicU64::new(0);
 
@@ -175,12 +177,13 @@ fn emit(line: &[u8]) {
         write_now(line);
         return;
     };
-    QUEUED.fetch_add(1, Ordering::Relaxed);
-    if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-        queue.try_send(line.to_vec())
-    {
-        DROPPED.fetch_add(1, Ordering::Relaxed);
-        DONE.fetch_add(1, Ordering::Release);
+    match queue.try_send(line.to_vec()) {
+        Ok(()) => {
+            QUEUED.fetch_add(1, Ordering::Release);
+        }
+        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -192,9 +195,10 @@ fn write_now(line: &[u8]) {
     }
 }
 
-/// Waits until every line queued so far is written (or dropped), for `within` at most.
+/// Waits until every line this thread queued so far (and any other thread's queued
+/// before) is written, or dropped for a failed stderr, for `within` at most.
 pub fn flush(within: Duration) {
-    let queued = QUEUED.load(Ordering::Relaxed);
+    let queued = QUEUED.load(Ordering::Acquire);
     let deadline = Instant::now() + within;
     while DONE.load(Ordering::Acquire) < queued && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));

@@ -53,14 +53,14 @@ use tokio::io::{Interest, Ready};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use crate::splice::{self, Pipe};
+use crate::splice::{self, NoPipe, Pipe};
 use crate::websocket::{self, FrameCursor};
 
 /// Size of the per-thread scratch buffer: one read moves at most this much.
 const SCRATCH_SIZE: usize = 64 * 1024;
 
-/// How many reads or writes one direction does in a row on a wake-up (up to 1 MiB)
-/// before the other direction gets its turn: without it, a direction that always has
+/// How many reads or writes one direction does in a row on a wake-up (up to 1 MiB, or
+/// twice a pipe's size when splicing) before the other direction gets its turn: without it, a direction that always has
 /// bytes would use the task's whole budget each time and starve the other.
 const TURN: usize = 16;
 
@@ -393,8 +393,9 @@ impl Relay {
     /// closed when the relay is dropped. After [`RelayEnd::Parked`], call again to
     /// resume; after any other end the connection is over.
     ///
-    /// Cancel-safe: everything read is in the relay's state (delivered or pending)
-    /// whenever this returns `Pending`, so dropping the future parks the relay, except
+    /// Cancel-safe: everything read is in the relay (delivered, pending, or in a
+    /// direction's pipe, which [`Relay::into_parts`] reads back into the state) whenever
+    /// this returns `Pending`, so dropping the future parks the relay, except
     /// during the clean finish of [`Stop::Close`] or an idle timeout. `stop` is not
     /// polled during that finish (up to 10 s for the frames in flight, then 2 s): to cut it
     /// short (the operator's second SIGTERM), drop the future.
@@ -727,7 +728,12 @@ fn pump_direction(
                 && matches!(splice, Splice::NotYet)
                 && state.protocol == Protocol::Plain
             {
-                *splice = Pipe::open().map_or(Splice::Never, Splice::Piped);
+                *splice = match Pipe::open() {
+                    Ok(pipe) => Splice::Piped(pipe),
+                    // The next full read asks again (no system call until one is free).
+                    Err(NoPipe::AllInUse) => Splice::NotYet,
+                    Err(NoPipe::Refused) => Splice::Never,
+                };
             }
             Ok(Some(n))
         })?;

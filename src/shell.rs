@@ -323,8 +323,13 @@ impl ShutdownSignalWatch for Signals {
                     let _ = tokio::task::spawn_blocking(move || ballast.reload()).await;
                 }
                 _ = quit.recv() => {
-                    if self.hand_over().await {
-                        break Stop::HandedOver;
+                    // A hand-over may wait some 25 s for the new process: SIGTERM and
+                    // SIGINT still stop this one meanwhile.
+                    tokio::select! {
+                        handed = self.hand_over() => if handed {
+                            break Stop::HandedOver;
+                        },
+                        which = again(&mut term, &mut int) => break Stop::Shutdown(which),
                     }
                 }
             }

@@ -32,7 +32,8 @@ pub fn open_pipes() -> usize {
     OPEN.load(Ordering::Relaxed)
 }
 
-/// The most pipes open at once: a quarter of the descriptor limit (`RLIMIT_NOFILE`).
+/// The most pipes open at once: an eighth of the descriptor limit (`RLIMIT_NOFILE`), so
+/// that their two descriptors each take a quarter of it at most.
 fn max_pipes() -> usize {
     static MAX: OnceLock<usize> = OnceLock::new();
     *MAX.get_or_init(|| {
@@ -57,6 +58,15 @@ pub fn refused(error: &io::Error) -> bool {
     )
 }
 
+/// Why [`Pipe::open`] gave no pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPipe {
+    /// Pipes hold their share of the descriptors now; one may be had later.
+    AllInUse,
+    /// No pipe, or none large enough, could be made: do not ask again.
+    Refused,
+}
+
 /// A pipe that one direction's bytes pass through, and how many of them it holds.
 #[derive(Debug)]
 pub struct Pipe {
@@ -69,17 +79,17 @@ pub struct Pipe {
 }
 
 impl Pipe {
-    /// A new pipe, or `None` where splicing cannot be had (see the module doc).
-    pub fn open() -> Option<Pipe> {
+    /// A new pipe, or why there is none (see the module doc).
+    pub fn open() -> Result<Pipe, NoPipe> {
         if OPEN.fetch_add(1, Ordering::Relaxed) >= max_pipes() {
             OPEN.fetch_sub(1, Ordering::Relaxed);
-            return None;
+            return Err(NoPipe::AllInUse);
         }
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 writes two descriptors into the array on success.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
             OPEN.fetch_sub(1, Ordering::Relaxed);
-            return None;
+            return Err(NoPipe::Refused);
         }
         // SAFETY: both descriptors were just made and belong to nothing else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
@@ -101,7 +111,10 @@ impl Pipe {
             held: 0,
             size: u32::try_from(size).unwrap_or(0),
         };
-        (pipe.size as usize >= MIN_PIPE_SIZE).then_some(pipe)
+        if (pipe.size as usize) < MIN_PIPE_SIZE {
+            return Err(NoPipe::Refused);
+        }
+        Ok(pipe)
     }
 
     /// Bytes in the pipe, not yet written on.
@@ -154,7 +167,9 @@ impl Drop for Pipe {
     }
 }
 
-/// One non-blocking `splice` of up to `len` bytes from `from` to `to`.
+/// One non-blocking `splice` of up to `len` bytes from `from` to `to`. splice into a
+/// socket cannot ask for `MSG_NOSIGNAL`: a peer gone raises SIGPIPE, which Rust's
+/// runtime ignores in every binary (set before `main`), so it is an EPIPE here too.
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     loop {
         // SAFETY: splice with null offsets, on descriptors the caller keeps open.

@@ -400,7 +400,9 @@ pub async fn taken(path: &Path, within: Duration) -> bool {
 /// [`ready_mark`]), and removes the mark. `false` when it did not say so `within`.
 pub async fn serving(path: &Path, within: Duration) -> bool {
     let mark = ready_mark(path);
-    let seen = within_time(within, || std::fs::symlink_metadata(&mark).is_ok()).await;
+    // A plain file only: not a link, not a folder someone put there.
+    let is_mark = || std::fs::symlink_metadata(&mark).is_ok_and(|m| m.file_type().is_file());
+    let seen = within_time(within, is_mark).await;
     if seen {
         let _ = std::fs::remove_file(&mark);
     }
