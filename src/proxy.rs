@@ -12,7 +12,8 @@
 //! connection's task is spawned, and counts against the chosen backend at once; every
 //! pick of a listener holds the listener's pick lock, so each one sees the counts of all
 //! the picks before it and `least_conn` fills exactly even under a burst of new
-//! connections.
+//! connections. The task starts on the worker that accepted the connection, or on the
+//! least loaded one when that worker is ahead ([`crate::workers`]); it stays there.
 
 use std::io;
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ use crate::relay::{Relay, RelayEnd, Side, Stop};
 use crate::routing::{ListenerRoute, Routing};
 use crate::stage;
 use crate::state::{BackendGuard, ListenerGuard, RejectReason};
+use crate::workers::{OnWorker, Spread};
 
 /// TCP keepalive on both sides of every connection: probe after 60 s of silence, every
 /// 10 s, give up after 6 unanswered probes.
@@ -116,18 +118,27 @@ pub fn is_local_exhaustion(e: &io::Error) -> bool {
     )
 }
 
+/// The worker an accept loop runs on.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    /// Its place in `spread`.
+    pub index: usize,
+    pub spread: Arc<Spread>,
+}
+
 /// Accepts connections on `listener` for the listener called `name` until `stop` turns
-/// true; each connection runs on the runtime this loop runs on. Several loops (one per
-/// worker) may serve one listening socket; the `first` one speaks for them in the logs.
-/// Never returns early on an accept error: a transient one (EMFILE, ...) is logged and
-/// retried after a short pause.
+/// true; each connection runs on this loop's worker, or on the least loaded one when
+/// this one is ahead. Several loops (one per worker) serve one listening socket; the
+/// first worker's speaks for them in the logs. Never returns early on an accept error:
+/// a transient one (EMFILE, ...) is logged and retried after a short pause.
 pub async fn serve(
     listener: TcpListener,
     name: String,
     plane: DataPlane,
     mut stop: watch::Receiver<bool>,
-    first: bool,
+    worker: Worker,
 ) {
+    let first = worker.index == 0;
     if first {
         match listener.local_addr() {
             Ok(addr) => info!(listener = %name, %addr, "listener bound"),
@@ -147,7 +158,22 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((client, peer)) => admit(&plane, &name, client, peer),
+            Ok((client, peer)) => {
+                let to = worker.spread.choose(worker.index);
+                let client = if to == worker.index {
+                    Accepted::Here(client)
+                } else {
+                    // Unregistered here, registered on its worker.
+                    match client.into_std() {
+                        Ok(client) => Accepted::Moving(client),
+                        Err(e) => {
+                            debug!(listener = %name, error = %e, "cannot pass a connection on");
+                            continue;
+                        }
+                    }
+                };
+                admit(&plane, &name, client, peer, worker.spread.enter(to));
+            }
             Err(e) if is_local_exhaustion(&e) => {
                 warn!(listener = %name, error = %e, "accept failed; pausing");
                 plane.pressure.note();
@@ -160,9 +186,17 @@ pub async fn serve(
     }
 }
 
+/// An accepted client socket: registered with the runtime of the worker that accepted
+/// it, or on its way to another worker's.
+#[derive(Debug)]
+enum Accepted {
+    Here(TcpStream),
+    Moving(std::net::TcpStream),
+}
+
 /// Registers the connection and, without a stage before the pick, applies the limits and
-/// the first pick; then hands the connection to its own task. No awaits.
-fn admit(plane: &DataPlane, name: &str, client: TcpStream, peer: SocketAddr) {
+/// the first pick; then starts the connection's task on its worker. No awaits.
+fn admit(plane: &DataPlane, name: &str, client: Accepted, peer: SocketAddr, on_worker: OnWorker) {
     let routing = plane.routing();
     let Some(route) = routing.listener(name).cloned() else {
         // The listener left the config; its accept loop is being stopped.
@@ -171,11 +205,16 @@ fn admit(plane: &DataPlane, name: &str, client: TcpStream, peer: SocketAddr) {
     drop(routing);
     let conn = plane.conns.open(&route.state, peer);
     let accepted = route.state.accept();
+    let handle = on_worker.handle().clone();
     let Some(stage) = route.stage.clone() else {
         match pick_first(&route, &conn) {
             Ok(first) => {
                 let pressure = Arc::clone(&plane.pressure);
-                tokio::spawn(async move {
+                handle.spawn(async move {
+                    let _on_worker = on_worker;
+                    let Some(client) = registered(client, &route, &conn) else {
+                        return;
+                    };
                     let early = Vec::new();
                     proxy(&pressure, &route, conn, accepted, client, early, first).await;
                 });
@@ -185,7 +224,11 @@ fn admit(plane: &DataPlane, name: &str, client: TcpStream, peer: SocketAddr) {
         return;
     };
     let pressure = Arc::clone(&plane.pressure);
-    tokio::spawn(async move {
+    handle.spawn(async move {
+        let _on_worker = on_worker;
+        let Some(client) = registered(client, &route, &conn) else {
+            return;
+        };
         let hello = tokio::select! {
             hello = stage::read(&client, peer, stage.as_ref()) => hello,
             ask = conn.wait_ask(None) => return end(&route, &conn, &Ended::refused(ask.reason())),
@@ -221,6 +264,23 @@ fn admit(plane: &DataPlane, name: &str, client: TcpStream, peer: SocketAddr) {
             Err(refused) => end(&route, &conn, &Ended::refused(refused)),
         }
     });
+}
+
+/// `client` registered with the runtime this runs on; `None`, the connection ended,
+/// when it cannot be (the kernel's limit on watched descriptors).
+fn registered(client: Accepted, route: &ListenerRoute, conn: &Conn) -> Option<TcpStream> {
+    let moving = match client {
+        Accepted::Here(client) => return Some(client),
+        Accepted::Moving(client) => client,
+    };
+    match TcpStream::from_std(moving) {
+        Ok(client) => Some(client),
+        Err(e) => {
+            warn!(listener = %route.config.name, client = %conn.client(), error = %e, "cannot serve the connection");
+            end(route, conn, &Ended::refused(EndReason::Error));
+            None
+        }
+    }
 }
 
 /// The listener's limits and the first pick, which counts against the backend at once.
@@ -488,7 +548,11 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_stop, stop_rx) = watch::channel(false);
-        tokio::spawn(serve(listener, "web".into(), plane, stop_rx, true));
+        let worker = Worker {
+            index: 0,
+            spread: Arc::new(Spread::new(vec![tokio::runtime::Handle::current()])),
+        };
+        tokio::spawn(serve(listener, "web".into(), plane, stop_rx, worker));
 
         let mut client = TcpStream::connect(addr).await.unwrap();
         client.write_all(b"FROM 192.0.2.7:4000\nhi").await.unwrap();

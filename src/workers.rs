@@ -7,8 +7,23 @@
 //! idle worker steals or is woken to look for work — the costs that grew with the number
 //! of cores under a work-stealing runtime. nginx's workers and HAProxy's threads work
 //! the same way. Picks stay serialised by the listener's pick lock.
+//!
+//! Whichever worker wakes first accepts, and a worker that accepts a burst of
+//! connections would keep them all: a burst of long-lived ones (a client fleet
+//! reconnecting, a load test's connections) would then load one core and leave the
+//! others idle. So a worker that carries more than [`SLACK`] connections beyond the
+//! least loaded one starts a new connection's task on that one instead ([`Spread`]), as
+//! HAProxy hands an accepted connection to its least loaded thread. While the workers
+//! are even, a connection stays where it was accepted, with no cross-thread wake-up.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::runtime::Handle;
+
+/// How many connections one worker may carry beyond the least loaded one before it
+/// passes new ones on (at least this, or an eighth of the least loaded one's).
+pub const SLACK: usize = 2;
 
 /// The worker runtimes.
 #[derive(Debug, Clone)]
@@ -39,6 +54,107 @@ impl Workers {
     }
 }
 
+/// The worker runtimes that carry connections, and how many each carries: where a new
+/// connection's task goes.
+#[derive(Debug)]
+pub struct Spread {
+    workers: Vec<Worker>,
+}
+
+#[derive(Debug)]
+struct Worker {
+    handle: Handle,
+    live: Live,
+}
+
+/// A worker's count of live connections, on a cache line of its own: each worker
+/// writes its own as its connections come and go.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Live(AtomicUsize);
+
+impl Spread {
+    pub fn new(handles: Vec<Handle>) -> Spread {
+        Spread {
+            workers: handles
+                .into_iter()
+                .map(|handle| Worker {
+                    handle,
+                    live: Live::default(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The worker runtimes, in order.
+    pub fn handles(&self) -> impl Iterator<Item = &Handle> {
+        self.workers.iter().map(|w| &w.handle)
+    }
+
+    pub fn handle(&self, worker: usize) -> &Handle {
+        &self.workers[worker].handle
+    }
+
+    /// Live connections on each worker.
+    pub fn loads(&self) -> Vec<usize> {
+        self.workers
+            .iter()
+            .map(|w| w.live.0.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The worker that should carry a connection worker `me` accepted: `me`, unless it
+    /// carries more than [`SLACK`] (or an eighth) beyond the least loaded worker.
+    pub fn choose(&self, me: usize) -> usize {
+        if self.workers.len() < 2 {
+            return me;
+        }
+        let live = |i: usize| self.workers[i].live.0.load(Ordering::Relaxed);
+        let mine = live(me);
+        let (least, fewest) = (0..self.workers.len())
+            .map(|i| (i, live(i)))
+            .min_by_key(|&(_, n)| n)
+            .unwrap_or((me, mine));
+        if mine > fewest + SLACK.max(fewest / 8) {
+            least
+        } else {
+            me
+        }
+    }
+
+    /// Counts a connection on `worker` until the returned guard is dropped.
+    pub fn enter(self: &Arc<Self>, worker: usize) -> OnWorker {
+        self.workers[worker].live.0.fetch_add(1, Ordering::Relaxed);
+        OnWorker {
+            spread: Arc::clone(self),
+            worker,
+        }
+    }
+}
+
+/// A connection counted on its worker (see [`Spread::enter`]).
+#[derive(Debug)]
+pub struct OnWorker {
+    spread: Arc<Spread>,
+    worker: usize,
+}
+
+impl OnWorker {
+    /// The runtime of the worker that carries the connection.
+    pub fn handle(&self) -> &Handle {
+        self.spread.handle(self.worker)
+    }
+}
+
+impl Drop for OnWorker {
+    fn drop(&mut self) {
+        self.spread.workers[self.worker]
+            .live
+            .0
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +177,31 @@ mod tests {
         assert!(seen.iter().all(|(a, b)| a == b), "a task moved threads");
         let threads: std::collections::HashSet<_> = seen.iter().map(|(a, _)| *a).collect();
         assert_eq!(threads.len(), 3);
+    }
+
+    #[test]
+    fn a_worker_ahead_of_the_least_loaded_one_passes_new_connections_on() {
+        let workers = Workers::start(3).unwrap();
+        let spread = Arc::new(Spread::new(workers.handles().to_vec()));
+        let mut held = Vec::new();
+        // Worker 0 accepts every connection of a burst.
+        for _ in 0..30 {
+            let to = spread.choose(0);
+            held.push(spread.enter(to));
+        }
+        let loads = spread.loads();
+        assert_eq!(loads.iter().sum::<usize>(), 30);
+        let (most, least) = (*loads.iter().max().unwrap(), *loads.iter().min().unwrap());
+        assert!(most - least <= SLACK + 1, "{loads:?}");
+        // Even workers keep what they accept.
+        held.truncate(27);
+        let loads = spread.loads();
+        let least = loads
+            .iter()
+            .position(|n| *n == *loads.iter().min().unwrap())
+            .unwrap();
+        assert_eq!(spread.choose(least), least);
+        drop(held);
+        assert_eq!(spread.loads(), vec![0, 0, 0]);
     }
 }

@@ -292,3 +292,48 @@ async fn a_backend_failing_health_checks_is_marked_down_and_skipped() {
         "a down backend is not even tried"
     );
 }
+
+/// A burst of long-lived connections spreads over the worker threads: whichever worker
+/// accepts them, none carries more than `workers::SLACK` (and one in flight) beyond the
+/// least loaded one, so no core is left idle while another carries the burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_long_lived_connections_spreads_over_the_worker_threads() {
+    let a = Backend::greeter("a").await;
+    let config = ballast::config::Config::parse(
+        &listener_toml("least_conn", "", &backends_toml(&[("a", a.addr, 1)])),
+        "test.toml",
+    )
+    .unwrap();
+    let bound = ballast::bind(&config).unwrap();
+    let ballast = ballast::Ballast::new(config, None);
+    let workers = ballast::workers::Workers::start(3).unwrap();
+    ballast.set_workers(&workers);
+    let mut tasks = tokio::task::JoinSet::new();
+    ballast::serve(&ballast, bound, &mut tasks).unwrap();
+    let addr = ballast.bound_addr("web").unwrap();
+    for burst in [60, 30] {
+        let mut connecting = tokio::task::JoinSet::new();
+        for _ in 0..burst {
+            connecting.spawn(connect_and_greet(addr));
+        }
+        let mut held = Vec::new();
+        while let Some(connected) = connecting.join_next().await {
+            held.push(connected.unwrap().0);
+        }
+        wait_until("every connection live", || {
+            ballast.worker_loads().iter().sum::<usize>() == burst
+        })
+        .await;
+        let loads = ballast.worker_loads();
+        let (most, least) = (*loads.iter().max().unwrap(), *loads.iter().min().unwrap());
+        assert!(
+            most - least <= ballast::workers::SLACK + 1,
+            "{burst} connections over the workers: {loads:?}"
+        );
+        drop(held);
+        wait_until("every connection ended", || {
+            ballast.worker_loads().iter().sum::<usize>() == 0
+        })
+        .await;
+    }
+}

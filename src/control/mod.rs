@@ -32,6 +32,7 @@ use crate::proxy::{self, DataPlane};
 use crate::routing::Routing;
 use crate::state::{BackendState, ListenerState, Registry};
 use crate::systemd;
+use crate::workers::Spread;
 
 /// A running ballast's control plane. Cheap to clone (one `Arc`).
 #[derive(Clone, Debug)]
@@ -53,9 +54,9 @@ struct Inner {
     shutting_down: AtomicBool,
     /// The accept loop of each listener, by name.
     listeners: Mutex<HashMap<String, ListenerHandle>>,
-    /// The runtimes that accept loops (and so their connections) run on, one loop per
-    /// runtime per listener: the worker threads, or the runtime ballast started on.
-    spawner: Mutex<Vec<Handle>>,
+    /// The runtimes that accept loops and connections run on, one loop per runtime per
+    /// listener: the worker threads, or the runtime ballast started on.
+    spawner: Mutex<Option<Arc<Spread>>>,
     /// Backends and listeners that left the config and still have connections.
     removed: Mutex<Removed>,
     /// One reload at a time.
@@ -122,7 +123,7 @@ impl Ballast {
                 ready: AtomicBool::new(false),
                 shutting_down: AtomicBool::new(false),
                 listeners: Mutex::new(HashMap::new()),
-                spawner: Mutex::new(Vec::new()),
+                spawner: Mutex::new(None),
                 removed: Mutex::new(Removed::default()),
                 reload_lock: Mutex::new(()),
                 last_loaded: Mutex::new(last_loaded),
@@ -211,7 +212,13 @@ impl Ballast {
     /// Runs accept loops and connections on `workers` (the binary's worker threads).
     pub fn set_workers(&self, workers: &crate::workers::Workers) {
         let mut spawner = self.inner.spawner.lock().unwrap_or_else(|e| e.into_inner());
-        *spawner = workers.handles().to_vec();
+        *spawner = Some(Arc::new(Spread::new(workers.handles().to_vec())));
+    }
+
+    /// Live connections on each worker runtime.
+    pub fn worker_loads(&self) -> Vec<usize> {
+        let spawner = self.inner.spawner.lock().unwrap_or_else(|e| e.into_inner());
+        spawner.as_ref().map(|s| s.loads()).unwrap_or_default()
     }
 
     /// Resolves when shutdown is complete.
@@ -223,9 +230,7 @@ impl Ballast {
     /// inside a runtime and nothing was set before).
     pub fn set_spawner(&self, handle: Handle) {
         let mut spawner = self.inner.spawner.lock().unwrap_or_else(|e| e.into_inner());
-        if spawner.is_empty() {
-            spawner.push(handle);
-        }
+        spawner.get_or_insert_with(|| Arc::new(Spread::new(vec![handle])));
     }
 
     /// Starts the accept loop of listener `name` on `socket` (already bound).
@@ -239,33 +244,35 @@ impl Ballast {
             return Err(std::io::Error::other("ballast is shutting down"));
         }
         let local = socket.local_addr()?;
-        let mut runtimes = self
-            .inner
-            .spawner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if runtimes.is_empty() {
-            runtimes.extend(Handle::try_current().ok());
-        }
-        if runtimes.is_empty() {
-            return Err(std::io::Error::other("no runtime to run listeners on"));
-        }
+        let spread = {
+            let mut spawner = self.inner.spawner.lock().unwrap_or_else(|e| e.into_inner());
+            if spawner.is_none() {
+                *spawner = Handle::try_current()
+                    .ok()
+                    .map(|handle| Arc::new(Spread::new(vec![handle])));
+            }
+            spawner
+                .clone()
+                .ok_or_else(|| std::io::Error::other("no runtime to run listeners on"))?
+        };
         // Every loop registers the socket with its own runtime first: a failure starts
         // none of them.
-        let mut loops = Vec::with_capacity(runtimes.len());
-        for handle in &runtimes {
+        let mut loops = Vec::new();
+        for handle in spread.handles() {
             let _entered = handle.enter();
             loops.push(tokio::net::TcpListener::from_std(socket.try_clone()?)?);
         }
         let (stop, stop_rx) = watch::channel(false);
-        for (i, (handle, listener)) in runtimes.iter().zip(loops).enumerate() {
-            handle.spawn(proxy::serve(
+        for (worker, listener) in loops.into_iter().enumerate() {
+            spread.handle(worker).spawn(proxy::serve(
                 listener,
                 name.to_string(),
                 self.inner.plane.clone(),
                 stop_rx.clone(),
-                i == 0,
+                proxy::Worker {
+                    index: worker,
+                    spread: Arc::clone(&spread),
+                },
             ));
         }
         let kept = socket;
