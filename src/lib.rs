@@ -13,9 +13,9 @@
 //! this library in pingora's process shell ([`shell`]); tests drive it directly with
 //! [`start`] on listeners bound to `127.0.0.1:0`.
 //!
-//! The connection path may import: `conn`, `stage`, `relay`, `splice`, `websocket`, `routing`,
-//! `balancer`, `state`, `config` (read only), `metrics` (through `state`) and
-//! `logging` — never `control`, `admin` or `shell`.
+//! The connection path may import: `conn`, `stage`, `relay`, `splice`, `websocket`,
+//! `routing`, `balancer`, `state`, `workers`, `config` (read only), `metrics` (through
+//! `state`) and `logging` — never `control`, `admin` or `shell`.
 
 #![deny(unsafe_code)]
 

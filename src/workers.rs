@@ -2,8 +2,8 @@
 //! thread, nothing shared between them on the way of a byte.
 //!
 //! Every worker runs an accept loop of its own for every listener (on the same
-//! listening socket), and a connection's task stays on the worker that accepted it for
-//! its whole life: its wake-ups, timers and socket events never cross threads, and no
+//! listening socket), and a connection's task stays on the worker it starts on for its
+//! whole life: its wake-ups, timers and socket events never cross threads, and no
 //! idle worker steals or is woken to look for work — the costs that grew with the number
 //! of cores under a work-stealing runtime. nginx's workers and HAProxy's threads work
 //! the same way. Picks stay serialised by the listener's pick lock.
