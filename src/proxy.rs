@@ -425,7 +425,8 @@ async fn connect(
     first: usize,
     first_guard: BackendGuard,
 ) -> Result<(usize, BackendGuard, TcpStream, Duration), EndReason> {
-    let mut tried = vec![first];
+    // The backends that failed this client, allocated only once one has.
+    let mut tried = Vec::new();
     let mut attempt = Some((first, first_guard));
     while let Some((index, guard)) = attempt.take() {
         let backend = &route.backends[index];
@@ -452,12 +453,12 @@ async fn connect(
         }
         backend.state.record_connect_failure(started.elapsed());
         drop(guard);
+        tried.push(index);
         if tried.len() > route.config.retries as usize {
             break;
         }
         if let Some((next, guard)) = route.pick_and_acquire(conn.client().ip(), &tried) {
             conn.set_backend(guard.backend());
-            tried.push(next);
             attempt = Some((next, guard));
         }
     }
