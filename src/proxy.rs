@@ -159,20 +159,20 @@ pub async fn serve(
         };
         match accepted {
             Ok((client, peer)) => {
-                let to = worker.spread.choose(worker.index);
-                let client = if to == worker.index {
+                let on_worker = worker.spread.place(worker.index);
+                let client = if on_worker.worker() == worker.index {
                     Accepted::Here(client)
                 } else {
                     // Unregistered here, registered on its worker.
                     match client.into_std() {
                         Ok(client) => Accepted::Moving(client),
                         Err(e) => {
-                            debug!(listener = %name, error = %e, "cannot pass a connection on");
+                            warn!(listener = %name, client = %peer, error = %e, "cannot pass a connection to another worker; closed");
                             continue;
                         }
                     }
                 };
-                admit(&plane, &name, client, peer, worker.spread.enter(to));
+                admit(&plane, &name, client, peer, on_worker);
             }
             Err(e) if is_local_exhaustion(&e) => {
                 warn!(listener = %name, error = %e, "accept failed; pausing");

@@ -83,8 +83,9 @@ struct Worker {
     live: Live,
 }
 
-/// A worker's count of live connections, on a cache line of its own: each worker
-/// writes its own as its connections come and go.
+/// A worker's count of live connections, on a cache line of its own: the worker that
+/// accepts a connection adds it to its worker's count, and that worker takes it off
+/// when the connection ends.
 #[derive(Debug, Default)]
 #[repr(align(128))]
 struct Live(AtomicUsize);
@@ -138,6 +139,12 @@ impl Spread {
         }
     }
 
+    /// Places a connection worker `me` accepted ([`Spread::choose`]) and counts it there
+    /// at once, so that the next choice (on any worker) sees it.
+    pub fn place(self: &Arc<Self>, me: usize) -> OnWorker {
+        self.enter(self.choose(me))
+    }
+
     /// Counts a connection on `worker` until the returned guard is dropped.
     pub fn enter(self: &Arc<Self>, worker: usize) -> OnWorker {
         self.workers[worker].live.0.fetch_add(1, Ordering::Relaxed);
@@ -156,6 +163,11 @@ pub struct OnWorker {
 }
 
 impl OnWorker {
+    /// The worker that carries the connection.
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
+
     /// The runtime of the worker that carries the connection.
     pub fn handle(&self) -> &Handle {
         self.spread.handle(self.worker)
@@ -199,25 +211,22 @@ mod tests {
     fn a_worker_ahead_of_the_least_loaded_one_passes_new_connections_on() {
         let workers = Workers::start(3).unwrap();
         let spread = Arc::new(Spread::new(workers.handles().to_vec()));
-        let mut held = Vec::new();
         // Worker 0 accepts every connection of a burst.
-        for _ in 0..30 {
-            let to = spread.choose(0);
-            held.push(spread.enter(to));
-        }
+        let burst: Vec<OnWorker> = (0..30).map(|_| spread.place(0)).collect();
         let loads = spread.loads();
         assert_eq!(loads.iter().sum::<usize>(), 30);
         let (most, least) = (*loads.iter().max().unwrap(), *loads.iter().min().unwrap());
         assert!(most - least <= SLACK + 1, "{loads:?}");
-        // Even workers keep what they accept.
-        held.truncate(27);
-        let loads = spread.loads();
-        let least = loads
-            .iter()
-            .position(|n| *n == *loads.iter().min().unwrap())
-            .unwrap();
-        assert_eq!(spread.choose(least), least);
-        drop(held);
+        drop(burst);
         assert_eq!(spread.loads(), vec![0, 0, 0]);
+        // A worker within SLACK of the least loaded one keeps what it accepts; one
+        // past it passes it on.
+        let mut held: Vec<OnWorker> = [0, 0, 0, 1, 2, 2].map(|w| spread.enter(w)).into();
+        assert_eq!(spread.loads(), vec![3, 1, 2]);
+        assert_eq!(spread.choose(0), 0);
+        assert_eq!(spread.choose(2), 2);
+        held.push(spread.enter(0));
+        assert_eq!(spread.choose(0), 1);
+        assert_eq!(spread.place(0).worker(), 1);
     }
 }

@@ -294,8 +294,9 @@ async fn a_backend_failing_health_checks_is_marked_down_and_skipped() {
 }
 
 /// A burst of long-lived connections spreads over the worker threads: whichever worker
-/// accepts them, none carries more than `workers::SLACK` (and one in flight) beyond the
-/// least loaded one, so no core is left idle while another carries the burst.
+/// accepts them, none carries more than `workers::SLACK` beyond the least loaded one
+/// (and one more for each other worker accepting at the same moment), so no core is
+/// left idle while another carries the burst. Before, 60 landed 60/0/0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_long_lived_connections_spreads_over_the_worker_threads() {
     let a = Backend::greeter("a").await;
@@ -327,7 +328,7 @@ async fn a_burst_of_long_lived_connections_spreads_over_the_worker_threads() {
         let loads = ballast.worker_loads();
         let (most, least) = (*loads.iter().max().unwrap(), *loads.iter().min().unwrap());
         assert!(
-            most - least <= ballast::workers::SLACK + 1,
+            most - least <= ballast::workers::SLACK + 3,
             "{burst} connections over the workers: {loads:?}"
         );
         drop(held);
