@@ -183,16 +183,9 @@ async fn a_relay_parked_mid_stream_and_resumed_delivers_50_mib_each_way_exactly_
     let (client, relay_client) = connected().await;
     let (backend, relay_backend) = connected().await;
     let mut relay = drive(Relay::new(relay_client, relay_backend), None);
-
-    let (client_read, client_write) = client.into_split();
-    let (backend_read, backend_write) = backend.into_split();
-    // The backend stops reading at 40 MiB until the test lets it go on, so that one
-    // park finds bytes pending towards it.
-    let (open_gate, gate) = tokio::sync::oneshot::channel();
-    let client_sends = tokio::spawn(send_stream(client_write, 1, LEN));
-    let backend_sends = tokio::spawn(send_stream(backend_write, 2, LEN));
-    let backend_checks = tokio::spawn(check_stream(backend_read, 1, Some((40 * MIB, gate))));
-    let client_checks = tokio::spawn(check_stream(client_read, 2, None));
+    // The backend stops reading at 40 MiB until the test lets it go on, so that a
+    // hand-over finds bytes pending towards it.
+    let mut streams = BothWays::start(client, backend, LEN, [1, 2], 40 * MIB);
 
     // Parks on the same sockets, while bytes flow both ways.
     let mut parked_at = Vec::new();
@@ -205,37 +198,9 @@ async fn a_relay_parked_mid_stream_and_resumed_delivers_50_mib_each_way_exactly_
         let state = relay.park(Ask::Stop(Stop::Park)).await;
         parked_at.push((state.to_backend.delivered, state.to_client.delivered));
     }
-    // Then hands it over (parked, taken apart, put together again) until it carries
-    // bytes read but not yet delivered: the backend stops reading at 40 MiB, so one
-    // does.
-    let deadline = Instant::now() + DEADLINE;
-    let mut handovers = 0;
-    let pending = loop {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        let state = relay.park(Ask::HandOver).await;
-        handovers += 1;
-        if !state.to_backend.pending.is_empty() {
-            break state.to_backend.pending.len();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no hand-over carried bytes pending"
-        );
-    };
-    open_gate.send(()).unwrap();
-
-    let (end, relay_after) = relay.end().await;
-    assert!(matches!(end, RelayEnd::Closed { .. }), "{end:?}");
-    client_sends.await.unwrap();
-    backend_sends.await.unwrap();
-    assert_eq!(backend_checks.await.unwrap(), LEN as u64);
-    assert_eq!(client_checks.await.unwrap(), LEN as u64);
-    assert_eq!(relay_after.totals(), (LEN as u64, LEN as u64));
-    let counted = (
-        relay_after.state().to_backend.delivered,
-        relay_after.state().to_client.delivered,
-    );
-    assert_eq!(counted, (LEN as u64, LEN as u64));
+    // Then hands it over until it carries bytes read but not yet delivered.
+    let (handovers, pending) = streams.hand_over_until_pending(&mut relay).await;
+    streams.finish(relay).await;
     assert!(
         parked_at.windows(2).all(|w| w[0] <= w[1]) && parked_at[0] != (0, 0),
         "parked mid-stream: {parked_at:?}"

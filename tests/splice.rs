@@ -30,52 +30,22 @@ async fn a_bulk_stream_is_spliced_both_ways_and_handed_back_with_what_its_pipes_
     const LEN: usize = 20 * MIB;
     let (client, relay_client) = connected().await;
     let (backend, relay_backend) = connected().await;
-    let (client_read, client_write) = client.into_split();
-    let (backend_read, backend_write) = backend.into_split();
     // The backend stops reading at 10 MiB until the test lets it go on: the pipe
     // towards it fills, and a hand-over then carries what it holds.
-    let (open_gate, gate) = tokio::sync::oneshot::channel();
-    let client_sends = tokio::spawn(send_stream(client_write, 11, LEN));
-    let backend_sends = tokio::spawn(send_stream(backend_write, 12, LEN));
+    let mut streams = BothWays::start(client, backend, LEN, [11, 12], 10 * MIB as u64);
     bulk_waits_at(&relay_client).await;
     bulk_waits_at(&relay_backend).await;
     let mut relay = drive(Relay::new(relay_client, relay_backend), None);
-    let backend_checks = tokio::spawn(check_stream(
-        backend_read,
-        11,
-        Some((10 * MIB as u64, gate)),
-    ));
-    let client_checks = tokio::spawn(check_stream(client_read, 12, None));
 
     wait_until("both directions splice", || open_pipes() == 2).await;
     wait_until("the backend stops reading at 10 MiB", || {
         relay.counted().0 >= 10 * MIB as u64
     })
     .await;
-    let deadline = Instant::now() + DEADLINE;
-    let held = loop {
-        let state = relay.park(Ask::HandOver).await;
-        // The backend's buffers are full: what the relay read since sits in its pipe,
-        // and the park reads it out into the state.
-        if !state.to_backend.pending.is_empty() {
-            break state.to_backend.pending.len();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no hand-over carried bytes from a pipe"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    open_gate.send(()).unwrap();
-
-    let (end, relay_after) = relay.end().await;
-    assert!(matches!(end, RelayEnd::Closed { .. }), "{end:?}");
-    client_sends.await.unwrap();
-    backend_sends.await.unwrap();
-    assert_eq!(backend_checks.await.unwrap(), LEN as u64);
-    assert_eq!(client_checks.await.unwrap(), LEN as u64);
-    assert_eq!(relay_after.totals(), (LEN as u64, LEN as u64));
-    assert_eq!(relay_after_counted(&relay_after), (LEN as u64, LEN as u64));
+    // The backend's buffers are full: what the relay read since sits in its pipe, and
+    // a park reads it out into the state.
+    let (_, held) = streams.hand_over_until_pending(&mut relay).await;
+    let relay_after = streams.finish(relay).await;
     drop(relay_after);
     assert_eq!(open_pipes(), 0, "the relay's pipes are closed with it");
     println!("a hand-over carried {held} bytes that a pipe held");
@@ -90,11 +60,6 @@ async fn bulk_waits_at(socket: &TcpStream) {
         assert!(Instant::now() < deadline, "64 KiB never arrived");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-fn relay_after_counted(relay: &Relay) -> (u64, u64) {
-    let state = relay.state();
-    (state.to_backend.delivered, state.to_client.delivered)
 }
 
 /// A relay between a client that sends `len` bytes (in a task of its own) and a backend

@@ -206,3 +206,85 @@ pub async fn write_until_stuck(stream: &TcpStream) -> u64 {
         }
     }
 }
+
+/// A checked stream each way through a relay, `len` bytes each: the client sends the
+/// stream seeded `seeds[0]`, the backend the one seeded `seeds[1]`. The backend stops
+/// reading at `gate_at` bytes until the gate opens.
+pub struct BothWays {
+    len: usize,
+    sends: [tokio::task::JoinHandle<()>; 2],
+    checks: [tokio::task::JoinHandle<u64>; 2],
+    open_gate: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl BothWays {
+    /// Starts both streams on the peers' ends of the connection (`client`, `backend`).
+    pub fn start(
+        client: TcpStream,
+        backend: TcpStream,
+        len: usize,
+        seeds: [u32; 2],
+        gate_at: u64,
+    ) -> BothWays {
+        let (client_read, client_write) = client.into_split();
+        let (backend_read, backend_write) = backend.into_split();
+        let (open_gate, gate) = tokio::sync::oneshot::channel();
+        BothWays {
+            len,
+            sends: [
+                tokio::spawn(send_stream(client_write, seeds[0], len)),
+                tokio::spawn(send_stream(backend_write, seeds[1], len)),
+            ],
+            checks: [
+                tokio::spawn(check_stream(backend_read, seeds[0], Some((gate_at, gate)))),
+                tokio::spawn(check_stream(client_read, seeds[1], None)),
+            ],
+            open_gate: Some(open_gate),
+        }
+    }
+
+    /// Hands `relay` over (parked, taken apart, put together again) until it carries
+    /// bytes read but not yet delivered towards the backend, which stopped reading at the
+    /// gate; then opens the gate. (How many hand-overs, bytes the last one carried.)
+    pub async fn hand_over_until_pending(&mut self, relay: &mut Driven) -> (usize, usize) {
+        let deadline = Instant::now() + DEADLINE;
+        let mut handovers = 0;
+        let pending = loop {
+            let state = relay.park(Ask::HandOver).await;
+            handovers += 1;
+            if !state.to_backend.pending.is_empty() {
+                break state.to_backend.pending.len();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no hand-over carried bytes pending"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        if let Some(open_gate) = self.open_gate.take() {
+            open_gate.send(()).unwrap();
+        }
+        (handovers, pending)
+    }
+
+    /// The relay ends once both streams have: every byte arrived each way, once and in
+    /// order, and was counted once. Returns the relay.
+    pub async fn finish(self, relay: Driven) -> Relay {
+        let len = self.len as u64;
+        let (end, relay) = relay.end().await;
+        assert!(matches!(end, RelayEnd::Closed { .. }), "{end:?}");
+        for send in self.sends {
+            send.await.unwrap();
+        }
+        for check in self.checks {
+            assert_eq!(check.await.unwrap(), len);
+        }
+        assert_eq!(relay.totals(), (len, len));
+        let state = relay.state();
+        assert_eq!(
+            (state.to_backend.delivered, state.to_client.delivered),
+            (len, len)
+        );
+        relay
+    }
+}
