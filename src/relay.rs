@@ -60,8 +60,9 @@ use crate::websocket::{self, FrameCursor};
 const SCRATCH_SIZE: usize = 64 * 1024;
 
 /// How many reads or writes one direction does in a row on a wake-up (up to 1 MiB, or
-/// twice a pipe's size when splicing) before the other direction gets its turn: without it, a direction that always has
-/// bytes would use the task's whole budget each time and starve the other.
+/// twice a pipe's size when splicing) before the other direction gets its turn: without
+/// it, a direction that always has bytes would use the task's whole budget each time and
+/// starve the other.
 const TURN: usize = 16;
 
 /// Longest HTTP head ballast looks at to tell a WebSocket upgrade from other traffic.
