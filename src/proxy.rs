@@ -172,7 +172,7 @@ pub async fn serve(
                         }
                     }
                 };
-                admit(&plane, &name, client, peer, on_worker);
+                admit(&plane, &name, client, peer, &worker.spread, on_worker);
             }
             Err(e) if is_local_exhaustion(&e) => {
                 warn!(listener = %name, error = %e, "accept failed; pausing");
@@ -196,7 +196,14 @@ enum Accepted {
 
 /// Registers the connection and, without a stage before the pick, applies the limits and
 /// the first pick; then starts the connection's task on its worker. No awaits.
-fn admit(plane: &DataPlane, name: &str, client: Accepted, peer: SocketAddr, on_worker: OnWorker) {
+fn admit(
+    plane: &DataPlane,
+    name: &str,
+    client: Accepted,
+    peer: SocketAddr,
+    spread: &Spread,
+    on_worker: OnWorker,
+) {
     let routing = plane.routing();
     let Some(route) = routing.listener(name).cloned() else {
         // The listener left the config; its accept loop is being stopped.
@@ -205,7 +212,8 @@ fn admit(plane: &DataPlane, name: &str, client: Accepted, peer: SocketAddr, on_w
     drop(routing);
     let conn = plane.conns.open(&route.state, peer);
     let accepted = route.state.accept();
-    let handle = on_worker.handle().clone();
+    // Borrowed from the accept loop: no handle is cloned per connection.
+    let handle = spread.handle(on_worker.worker());
     let Some(stage) = route.stage.clone() else {
         match pick_first(&route, &conn) {
             Ok(first) => {

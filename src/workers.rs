@@ -167,11 +167,6 @@ impl OnWorker {
     pub fn worker(&self) -> usize {
         self.worker
     }
-
-    /// The runtime of the worker that carries the connection.
-    pub fn handle(&self) -> &Handle {
-        self.spread.handle(self.worker)
-    }
 }
 
 impl Drop for OnWorker {
