@@ -29,6 +29,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use ipnet::IpNet;
+
 /// How many problems an error lists before it says how many more there are.
 const MAX_SHOWN: usize = 20;
 
@@ -243,6 +245,54 @@ impl HealthKind {
         [("tcp", HealthKind::Tcp), ("http", HealthKind::Http)];
 }
 
+/// Which PROXY protocol header a listener reads from its upstream balancer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AcceptProxy {
+    V1,
+    V2,
+    /// Either, told apart by the first bytes.
+    #[default]
+    Any,
+}
+
+impl AcceptProxy {
+    const NAMES: [(&'static str, AcceptProxy); 3] = [
+        ("v1", AcceptProxy::V1),
+        ("v2", AcceptProxy::V2),
+        ("any", AcceptProxy::Any),
+    ];
+}
+
+/// Which PROXY protocol header ballast writes to a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SendProxy {
+    /// Text: `PROXY TCP4 ...\r\n`.
+    V1,
+    /// Binary.
+    #[default]
+    V2,
+}
+
+impl SendProxy {
+    const NAMES: [(&'static str, SendProxy); 2] = [("v1", SendProxy::V1), ("v2", SendProxy::V2)];
+}
+
+/// Who may connect to a listener, by the client's real address: `deny` wins over
+/// `allow`; an empty `allow` allows everyone not denied.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientRules {
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+}
+
+impl ClientRules {
+    pub fn permits(&self, client: IpAddr) -> bool {
+        let client = client.to_canonical();
+        !self.deny.iter().any(|net| net.contains(&client))
+            && (self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&client)))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// `None` when the file has no `[admin]` table: no admin endpoint is served.
@@ -302,6 +352,14 @@ pub struct ListenerConfig {
     pub rebalance: Option<RebalanceConfig>,
     /// One line per connection when it ends (`access_log = true`).
     pub access_log: bool,
+    /// Read a PROXY protocol header first (`accept_proxy`), from these upstream
+    /// balancers only (`trusted_proxies`).
+    pub accept_proxy: Option<(AcceptProxy, Vec<IpNet>)>,
+    /// Write a PROXY protocol header to every backend (a backend's own setting wins).
+    pub send_proxy: Option<SendProxy>,
+    /// Live connections from one client address.
+    pub max_conns_per_ip: Option<u64>,
+    pub clients: ClientRules,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -333,6 +391,8 @@ pub struct BackendConfig {
     pub weight: u32,
     /// `None` = unbounded, `Some(0)` = out of service.
     pub max_conns: Option<u64>,
+    /// This backend's own `send_proxy`, over the listener's.
+    pub send_proxy: Option<SendProxy>,
 }
 
 impl Config {

@@ -13,7 +13,7 @@
 //! this library in pingora's process shell ([`shell`]); tests drive it directly with
 //! [`start`] on listeners bound to `127.0.0.1:0`.
 //!
-//! The connection path may import: `conn`, `stage`, `relay`, `splice`, `websocket`,
+//! The connection path may import: `conn`, `stage`, `proxy_protocol`, `relay`, `splice`, `websocket`,
 //! `routing`, `balancer`, `state`, `workers`, `config` (read only), `metrics` (through
 //! `state`) and `logging` — never `control`, `admin` or `shell`.
 
@@ -29,6 +29,7 @@ pub mod listen;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod routing;
 pub mod shell;

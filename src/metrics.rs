@@ -8,6 +8,7 @@
 //! weight, imbalance, generation) are set from the routing snapshot at each scrape.
 
 use crate::conn::EndReason;
+use crate::state::RejectReason;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -56,9 +57,8 @@ pub struct Metrics {
 pub struct ListenerMetrics {
     pub active: IntGauge,
     pub total: IntCounter,
-    pub rejected_max_conns: IntCounter,
-    pub rejected_no_backend: IntCounter,
-    pub rejected_denied: IntCounter,
+    /// `ballast_listener_connections_rejected_total` by [`RejectReason::index`].
+    pub rejected: Vec<IntCounter>,
     pub imbalance: Gauge,
     pub connection_duration: Histogram,
     /// `ballast_connections_closed_total` by [`EndReason::index`].
@@ -254,17 +254,13 @@ impl Metrics {
         ListenerMetrics {
             active: self.listener_active.with_label_values(l),
             total: self.listener_total.with_label_values(l),
-            rejected_max_conns: self
-                .listener_rejected
-                .with_label_values(&[listener, "max_conns"]),
-            rejected_no_backend: self
-                .listener_rejected
-                .with_label_values(&[listener, "no_backend"]),
-            // Allow/deny lists are not there yet; the series exists so that dashboards
-            // and alerts written against the contract find it.
-            rejected_denied: self
-                .listener_rejected
-                .with_label_values(&[listener, "denied"]),
+            rejected: RejectReason::ALL
+                .iter()
+                .map(|r| {
+                    self.listener_rejected
+                        .with_label_values(&[listener, r.as_str()])
+                })
+                .collect(),
             imbalance: self.listener_imbalance.with_label_values(l),
             connection_duration: self.connection_duration.with_label_values(l),
             closed: EndReason::ALL
@@ -314,10 +310,10 @@ impl Metrics {
         let l = &[listener];
         let _ = self.listener_active.remove_label_values(l);
         let _ = self.listener_total.remove_label_values(l);
-        for reason in ["max_conns", "no_backend", "denied"] {
+        for reason in RejectReason::ALL {
             let _ = self
                 .listener_rejected
-                .remove_label_values(&[listener, reason]);
+                .remove_label_values(&[listener, reason.as_str()]);
         }
         for reason in EndReason::ALL {
             let _ = self

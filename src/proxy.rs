@@ -26,11 +26,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::config::SendProxy;
 use crate::conn::{Ask, Conn, Conns, EndReason};
+use crate::proxy_protocol;
 use crate::relay::{Relay, RelayEnd, Side, Stop};
 use crate::routing::{ListenerRoute, Routing};
 use crate::stage;
-use crate::state::{BackendGuard, ListenerGuard, RejectReason};
+use crate::state::{BackendGuard, ClientGuard, ListenerGuard, RejectReason};
 use crate::workers::{OnWorker, Spread};
 
 /// TCP keepalive on both sides of every connection: probe after 60 s of silence, every
@@ -194,8 +196,9 @@ enum Accepted {
     Moving(std::net::TcpStream),
 }
 
-/// Registers the connection and, without a stage before the pick, applies the limits and
-/// the first pick; then starts the connection's task on its worker. No awaits.
+/// Registers the connection and, without a stage before the pick, applies the client
+/// rules, the limits and the first pick; then starts the connection's task on its
+/// worker. No awaits.
 fn admit(
     plane: &DataPlane,
     name: &str,
@@ -216,21 +219,24 @@ fn admit(
     let handle = spread.handle(on_worker.worker());
     let Some(stage) = route.stage.clone() else {
         match pick_first(&route, &conn) {
-            Ok(first) => {
+            Ok(picked) => {
                 let pressure = Arc::clone(&plane.pressure);
                 handle.spawn(async move {
                     let _on_worker = on_worker;
                     let Some(client) = registered(client, &route, &conn) else {
                         return;
                     };
-                    let early = Vec::new();
-                    proxy(&pressure, &route, conn, accepted, client, early, first).await;
+                    proxy(&pressure, &route, conn, accepted, client, None, picked).await;
                 });
             }
-            Err(refused) => end(&route, &conn, &Ended::refused(refused)),
+            Err(ended) => end(&route, &conn, &ended),
         }
         return;
     };
+    if !stage.admits(peer.ip()) {
+        debug!(listener = %route.config.name, client = %peer, "refused: not an address this listener takes connections from");
+        return end(&route, &conn, &turned_away(&route, stage.refusal()));
+    }
     let pressure = Arc::clone(&plane.pressure);
     handle.spawn(async move {
         let _on_worker = on_worker;
@@ -248,28 +254,19 @@ fn admit(
             }
             Err(e) => {
                 debug!(listener = %route.config.name, client = %peer, error = %e, "ended before the pick");
-                let reason = match e {
-                    stage::StageError::Closed => EndReason::ClientClosed,
-                    stage::StageError::Io(_) => EndReason::Error,
-                    _ => EndReason::Limit,
+                let ended = match e {
+                    stage::StageError::Closed => Ended::refused(EndReason::ClientClosed),
+                    stage::StageError::Io(_) => Ended::refused(EndReason::Error),
+                    _ => turned_away(&route, stage.refusal()),
                 };
-                return end(&route, &conn, &Ended::refused(reason));
+                return end(&route, &conn, &ended);
             }
         };
         match pick_first(&route, &conn) {
-            Ok(first) => {
-                proxy(
-                    &pressure,
-                    &route,
-                    conn,
-                    accepted,
-                    client,
-                    hello.early,
-                    first,
-                )
-                .await
+            Ok(picked) => {
+                proxy(&pressure, &route, conn, accepted, client, Some(hello), picked).await
             }
-            Err(refused) => end(&route, &conn, &Ended::refused(refused)),
+            Err(ended) => end(&route, &conn, &ended),
         }
     });
 }
@@ -291,8 +288,35 @@ fn registered(client: Accepted, route: &ListenerRoute, conn: &Conn) -> Option<Tc
     }
 }
 
-/// The listener's limits and the first pick, which counts against the backend at once.
-fn pick_first(route: &ListenerRoute, conn: &Conn) -> Result<(usize, BackendGuard), EndReason> {
+/// A connection that passed the listener's rules and limits, and the backend first
+/// picked for it.
+#[derive(Debug)]
+struct Picked {
+    first: usize,
+    guard: BackendGuard,
+    /// Its place in its address's count, with `max_conns_per_ip`.
+    _per_ip: Option<ClientGuard>,
+}
+
+/// The listener's rules for the client (`deny`, `allow`), its limits
+/// (`max_conns_per_ip`, `max_conns`) and the first pick, which counts against the
+/// backend at once. All see the client's real address (`Conn::client`).
+fn pick_first(route: &ListenerRoute, conn: &Conn) -> Result<Picked, Ended> {
+    let client = conn.client().ip();
+    if !route.config.clients.permits(client) {
+        debug!(listener = %route.config.name, client = %conn.client(), "refused: address not allowed");
+        return Err(turned_away(route, RejectReason::Denied));
+    }
+    let per_ip = match route.config.max_conns_per_ip {
+        None => None,
+        Some(max) => match route.state.enter_client(client, max) {
+            Some(guard) => Some(guard),
+            None => {
+                debug!(listener = %route.config.name, client = %conn.client(), "refused: address at max_conns_per_ip");
+                return Err(turned_away(route, RejectReason::PerIpLimit));
+            }
+        },
+    };
     if route
         .config
         .max_conns
@@ -300,21 +324,38 @@ fn pick_first(route: &ListenerRoute, conn: &Conn) -> Result<(usize, BackendGuard
     {
         route.state.record_rejected(RejectReason::MaxConns);
         debug!(listener = %route.config.name, client = %conn.client(), "refused: listener at max_conns");
-        return Err(EndReason::Limit);
+        return Err(Ended::refused(EndReason::Limit));
     }
-    let Some((first, guard)) = route.pick_and_acquire(conn.client().ip(), &[]) else {
+    let Some((first, guard)) = route.pick_and_acquire(client, &[]) else {
         route.state.record_rejected(RejectReason::NoBackend);
         warn!(listener = %route.config.name, client = %conn.client(), "refused: no backend available");
-        return Err(EndReason::NoBackend);
+        return Err(Ended::refused(EndReason::NoBackend));
     };
     conn.set_backend(guard.backend());
-    Ok((first, guard))
+    Ok(Picked {
+        first,
+        guard,
+        _per_ip: per_ip,
+    })
+}
+
+/// A connection the listener turns away for `why`: counted, and ended as a limit with
+/// `why` in its access log line.
+fn turned_away(route: &ListenerRoute, why: RejectReason) -> Ended {
+    route.state.record_rejected(why);
+    Ended {
+        refusal: Some(why),
+        ..Ended::refused(EndReason::Limit)
+    }
 }
 
 /// How a connection ended, for its metrics and its access log line.
 #[derive(Debug)]
 struct Ended {
     reason: EndReason,
+    /// Why the listener turned it away, where the access log says more than `reason`
+    /// (`denied`, `per_ip_limit`, `proxy_protocol`).
+    refusal: Option<RejectReason>,
     /// The backend it was relayed to, once connected.
     backend: Option<usize>,
     /// How long the successful connect took.
@@ -324,9 +365,16 @@ struct Ended {
 }
 
 impl Ended {
+    /// The access log's `reason`.
+    fn logged_reason(&self) -> &'static str {
+        self.refusal
+            .map_or(self.reason.as_str(), RejectReason::as_str)
+    }
+
     fn refused(reason: EndReason) -> Ended {
         Ended {
             reason,
+            refusal: None,
             backend: None,
             connect: None,
             bytes: (0, 0),
@@ -342,9 +390,14 @@ async fn proxy(
     conn: Conn,
     accepted: ListenerGuard,
     client: TcpStream,
-    early: Vec<u8>,
-    (first, first_guard): (usize, BackendGuard),
+    hello: Option<stage::Hello>,
+    picked: Picked,
 ) {
+    let Picked {
+        first,
+        guard: first_guard,
+        _per_ip: per_ip,
+    } = picked;
     // Boxed: the connect phase's state is freed once connected, not carried for the
     // connection's whole life.
     let connected = Box::pin(async {
@@ -358,6 +411,22 @@ async fn proxy(
         Ok(connected) => connected,
         Err(reason) => return end(route, &conn, &Ended::refused(reason)),
     };
+    let (early, destination) = hello.map_or((Vec::new(), None), |h| (h.early, h.destination));
+    let send_proxy = route.backends[index]
+        .config
+        .send_proxy
+        .or(route.config.send_proxy);
+    if let Some(version) = send_proxy {
+        if let Err(e) = send_header(route, &conn, &client, &backend, version, destination).await {
+            debug!(listener = %route.config.name, client = %conn.client(), backend = %route.backends[index].config.name, error = %e, "cannot write the PROXY header");
+            let ended = Ended {
+                backend: Some(index),
+                connect: Some(took),
+                ..Ended::refused(EndReason::BackendClosed)
+            };
+            return end(route, &conn, &ended);
+        }
+    }
     debug!(listener = %route.config.name, client = %conn.client(), backend = %route.backends[index].config.name, "connected");
     // The client socket has these from its listener (see `bind_one`). Long-lived
     // connections to a peer that vanished without a FIN end in minutes, not never, even
@@ -400,6 +469,7 @@ async fn proxy(
     };
     let ended = Ended {
         reason,
+        refusal: None,
         backend: Some(index),
         connect: Some(took),
         bytes: relay.totals(),
@@ -407,7 +477,41 @@ async fn proxy(
     drop(relay);
     end(route, &conn, &ended);
     drop(guard);
+    drop(per_ip);
     drop(accepted);
+}
+
+/// Writes the PROXY protocol header that names the client to a backend just connected:
+/// the client's real address, and where it connected to (as an upstream's header said,
+/// or this listener's own address).
+async fn send_header(
+    route: &ListenerRoute,
+    conn: &Conn,
+    client: &TcpStream,
+    backend: &TcpStream,
+    version: SendProxy,
+    destination: Option<SocketAddr>,
+) -> io::Result<()> {
+    let destination = match destination {
+        Some(destination) => destination,
+        None => client.local_addr()?,
+    };
+    let header = proxy_protocol::header(version, Some((conn.client(), destination)));
+    let write = async {
+        let mut rest = &header[..];
+        while !rest.is_empty() {
+            backend.writable().await?;
+            match backend.try_write(rest) {
+                Ok(written) => rest = &rest[written..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(route.config.connect_timeout, write)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
 /// Resolves when the connection is asked to abort.
@@ -505,7 +609,7 @@ fn access_line(route: &ListenerRoute, conn: &Conn, ended: &Ended) -> String {
                 "duration_ms": round3(duration_ms),
                 "bytes_sent": ended.bytes.0,
                 "bytes_received": ended.bytes.1,
-                "reason": ended.reason.as_str(),
+                "reason": ended.logged_reason(),
             });
             format!("{line}\n")
         }
@@ -518,7 +622,7 @@ fn access_line(route: &ListenerRoute, conn: &Conn, ended: &Ended) -> String {
             connect_ms.map_or_else(|| "-".to_string(), |ms| format!("{ms:.3}")),
             ended.bytes.0,
             ended.bytes.1,
-            ended.reason.as_str(),
+            ended.logged_reason(),
         ),
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::balancer::{self, Balancer, Candidate, WEIGHT_SCALE};
 use crate::config::{BackendConfig, Config, ListenerConfig};
+use crate::proxy_protocol::ReadHeader;
 use crate::stage::Stage;
 use crate::state::{BackendGuard, BackendState, Health, ListenerState, Phase, Registry};
 
@@ -144,11 +145,14 @@ impl ListenerRoute {
             }
             b.state.set_config_drained(b.config.max_conns == Some(0));
         }
+        let stage = config.accept_proxy.as_ref().map(|(accept, trusted)| {
+            Arc::new(ReadHeader::new(*accept, trusted.clone())) as Arc<dyn Stage>
+        });
         ListenerRoute {
             state: registry.listener(&config.name),
             config,
             backends,
-            stage: None,
+            stage,
             balancer,
             pick_lock: Mutex::new(()),
         }

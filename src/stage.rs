@@ -14,10 +14,12 @@
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+
+use crate::state::RejectReason;
 
 /// What a stage says of the bytes read so far.
 #[derive(Debug, PartialEq, Eq)]
@@ -28,6 +30,8 @@ pub enum Inspect {
     /// header is consumed; a ClientHello is not, the backend needs it).
     Done {
         client: Option<SocketAddr>,
+        /// Where the client connected to, when the bytes say (a PROXY header does).
+        destination: Option<SocketAddr>,
         server_name: Option<String>,
         consumed: usize,
     },
@@ -37,11 +41,19 @@ pub enum Inspect {
 
 /// A reader of a connection's first bytes.
 pub trait Stage: Send + Sync + fmt::Debug {
+    /// Whether a connection from `peer` (the socket's own address) may come in at all;
+    /// checked at accept, before any byte is read.
+    fn admits(&self, _peer: IpAddr) -> bool {
+        true
+    }
     fn inspect(&self, bytes: &[u8]) -> Inspect;
     /// How long a client may take to send what the stage needs.
     fn deadline(&self) -> Duration;
     /// The most bytes the stage reads before it must decide.
     fn max_bytes(&self) -> usize;
+    /// What a connection this stage turns away (not admitted, refused, too slow or too
+    /// long) is counted as.
+    fn refusal(&self) -> RejectReason;
 }
 
 /// What the stage found.
@@ -49,6 +61,8 @@ pub trait Stage: Send + Sync + fmt::Debug {
 pub struct Hello {
     /// The client as the pick, limits and logs see it.
     pub client: SocketAddr,
+    /// Where the client connected to, when the stage learnt it.
+    pub destination: Option<SocketAddr>,
     pub server_name: Option<String>,
     /// Bytes read and not consumed: the backend gets them first.
     pub early: Vec<u8>,
@@ -111,6 +125,7 @@ async fn read_until_decided(
             Inspect::Refuse(why) => return Err(StageError::Refused(why)),
             Inspect::Done {
                 client,
+                destination,
                 server_name,
                 consumed,
             } => {
@@ -118,6 +133,7 @@ async fn read_until_decided(
                 buf.shrink_to_fit();
                 return Ok(Hello {
                     client: client.unwrap_or(peer),
+                    destination,
                     server_name,
                     early: buf,
                 });
@@ -145,6 +161,7 @@ impl Stage for FromLine {
         match line.strip_prefix("FROM ").and_then(|a| a.parse().ok()) {
             Some(addr) => Inspect::Done {
                 client: Some(addr),
+                destination: None,
                 server_name: None,
                 consumed: end + 1,
             },
@@ -156,6 +173,9 @@ impl Stage for FromLine {
     }
     fn max_bytes(&self) -> usize {
         64
+    }
+    fn refusal(&self) -> RejectReason {
+        RejectReason::ProxyProtocol
     }
 }
 

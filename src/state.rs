@@ -13,6 +13,7 @@
 //! connection (success, error, timeout, panic) gives its slot back.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use crate::metrics::{BackendMetrics, ListenerMetrics, Metrics};
@@ -483,13 +484,46 @@ impl Drop for BackendGuard {
     }
 }
 
-/// Why a client connection was refused.
+/// Why a client connection was refused: the `reason` of
+/// `ballast_listener_connections_rejected_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectReason {
     /// The listener is at its `max_conns`.
     MaxConns,
     /// No backend is available (or none could be reached).
     NoBackend,
+    /// The client's address is in `deny`, or not in `allow`.
+    Denied,
+    /// The client's address has `max_conns_per_ip` live connections already.
+    PerIpLimit,
+    /// A PROXY protocol header was missing, malformed or late, or came from an address
+    /// not in `trusted_proxies`.
+    ProxyProtocol,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 5] = [
+        RejectReason::MaxConns,
+        RejectReason::NoBackend,
+        RejectReason::Denied,
+        RejectReason::PerIpLimit,
+        RejectReason::ProxyProtocol,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::MaxConns => "max_conns",
+            RejectReason::NoBackend => "no_backend",
+            RejectReason::Denied => "denied",
+            RejectReason::PerIpLimit => "per_ip_limit",
+            RejectReason::ProxyProtocol => "proxy_protocol",
+        }
+    }
+
+    /// Its place in [`RejectReason::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// Runtime state of one listener.
@@ -498,6 +532,11 @@ pub struct ListenerState {
     pub name: String,
     /// Live count, totals and rejections: the Prometheus handles themselves.
     metrics: ListenerMetrics,
+    /// Live connections by client address, for `max_conns_per_ip`. An address has an
+    /// entry only while it has a connection counted here, so the table never holds more
+    /// entries than the listener has live connections, whatever addresses a flood
+    /// claims; the hasher is keyed per process, so chosen addresses cannot collide it.
+    per_ip: Mutex<HashMap<IpAddr, u64>>,
 }
 
 impl ListenerState {
@@ -505,7 +544,38 @@ impl ListenerState {
         ListenerState {
             name: name.to_string(),
             metrics,
+            per_ip: Mutex::default(),
         }
+    }
+
+    /// Counts a connection from `client` until the guard is dropped, unless the address
+    /// has `max` live connections already.
+    pub fn enter_client(self: &Arc<Self>, client: IpAddr, max: u64) -> Option<ClientGuard> {
+        let client = client.to_canonical();
+        let mut table = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let live = table.entry(client).or_insert(0);
+        if *live >= max {
+            if *live == 0 {
+                table.remove(&client);
+            }
+            return None;
+        }
+        *live += 1;
+        Some(ClientGuard {
+            listener: Arc::clone(self),
+            client,
+        })
+    }
+
+    /// Live connections counted for `client` (0 when it has none).
+    pub fn client_conns(&self, client: IpAddr) -> u64 {
+        let table = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        table.get(&client.to_canonical()).copied().unwrap_or(0)
+    }
+
+    /// How many client addresses have live connections counted.
+    pub fn clients_counted(&self) -> usize {
+        self.per_ip.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     pub fn active(&self) -> u64 {
@@ -518,10 +588,7 @@ impl ListenerState {
         &self.metrics
     }
     fn rejected_counter(&self, reason: RejectReason) -> &prometheus::IntCounter {
-        match reason {
-            RejectReason::MaxConns => &self.metrics.rejected_max_conns,
-            RejectReason::NoBackend => &self.metrics.rejected_no_backend,
-        }
+        &self.metrics.rejected[reason.index()]
     }
     pub fn rejected(&self, reason: RejectReason) -> u64 {
         self.rejected_counter(reason).get()
@@ -554,6 +621,29 @@ impl ListenerState {
 pub struct ListenerGuard {
     listener: Arc<ListenerState>,
     opened: Instant,
+}
+
+/// One connection's place in its client address's live count (`max_conns_per_ip`).
+#[derive(Debug)]
+pub struct ClientGuard {
+    listener: Arc<ListenerState>,
+    client: IpAddr,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        let mut table = self
+            .listener
+            .per_ip
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(live) = table.get_mut(&self.client) {
+            *live -= 1;
+            if *live == 0 {
+                table.remove(&self.client);
+            }
+        }
+    }
 }
 
 impl Drop for ListenerGuard {

@@ -10,12 +10,14 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
+
 use super::tree::{Entry, Node, Span, Value};
 use super::{
-    cores, max_connections, max_threads, AdminConfig, BackendConfig, Config, ConfigError,
-    HealthConfig, HealthKind, HumanDuration, ListenAddr, ListenerConfig, Problem, RebalanceConfig,
-    RuntimeConfig, Strategy, MAX_RETRIES, MAX_RISE_FALL, MAX_THREADS, MAX_UNIX_SOCKET_PATH,
-    MAX_WEIGHT, THREADS_PER_CORE,
+    cores, max_connections, max_threads, AcceptProxy, AdminConfig, BackendConfig, ClientRules,
+    Config, ConfigError, HealthConfig, HealthKind, HumanDuration, ListenAddr, ListenerConfig,
+    Problem, RebalanceConfig, RuntimeConfig, SendProxy, Strategy, MAX_RETRIES, MAX_RISE_FALL,
+    MAX_THREADS, MAX_UNIX_SOCKET_PATH, MAX_WEIGHT, THREADS_PER_CORE,
 };
 
 /// Parses `text` into the tree and reads it: the config, or every problem found.
@@ -86,11 +88,17 @@ const LISTENER_KEYS: &[&str] = &[
     "health",
     "rebalance",
     "access_log",
+    "accept_proxy",
+    "trusted_proxies",
+    "send_proxy",
+    "max_conns_per_ip",
+    "allow",
+    "deny",
     "backends",
 ];
 const HEALTH_KEYS: &[&str] = &["kind", "path", "interval", "timeout", "rise", "fall"];
 const REBALANCE_KEYS: &[&str] = &["interval", "precision", "step_size"];
-const BACKEND_KEYS: &[&str] = &["name", "addr", "weight", "max_conns"];
+const BACKEND_KEYS: &[&str] = &["name", "addr", "weight", "max_conns", "send_proxy"];
 
 /// Every table by how it is written, for "it belongs in ..." hints.
 const TABLES: &[(&str, &[&str])] = &[
@@ -693,6 +701,53 @@ impl Reader<'_> {
         ok.then_some(names)
     }
 
+    /// A list of CIDRs (`"10.0.0.0/8"`; a bare address is one host).
+    fn cidrs(&mut self, t: &Table, key: &str) -> Field<Vec<IpNet>> {
+        let Some(node) = t.get(key) else {
+            return Field::Absent;
+        };
+        let what = t.what(key);
+        let Value::Array(items) = &node.value else {
+            self.problem(
+                node.span.clone(),
+                format!(
+                    "{what} must be a list of CIDRs in quotes, like {key} = [\"10.0.0.0/8\"], not {}",
+                    node.describe()
+                ),
+            );
+            return Field::Wrong;
+        };
+        let mut nets = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let net = match &item.value {
+                Value::String(text) => text
+                    .parse::<IpNet>()
+                    .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| format!("{what}[{i}] {text:?} is not a CIDR like \"10.0.0.0/8\" or an address like \"192.0.2.7\"")),
+                _ => Err(format!(
+                    "{what}[{i}] must be a CIDR in quotes, like \"10.0.0.0/8\", not {}",
+                    item.describe()
+                )),
+            };
+            match net {
+                // An address inside the network (10.1.2.3/8) means the network.
+                Ok(net) => nets.push(net.trunc()),
+                Err(message) => {
+                    self.problem(item.span.clone(), message);
+                    ok = false;
+                }
+            }
+        }
+        if !ok {
+            return Field::Wrong;
+        }
+        Field::Given(At {
+            value: nets,
+            span: node.span.clone(),
+        })
+    }
+
     fn runtime(&mut self, node: &Node) -> Option<RuntimeConfig> {
         let t = self.table(
             node,
@@ -851,6 +906,55 @@ impl Reader<'_> {
         );
         let slow_start = self.duration(&t, "slow_start", "30s");
         let access_log = self.flag(&t, "access_log");
+        let accept_proxy = self.choice(
+            &t,
+            "accept_proxy",
+            "PROXY protocol version",
+            &AcceptProxy::NAMES,
+        );
+        let trusted_proxies = self.cidrs(&t, "trusted_proxies");
+        let accept_proxy = match (accept_proxy, trusted_proxies) {
+            (Field::Given(version), Field::Given(trusted)) if !trusted.value.is_empty() => {
+                Field::Given(At {
+                    value: Some((version.value, trusted.value)),
+                    span: version.span,
+                })
+            }
+            (Field::Given(version), Field::Absent | Field::Given(_)) => {
+                self.problem(
+                    version.span,
+                    format!(
+                        "{} needs trusted_proxies, the upstream balancers whose headers are believed, like trusted_proxies = [\"10.0.0.0/8\"]",
+                        t.what("accept_proxy")
+                    ),
+                );
+                Field::Wrong
+            }
+            (Field::Absent, Field::Given(trusted)) => {
+                self.problem(
+                    trusted.span,
+                    format!(
+                        "{} is read only with accept_proxy = \"v1\", \"v2\" or \"any\"",
+                        t.what("trusted_proxies")
+                    ),
+                );
+                Field::Wrong
+            }
+            (Field::Absent, Field::Absent) => Field::Given(At {
+                value: None,
+                span: t.span.clone(),
+            }),
+            _ => Field::Wrong,
+        };
+        let send_proxy = self.choice(
+            &t,
+            "send_proxy",
+            "PROXY protocol version",
+            &SendProxy::NAMES,
+        );
+        let max_conns_per_ip = self.count(&t, "max_conns_per_ip", &Bounds::connections(1, 100));
+        let allow = self.cidrs(&t, "allow");
+        let deny = self.cidrs(&t, "deny");
         let health = match t.get("health") {
             None => Some(None),
             Some(node) => self.health(&t.prefix, node).map(Some),
@@ -912,6 +1016,13 @@ impl Reader<'_> {
                 health: health?,
                 rebalance: rebalance?,
                 access_log: access_log.or(false)?,
+                accept_proxy: accept_proxy.value()?,
+                send_proxy: send_proxy.optional()?,
+                max_conns_per_ip: max_conns_per_ip.optional()?,
+                clients: ClientRules {
+                    allow: allow.or(Vec::new())?,
+                    deny: deny.or(Vec::new())?,
+                },
                 backends: backends.into_iter().collect::<Option<Vec<_>>>()?,
             })
         })();
@@ -1125,6 +1236,12 @@ impl Reader<'_> {
             format!(" (to take backend {shown}out of service, set max_conns = 0 or drain it)");
         let weight = self.count(&t, "weight", &weight_bounds);
         let max_conns = self.count(&t, "max_conns", &Bounds::connections(0, 1000));
+        let send_proxy = self.choice(
+            &t,
+            "send_proxy",
+            "PROXY protocol version",
+            &SendProxy::NAMES,
+        );
 
         let config = (|| {
             Some(BackendConfig {
@@ -1133,6 +1250,7 @@ impl Reader<'_> {
                 addr: addr.as_ref()?.value,
                 weight: weight.or(DEFAULT_WEIGHT)? as u32,
                 max_conns: max_conns.optional()?,
+                send_proxy: send_proxy.optional()?,
             })
         })();
         (config, addr, name.given().cloned())

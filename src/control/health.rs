@@ -19,13 +19,14 @@ use http_body_util::Empty;
 use hyper::client::conn::http1;
 use hyper::header::{HeaderValue, CONNECTION, HOST, USER_AGENT};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::config::{HealthConfig, HealthKind};
+use crate::config::{HealthConfig, HealthKind, SendProxy};
 use crate::state::BackendState;
 use crate::Ballast;
 
@@ -50,9 +51,11 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
                 let key = (listener.config.name.clone(), backend.config.name.clone());
                 let mut at = due.get(&key).copied().unwrap_or(now);
                 if at <= now {
+                    let send_proxy = backend.config.send_proxy.or(listener.config.send_proxy);
                     checks.spawn(check_and_record(
                         backend.config.addr,
                         health.clone(),
+                        send_proxy,
                         Arc::clone(&backend.state),
                     ));
                     at = now + health.interval;
@@ -73,8 +76,13 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
     checks.shutdown().await;
 }
 
-async fn check_and_record(addr: SocketAddr, health: HealthConfig, state: Arc<BackendState>) {
-    let result = tokio::time::timeout(health.timeout, probe(addr, &health)).await;
+async fn check_and_record(
+    addr: SocketAddr,
+    health: HealthConfig,
+    send_proxy: Option<SendProxy>,
+    state: Arc<BackendState>,
+) {
+    let result = tokio::time::timeout(health.timeout, probe(addr, &health, send_proxy)).await;
     let outcome = match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(Failed::Backend(why))) => Err(why),
@@ -113,14 +121,26 @@ impl From<String> for Failed {
     }
 }
 
-async fn probe(addr: SocketAddr, health: &HealthConfig) -> Result<(), Failed> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| {
+async fn probe(
+    addr: SocketAddr,
+    health: &HealthConfig,
+    send_proxy: Option<SendProxy>,
+) -> Result<(), Failed> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| {
         if crate::proxy::is_local_exhaustion(&e) {
             Failed::Local(e)
         } else {
             Failed::Backend(format!("connect: {e}"))
         }
     })?;
+    if let Some(version) = send_proxy {
+        // A backend that expects a header gets one that names nobody (v2 LOCAL).
+        let header = crate::proxy_protocol::header(version, None);
+        stream
+            .write_all(&header)
+            .await
+            .map_err(|e| format!("PROXY header: {e}"))?;
+    }
     if health.kind == HealthKind::Tcp {
         return Ok(());
     }
@@ -218,7 +238,7 @@ mod tests {
             (b"", false),
         ] {
             let (addr, mut requests) = server(answer).await;
-            let result = probe(addr, &health).await;
+            let result = probe(addr, &health, None).await;
             assert_eq!(result.is_ok(), up, "{answer:?}: {result:?}");
             let request = requests.recv().await.unwrap();
             assert!(
@@ -226,6 +246,23 @@ mod tests {
                 "{request}"
             );
             assert!(request.contains(&format!("host: {addr}\r\n")), "{request}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_check_of_a_backend_that_expects_a_proxy_header_sends_one_naming_nobody() {
+        let health = http_check("/");
+        for (version, header) in [
+            (SendProxy::V1, &b"PROXY UNKNOWN\r\n"[..]),
+            (SendProxy::V2, b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00"),
+        ] {
+            let (addr, mut requests) =
+                server(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+            let result = probe(addr, &health, Some(version)).await;
+            assert!(result.is_ok(), "{version:?}: {result:?}");
+            let request = requests.recv().await.unwrap();
+            let expected = format!("{}GET / HTTP/1.1\r\n", String::from_utf8_lossy(header));
+            assert!(request.starts_with(&expected), "{version:?}: {request:?}");
         }
     }
 }

@@ -1,0 +1,437 @@
+//! At the edge: the client's real address through PROXY protocol both ways, and the
+//! per-client rules (allow, deny, max_conns_per_ip), seen from outside.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use ballast::config::SendProxy;
+use ballast::proxy_protocol::header;
+use ballast::state::RejectReason;
+use common::*;
+use ppp::{v1, v2, HeaderResult};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// A backend behind ballast's `send_proxy`: reads the PROXY header (either version),
+/// answers `<name> <client> <destination> v1|v2` on a line, then echoes.
+async fn proxy_reader(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 512];
+                let (line, rest) = loop {
+                    let Ok(n) = stream.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let (line, used) = match HeaderResult::parse(&buf) {
+                        HeaderResult::V1(Ok(h)) => match h.addresses {
+                            v1::Addresses::Tcp4(a) => (
+                                format!(
+                                    "{name} {}:{} {}:{} v1",
+                                    a.source_address,
+                                    a.source_port,
+                                    a.destination_address,
+                                    a.destination_port
+                                ),
+                                h.header.len(),
+                            ),
+                            v1::Addresses::Tcp6(a) => (
+                                format!(
+                                    "{name} [{}]:{} [{}]:{} v1",
+                                    a.source_address,
+                                    a.source_port,
+                                    a.destination_address,
+                                    a.destination_port
+                                ),
+                                h.header.len(),
+                            ),
+                            v1::Addresses::Unknown => {
+                                (format!("{name} unknown - v1"), h.header.len())
+                            }
+                        },
+                        HeaderResult::V2(Ok(h)) => match h.addresses {
+                            v2::Addresses::IPv4(a) => (
+                                format!(
+                                    "{name} {}:{} {}:{} v2",
+                                    a.source_address,
+                                    a.source_port,
+                                    a.destination_address,
+                                    a.destination_port
+                                ),
+                                h.len(),
+                            ),
+                            v2::Addresses::IPv6(a) => (
+                                format!(
+                                    "{name} [{}]:{} [{}]:{} v2",
+                                    a.source_address,
+                                    a.source_port,
+                                    a.destination_address,
+                                    a.destination_port
+                                ),
+                                h.len(),
+                            ),
+                            _ => (format!("{name} local - v2"), h.len()),
+                        },
+                        result if ppp::PartialResult::is_incomplete(&result) => continue,
+                        _ => (format!("{name} no-header - -"), 0),
+                    };
+                    break (line, buf.split_off(used));
+                };
+                if stream
+                    .write_all(format!("{line}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                if stream.write_all(&rest).await.is_err() {
+                    return;
+                }
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Connects (from `from` when given), sends `first`, and reads one line: `None` when
+/// ballast closes the connection instead.
+async fn line_after(
+    from: Option<IpAddr>,
+    addr: SocketAddr,
+    first: &[u8],
+) -> (BufReader<TcpStream>, Option<String>) {
+    let stream = match from {
+        Some(ip) => {
+            let socket = TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(ip, 0)).unwrap();
+            socket.connect(addr).await.unwrap()
+        }
+        None => TcpStream::connect(addr).await.unwrap(),
+    };
+    let mut reader = BufReader::new(stream);
+    if !first.is_empty() {
+        // A refused connection may be gone before all of it is written.
+        let _ = reader.get_mut().write_all(first).await;
+    }
+    let mut line = String::new();
+    let read = tokio::time::timeout(DEADLINE, reader.read_line(&mut line))
+        .await
+        .expect("a line or a close in time");
+    let line = match read {
+        Ok(_) if line.ends_with('\n') => Some(line.trim_end().to_string()),
+        _ => None,
+    };
+    (reader, line)
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_sees_the_real_client_that_an_upstream_header_names() {
+    let (reader, _task) = proxy_reader("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    let config = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n[runtime]\nshutdown_timeout = \"1s\"\n\
+         [[listeners]]\nname = \"any\"\nbind = \"127.0.0.1:0\"\naccess_log = true\n\
+         accept_proxy = \"any\"\ntrusted_proxies = [\"127.0.0.0/8\"]\nsend_proxy = \"v2\"\n\
+           [[listeners.backends]]\n  name = \"a\"\n  addr = \"{reader}\"\n\
+         [[listeners]]\nname = \"v1only\"\nbind = \"127.0.0.1:0\"\naccess_log = true\n\
+         accept_proxy = \"v1\"\ntrusted_proxies = [\"127.0.0.1\"]\nsend_proxy = \"v2\"\n\
+           [[listeners.backends]]\n  name = \"a\"\n  addr = \"{reader}\"\n  send_proxy = \"v1\"\n\
+         [[listeners]]\nname = \"strict\"\nbind = \"127.0.0.1:0\"\naccess_log = true\n\
+         accept_proxy = \"any\"\ntrusted_proxies = [\"10.0.0.0/8\"]\n\
+           [[listeners.backends]]\n  name = \"a\"\n  addr = \"{reader}\"\n\
+         [[listeners]]\nname = \"direct\"\nbind = \"127.0.0.1:0\"\naccess_log = true\nsend_proxy = \"v1\"\n\
+           [[listeners.backends]]\n  name = \"a\"\n  addr = \"{reader}\"\n\
+         [[listeners]]\nname = \"few\"\nbind = \"127.0.0.1:0\"\naccess_log = true\n\
+         max_conns_per_ip = 1\ndeny = [\"127.0.0.3\"]\nsend_proxy = \"v1\"\n\
+           [[listeners.backends]]\n  name = \"a\"\n  addr = \"{reader}\"\n"
+    );
+    std::fs::write(&path, config).unwrap();
+    let ballast = Proc::run(&path, &[], 5).await;
+    let at = |name: &str| ballast.listeners[name];
+
+    // Each version and family in, v2 out (v1 out where the backend asks for it); the
+    // destination an upstream named goes on too; bytes after the header reach the backend.
+    let cases = [
+        (
+            "any",
+            SendProxy::V1,
+            addr("192.0.2.7:4000"),
+            addr("198.51.100.1:443"),
+            "v2",
+        ),
+        (
+            "any",
+            SendProxy::V2,
+            addr("192.0.2.8:4001"),
+            addr("198.51.100.1:443"),
+            "v2",
+        ),
+        (
+            "any",
+            SendProxy::V2,
+            addr("[2001:db8::7]:4002"),
+            addr("[2001:db8::1]:443"),
+            "v2",
+        ),
+        (
+            "any",
+            SendProxy::V1,
+            addr("[2001:db8::8]:4003"),
+            addr("[2001:db8::1]:443"),
+            "v2",
+        ),
+        (
+            "v1only",
+            SendProxy::V1,
+            addr("192.0.2.9:4004"),
+            addr("198.51.100.1:80"),
+            "v1",
+        ),
+        (
+            "v1only",
+            SendProxy::V1,
+            addr("[2001:db8::9]:4005"),
+            addr("[2001:db8::1]:80"),
+            "v1",
+        ),
+    ];
+    for (listener, version, client, destination, out) in cases {
+        let mut first = header(version, Some((client, destination)));
+        first.extend_from_slice(b"ping");
+        let (mut stream, line) = line_after(None, at(listener), &first).await;
+        assert_eq!(
+            line.as_deref(),
+            Some(format!("a {client} {destination} {out}").as_str()),
+            "{listener}: {version:?} from {client}"
+        );
+        let mut echoed = [0u8; 4];
+        tokio::time::timeout(DEADLINE, stream.read_exact(&mut echoed))
+            .await
+            .expect("the echo in time")
+            .unwrap();
+        assert_eq!(&echoed, b"ping");
+    }
+    // An upstream's own health check (v2 LOCAL): the connection's own addresses.
+    let (_s, line) = line_after(None, at("any"), &header(SendProxy::V2, None)).await;
+    let line = line.unwrap();
+    assert!(line.starts_with("a 127.0.0.1:"), "{line}");
+    // Without accept_proxy, the header names the socket's own client and listener.
+    let (s, line) = line_after(None, at("direct"), b"").await;
+    assert_eq!(
+        line.unwrap(),
+        format!(
+            "a {} {} v1",
+            s.get_ref().local_addr().unwrap(),
+            at("direct")
+        )
+    );
+
+    // Refused, each counted: a header from an address not trusted, a malformed header,
+    // no header at all (plain bytes), and v2 where only v1 is read.
+    let v2 = header(
+        SendProxy::V2,
+        Some((addr("192.0.2.10:1"), addr("198.51.100.1:443"))),
+    );
+    let refused = [
+        ("strict", &v2[..]),
+        ("any", &b"PROXY TCP4 192.0.2.300 198.51.100.1 1 2\r\n"[..]),
+        ("any", &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..]),
+        ("v1only", &v2[..]),
+    ];
+    for (listener, bytes) in refused {
+        let (_s, line) = line_after(None, at(listener), bytes).await;
+        assert_eq!(line, None, "{listener}: {bytes:?}");
+    }
+    for (listener, count) in [("strict", 1.0), ("any", 2.0), ("v1only", 1.0)] {
+        wait_for_metric(
+            ballast.admin,
+            "ballast_listener_connections_rejected_total",
+            &[("listener", listener), ("reason", "proxy_protocol")],
+            |v| v == count,
+        )
+        .await;
+    }
+
+    // The per-client rules' refusals, for their access log lines.
+    let (_held, line) = line_after(None, at("few"), b"").await;
+    assert!(line.is_some());
+    assert_eq!(line_after(None, at("few"), b"").await.1, None);
+    let denied = Some("127.0.0.3".parse().unwrap());
+    assert_eq!(line_after(denied, at("few"), b"").await.1, None);
+    wait_for_metric(
+        ballast.admin,
+        "ballast_listener_connections_rejected_total",
+        &[("listener", "few"), ("reason", "denied")],
+        |v| v == 1.0,
+    )
+    .await;
+
+    let (_, log) = ballast.stop().await;
+    let lines = |listener: &str| -> Vec<Vec<String>> {
+        log.lines()
+            .map(|l| l.split(' ').map(str::to_string).collect::<Vec<_>>())
+            .filter(|f| f.len() == 10 && f[1] == listener && f[0].ends_with('Z'))
+            .collect()
+    };
+    // The access log names the real client.
+    let any = lines("any");
+    for client in ["192.0.2.7:4000", "[2001:db8::7]:4002"] {
+        assert!(any.iter().any(|f| f[2] == client), "{client} in {any:?}");
+    }
+    let strict = lines("strict");
+    assert_eq!(strict.len(), 1, "{strict:?}");
+    assert_eq!(strict[0][9], "proxy_protocol");
+    assert!(strict[0][2].starts_with("127.0.0.1:"), "{strict:?}");
+    assert_eq!(
+        any.iter().filter(|f| f[9] == "proxy_protocol").count(),
+        2,
+        "{any:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_hash_through_two_chained_ballasts_keeps_each_client_on_one_backend() {
+    let backends = [
+        Backend::greeter("a").await,
+        Backend::greeter("b").await,
+        Backend::greeter("c").await,
+    ];
+    let second = start(&format!(
+        "[[listeners]]\nname = \"back\"\nbind = \"127.0.0.1:0\"\nstrategy = \"ip_hash\"\n\
+         accept_proxy = \"v2\"\ntrusted_proxies = [\"127.0.0.1/32\"]\n{}",
+        backends_toml(&[
+            ("a", backends[0].addr, 1),
+            ("b", backends[1].addr, 1),
+            ("c", backends[2].addr, 1)
+        ])
+    ))
+    .await;
+    let first = start(&format!(
+        "[[listeners]]\nname = \"front\"\nbind = \"127.0.0.1:0\"\nsend_proxy = \"v2\"\n\
+           [[listeners.backends]]\n  name = \"second\"\n  addr = \"{}\"\n",
+        second.listener_addr("back")
+    ))
+    .await;
+    let front = first.listener_addr("front");
+    let mut landed = std::collections::HashMap::new();
+    for i in 0..200u32 {
+        let ip = IpAddr::V4(Ipv4Addr::new(
+            127,
+            1 + (i / 250) as u8,
+            (i % 250) as u8,
+            1 + (i % 7) as u8,
+        ));
+        for _ in 0..2 {
+            let (_stream, backend) = connect_from_and_greet(Some(ip), front).await;
+            let was = landed.entry(ip).or_insert_with(|| backend.clone());
+            assert_eq!(*was, backend, "{ip} moved between backends");
+        }
+    }
+    // Every connection reached the second ballast from the first one's one address; only
+    // the real client address spreads them.
+    let used: std::collections::HashSet<_> = landed.values().collect();
+    assert_eq!(
+        used.len(),
+        3,
+        "200 client addresses over 3 backends: {used:?}"
+    );
+    for backend in &backends {
+        let share = landed.values().filter(|b| **b == backend.name).count();
+        assert!(
+            (30..=110).contains(&share),
+            "{}: {share} of 200",
+            backend.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_gets_max_conns_per_ip_and_the_rest_is_refused_while_others_are_served() {
+    let a = Backend::greeter("a").await;
+    let ballast = start(&format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\
+         [[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nmax_conns_per_ip = 100\n\
+         deny = [\"127.0.0.3\", \"127.9.0.0/16\"]\n{}\
+         [[listeners]]\nname = \"inner\"\nbind = \"127.0.0.1:0\"\n\
+         allow = [\"127.0.0.4/32\", \"127.8.0.0/16\"]\ndeny = [\"127.8.8.8\"]\n{}",
+        backends_toml(&[("a", a.addr, 1)]),
+        backends_toml(&[("a", a.addr, 1)]),
+    ))
+    .await;
+    let web = ballast.listener_addr("web");
+    let inner = ballast.listener_addr("inner");
+    let one = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+    let mut served = Vec::new();
+    let mut refused = 0;
+    for _ in 0..1000 {
+        match line_after(Some(one), web, b"").await {
+            (stream, Some(greeting)) => {
+                assert_eq!(greeting, "a");
+                served.push(stream);
+            }
+            (_, None) => refused += 1,
+        }
+    }
+    assert_eq!((served.len(), refused), (100, 900));
+    // Another client is served meanwhile.
+    let (_other, greeting) =
+        connect_from_and_greet(Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5))), web).await;
+    assert_eq!(greeting, "a");
+    // deny, and allow with a deny inside it.
+    for (ip, at, ok) in [
+        ("127.0.0.3", web, false),
+        ("127.9.1.1", web, false),
+        ("127.0.0.4", inner, true),
+        ("127.8.1.1", inner, true),
+        ("127.8.8.8", inner, false),
+        ("127.0.0.6", inner, false),
+    ] {
+        let (_s, line) = line_after(Some(ip.parse().unwrap()), at, b"").await;
+        assert_eq!(line.is_some(), ok, "{ip}");
+    }
+
+    let admin = ballast.admin_addr().unwrap();
+    let rejected = |listener: &'static str, reason: &'static str, count: f64| async move {
+        wait_for_metric(
+            admin,
+            "ballast_listener_connections_rejected_total",
+            &[("listener", listener), ("reason", reason)],
+            |v| v == count,
+        )
+        .await
+    };
+    rejected("web", "per_ip_limit", 900.0).await;
+    rejected("web", "denied", 2.0).await;
+    rejected("inner", "denied", 2.0).await;
+
+    // The table holds the addresses with live connections, and forgets each with its
+    // last one: a served connection that ends makes room for one more.
+    let routing = ballast.ballast.routing();
+    let state = &routing.listener("web").unwrap().state;
+    assert_eq!(state.client_conns(one), 100);
+    served.pop();
+    wait_until("a slot freed", || state.client_conns(one) == 99).await;
+    let (stream, line) = line_after(Some(one), web, b"").await;
+    assert_eq!(line.as_deref(), Some("a"));
+    served.push(stream);
+    assert_eq!(state.rejected(RejectReason::PerIpLimit), 900);
+    drop(served);
+    drop(_other);
+    wait_until("the table emptied", || state.clients_counted() == 0).await;
+}
