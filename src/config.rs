@@ -350,6 +350,7 @@ pub struct ListenerConfig {
     pub slow_start: Option<Duration>,
     pub health: Option<HealthConfig>,
     pub rebalance: Option<RebalanceConfig>,
+    pub outlier: Option<OutlierConfig>,
     /// One line per connection when it ends (`access_log = true`).
     pub access_log: bool,
     /// Read a PROXY protocol header first (`accept_proxy`), from these upstream
@@ -372,6 +373,18 @@ pub struct HealthConfig {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+}
+
+/// Passive ejection (outlier detection): a backend whose connects fail, or that resets
+/// connections before sending a byte, `consecutive_failures` times in a row is taken out
+/// for `base_ejection`, doubled on each repeat up to `max_ejection`, while no more than
+/// `max_ejected_percent` of the listener's backends are out at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierConfig {
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    pub max_ejected_percent: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -421,6 +434,30 @@ impl Config {
 mod tests {
     use super::read::binds_conflict;
     use super::*;
+
+    #[test]
+    fn client_rules_match_a_client_in_either_form_whichever_form_the_cidr_is_written_in() {
+        let text = "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n\
+            allow = [\"::ffff:192.0.2.0/120\", \"198.51.100.0/24\", \"2001:db8::/32\"]\n\
+            deny = [\"::ffff:192.0.2.128/121\", \"198.51.100.7\"]\n\
+            [[listeners.backends]]\naddr = \"127.0.0.1:3001\"\n";
+        let rules = Config::parse(text, "test.toml").unwrap().listeners[0]
+            .clients
+            .clone();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for (client, permitted) in [
+            ("192.0.2.7", true),
+            ("::ffff:192.0.2.7", true),
+            ("192.0.2.200", false),
+            ("::ffff:192.0.2.200", false),
+            ("198.51.100.1", true),
+            ("::ffff:198.51.100.7", false),
+            ("2001:db8::1", true),
+            ("203.0.113.1", false),
+        ] {
+            assert_eq!(rules.permits(ip(client)), permitted, "{client}");
+        }
+    }
 
     #[test]
     fn durations_read_as_people_write_them() {

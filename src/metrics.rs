@@ -45,6 +45,7 @@ pub struct Metrics {
     backend_draining: IntGaugeVec,
     backend_weight: IntGaugeVec,
     rebalance_migrations: IntCounterVec,
+    backend_ejections: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
     pub config_last_reload_success: Gauge,
@@ -78,6 +79,7 @@ pub struct BackendMetrics {
     pub draining: IntGauge,
     pub weight: IntGauge,
     pub migrations: IntCounter,
+    pub ejections: IntCounter,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -198,6 +200,11 @@ impl Metrics {
                 "Connections migrated away from the backend by rebalance.",
                 lb,
             ),
+            backend_ejections: counter_vec(
+                "ballast_backend_ejections_total",
+                "Times the backend was ejected by passive outlier detection.",
+                lb,
+            ),
             config_reloads: counter_vec(
                 "ballast_config_reloads_total",
                 "Config reloads, by result.",
@@ -287,6 +294,7 @@ impl Metrics {
             draining: self.backend_draining.with_label_values(lb),
             weight: self.backend_weight.with_label_values(lb),
             migrations: self.rebalance_migrations.with_label_values(lb),
+            ejections: self.backend_ejections.with_label_values(lb),
         }
     }
 
@@ -303,6 +311,7 @@ impl Metrics {
         let _ = self.backend_draining.remove_label_values(lb);
         let _ = self.backend_weight.remove_label_values(lb);
         let _ = self.rebalance_migrations.remove_label_values(lb);
+        let _ = self.backend_ejections.remove_label_values(lb);
     }
 
     /// Drops every series of a listener that left the config and has no connection left.

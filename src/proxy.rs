@@ -111,6 +111,16 @@ impl Pressure {
     }
 }
 
+/// The peer reset the connection.
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
 /// Out of file descriptors, memory, buffers or local ports: this machine's trouble, not
 /// a backend's.
 pub fn is_local_exhaustion(e: &io::Error) -> bool {
@@ -249,7 +259,8 @@ fn admit(
         };
         let hello = match hello {
             Ok(hello) => {
-                conn.set_client(hello.client);
+                // One form for one client: an IPv4-mapped address is its IPv4 address.
+                conn.set_client(SocketAddr::new(hello.client.ip().to_canonical(), hello.client.port()));
                 hello
             }
             Err(e) => {
@@ -411,13 +422,21 @@ async fn proxy(
         Ok(connected) => connected,
         Err(reason) => return end(route, &conn, &Ended::refused(reason)),
     };
-    let (early, destination) = hello.map_or((Vec::new(), None), |h| (h.early, h.destination));
+    // An upstream's header that named nobody (its own health check) is passed on as one
+    // that names nobody.
+    let (early, named) = match hello {
+        None => (Vec::new(), Named::Socket),
+        Some(hello) => match hello.destination {
+            Some(destination) => (hello.early, Named::Header(destination)),
+            None => (hello.early, Named::Nobody),
+        },
+    };
     let send_proxy = route.backends[index]
         .config
         .send_proxy
         .or(route.config.send_proxy);
     if let Some(version) = send_proxy {
-        if let Err(e) = send_header(route, &conn, &client, &backend, version, destination).await {
+        if let Err(e) = send_header(route, &conn, &client, &backend, version, named).await {
             debug!(listener = %route.config.name, client = %conn.client(), backend = %route.backends[index].config.name, error = %e, "cannot write the PROXY header");
             let ended = Ended {
                 backend: Some(index),
@@ -448,6 +467,13 @@ async fn proxy(
         // A clean close still finishing when an abort comes: the sockets go now.
         () = wait_abort(&conn) => RelayEnd::Stopped,
     };
+    // Passive ejection: the backend answered, or reset the connection before it did.
+    let answered = relay.totals().1 > 0;
+    let reset_first = !answered
+        && matches!(&end_of_relay, RelayEnd::Failed { side: Side::Backend, error } if is_reset(error));
+    if answered || reset_first {
+        route.observe(index, reset_first);
+    }
     let reason = match end_of_relay {
         RelayEnd::Closed {
             first: Side::Client,
@@ -481,6 +507,17 @@ async fn proxy(
     drop(accepted);
 }
 
+/// Who the header to a backend names.
+#[derive(Debug, Clone, Copy)]
+enum Named {
+    /// The socket's own client, and the listener's address it connected to.
+    Socket,
+    /// The client an upstream's header named, and where it said it connected to.
+    Header(SocketAddr),
+    /// Nobody: the upstream's header named nobody (`LOCAL`, `UNKNOWN`).
+    Nobody,
+}
+
 /// Writes the PROXY protocol header that names the client to a backend just connected:
 /// the client's real address, and where it connected to (as an upstream's header said,
 /// or this listener's own address).
@@ -490,13 +527,14 @@ async fn send_header(
     client: &TcpStream,
     backend: &TcpStream,
     version: SendProxy,
-    destination: Option<SocketAddr>,
+    named: Named,
 ) -> io::Result<()> {
-    let destination = match destination {
-        Some(destination) => destination,
-        None => client.local_addr()?,
+    let addresses = match named {
+        Named::Socket => Some((conn.client(), client.local_addr()?)),
+        Named::Header(destination) => Some((conn.client(), destination)),
+        Named::Nobody => None,
     };
-    let header = proxy_protocol::header(version, Some((conn.client(), destination)));
+    let header = proxy_protocol::header(version, addresses);
     let write = async {
         let mut rest = &header[..];
         while !rest.is_empty() {
@@ -564,6 +602,7 @@ async fn connect(
             ),
         }
         backend.state.record_connect_failure(started.elapsed());
+        route.observe(index, true);
         drop(guard);
         tried.push(index);
         if tried.len() > route.config.retries as usize {

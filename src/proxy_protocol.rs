@@ -67,12 +67,21 @@ impl Stage for ReadHeader {
             HeaderResult::V2(v2::Header::try_from(bytes))
         } else if !(bytes.starts_with(V1_PREFIX) || V1_PREFIX.starts_with(bytes)) {
             return Inspect::Refuse(self.not_a_header());
-        } else if !bytes.windows(2).any(|w| w == b"\r\n") {
-            // ppp takes some cuts of a v1 line for wrong ones (after a port's space):
-            // the line is judged whole.
+        } else if !bytes[..bytes.len().min(MAX_V1)]
+            .windows(2)
+            .any(|w| w == b"\r\n")
+        {
+            // ppp takes some cuts of a v1 line for wrong ones (after a port's space), and
+            // some whole wrong lines for cuts: the line is judged once whole.
+            if bytes.len() >= MAX_V1 {
+                return Inspect::Refuse(self.not_a_header());
+            }
             return Inspect::More;
         } else {
-            HeaderResult::V1(v1::Header::try_from(bytes))
+            match v1::Header::try_from(bytes) {
+                Ok(header) => HeaderResult::V1(Ok(header)),
+                Err(_) => return Inspect::Refuse(self.not_a_header()),
+            }
         };
         if parsed.is_incomplete() {
             return Inspect::More;

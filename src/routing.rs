@@ -65,6 +65,8 @@ pub struct ListenerRoute {
     balancer: Box<dyn Balancer>,
     /// Held by every pick and the count it adds, so that each pick sees all before it.
     pick_lock: Mutex<()>,
+    /// Held by each ejection, so that the cap on ejected backends holds.
+    eject_lock: Mutex<()>,
 }
 
 /// A backend as configured, with its runtime state.
@@ -155,7 +157,50 @@ impl ListenerRoute {
             stage,
             balancer,
             pick_lock: Mutex::new(()),
+            eject_lock: Mutex::new(()),
         }
+    }
+
+    /// Passive ejection: what a connection to backend `index` showed of it. A failure
+    /// (connect refused or timed out, reset before its first byte) counts towards
+    /// `consecutive_failures`; the backend's first byte reaching a client starts the
+    /// count over. Nothing is kept without `[listeners.outlier]`.
+    pub fn observe(&self, index: usize, failed: bool) {
+        let Some(outlier) = &self.config.outlier else {
+            return;
+        };
+        let backend = &self.backends[index];
+        if !failed {
+            return backend.state.record_success();
+        }
+        if backend.state.record_failure() < outlier.consecutive_failures {
+            return;
+        }
+        let _serialised = self.eject_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if backend.state.is_ejected() {
+            return;
+        }
+        let ejected = self
+            .backends
+            .iter()
+            .filter(|b| b.state.is_ejected())
+            .count();
+        let cap = self.backends.len() * outlier.max_ejected_percent as usize;
+        if (ejected + 1) * 100 > cap {
+            return tracing::warn!(
+                listener = %self.config.name, backend = %backend.config.name, ejected,
+                "backend failing but not ejected: max_ejected_percent = {} is reached",
+                outlier.max_ejected_percent
+            );
+        }
+        let length = backend
+            .state
+            .eject(outlier.base_ejection, outlier.max_ejection);
+        tracing::warn!(
+            listener = %self.config.name, backend = %backend.config.name,
+            failures = outlier.consecutive_failures, ejected_for = ?length,
+            "backend ejected: its connections failed in a row"
+        );
     }
 
     /// Picks the backend for a new connection from `client`, leaving out the backends

@@ -116,8 +116,11 @@ async fn read_until_decided(
             Err(e) => return Err(e.into()),
         };
         buf.truncate(start + n);
-        if n == 0 {
+        if n == 0 && buf.is_empty() {
             return Err(StageError::Closed);
+        }
+        if n == 0 {
+            return Err(StageError::Refused("closed in the middle of it"));
         }
         match stage.inspect(&buf) {
             Inspect::More if buf.len() >= cap => return Err(StageError::TooLarge(cap)),

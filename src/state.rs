@@ -92,6 +92,9 @@ pub enum Phase {
     Draining { since: Instant },
     /// Left the config at `since`; forgotten once its last connection ends.
     Removed { since: Instant },
+    /// In service, but taken out by passive ejection (outlier detection) until `until`;
+    /// back by itself then, or at a passing health check.
+    Ejected { until: Instant },
 }
 
 impl Phase {
@@ -102,6 +105,7 @@ impl Phase {
             Phase::Checking => "checking",
             Phase::Down => "down",
             Phase::Draining { .. } | Phase::Removed { .. } => "draining",
+            Phase::Ejected { .. } => "ejected",
         }
     }
 
@@ -144,6 +148,13 @@ pub struct BackendState {
     health_streak: AtomicU32,
     /// When the backend (re)entered service, for slow start; millis since `epoch`.
     in_service_since_ms: AtomicU64,
+    /// Passive ejection: connection failures in a row, and until when the backend is
+    /// ejected (millis since `epoch`; 0 when it is not).
+    failures: AtomicU32,
+    ejected_until_ms: AtomicU64,
+    /// Ejections in a row (each doubles the next one's length), and when the latest ended.
+    ejections_in_row: AtomicU32,
+    last_ejection_end_ms: AtomicU64,
     epoch: Instant,
     /// Bytes to and from the backend: added on every write of every connection, so
     /// kept per thread (see [`Striped`]) and published to `metrics` at each scrape.
@@ -219,6 +230,10 @@ impl BackendState {
             last_failure: Mutex::new(None),
             health_streak: AtomicU32::new(0),
             in_service_since_ms: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections_in_row: AtomicU32::new(0),
+            last_ejection_end_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             sent: Striped::default(),
             received: Striped::default(),
@@ -266,10 +281,11 @@ impl BackendState {
         let word = self.service.load(Ordering::Relaxed);
         let since = || self.epoch + Duration::from_millis(word >> 8);
         match Service::from_u8(word as u8) {
-            Service::InService => match self.health() {
-                Health::Up => Phase::Up,
-                Health::Checking => Phase::Checking,
-                Health::Down => Phase::Down,
+            Service::InService => match (self.ejected_until(), self.health()) {
+                (Some(until), _) => Phase::Ejected { until },
+                (None, Health::Up) => Phase::Up,
+                (None, Health::Checking) => Phase::Checking,
+                (None, Health::Down) => Phase::Down,
             },
             Service::Drained | Service::ConfigDrained => Phase::Draining { since: since() },
             Service::Removed => Phase::Removed { since: since() },
@@ -426,6 +442,10 @@ impl BackendState {
     /// the first result as it comes.
     pub fn record_health(&self, result: Result<(), String>, rise: u32, fall: u32) -> Option<bool> {
         let ok = result.is_ok();
+        let ejected = self.ejected_until_ms.load(Ordering::Relaxed);
+        if ok && ejected != 0 {
+            self.end_ejection(ejected, "a health check passed");
+        }
         if let Err(reason) = result {
             *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(CheckFailure {
                 at: SystemTime::now(),
@@ -452,6 +472,78 @@ impl BackendState {
         self.health_streak.store(0, Ordering::Relaxed);
         self.set_health(if ok { Health::Up } else { Health::Down });
         Some(ok)
+    }
+
+    /// Until when the backend is ejected, if it is. An ejection that has run out is
+    /// ended here, by whichever reader sees it first.
+    fn ejected_until(&self) -> Option<Instant> {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return None;
+        }
+        if self.now_ms() < until {
+            return Some(self.epoch + Duration::from_millis(until));
+        }
+        self.end_ejection(until, "its ejection ran out");
+        None
+    }
+
+    fn end_ejection(&self, until: u64, why: &str) {
+        if self
+            .ejected_until_ms
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.last_ejection_end_ms
+                .store(self.now_ms(), Ordering::Relaxed);
+            self.mark_changed();
+            tracing::info!(listener = %self.listener, backend = %self.name, "backend back in service: {why}");
+        }
+    }
+
+    /// A connection to the backend failed (connect refused or timed out, or reset before
+    /// the backend's first byte); returns the failures in a row.
+    pub fn record_failure(&self) -> u32 {
+        self.failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The backend answered (its first byte reached a client): the failures in a row
+    /// start over.
+    pub fn record_success(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.ejected_until().is_some()
+    }
+
+    /// Ejects the backend: for `base` at first, doubled for each ejection that follows
+    /// the last one within `max`, never longer than `max`. Returns for how long.
+    pub fn eject(&self, base: Duration, max: Duration) -> Duration {
+        let now = self.now_ms();
+        let last_end = self.last_ejection_end_ms.load(Ordering::Relaxed);
+        let in_row = if last_end != 0 && now.saturating_sub(last_end) <= max.as_millis() as u64 {
+            self.ejections_in_row.load(Ordering::Relaxed)
+        } else {
+            0
+        };
+        self.ejections_in_row.store(in_row + 1, Ordering::Relaxed);
+        let length = base
+            .checked_mul(1u32 << in_row.min(20))
+            .unwrap_or(max)
+            .min(max);
+        self.ejected_until_ms
+            .store((now + length.as_millis() as u64).max(1), Ordering::Relaxed);
+        self.failures.store(0, Ordering::Relaxed);
+        self.metrics.ejections.inc();
+        self.mark_changed();
+        length
+    }
+
+    pub fn ejections(&self) -> u64 {
+        self.metrics.ejections.get()
     }
 
     fn mark_in_service(&self) {
@@ -739,6 +831,40 @@ mod tests {
         }
         assert!(fails_early(g2).is_err());
         assert_eq!(b.active(), 0);
+    }
+
+    #[test]
+    fn each_ejection_in_a_row_doubles_up_to_the_cap_and_a_quiet_spell_starts_over() {
+        let mut b = BackendState::new("web", "a", Metrics::new().backend("web", "a"));
+        b.epoch = Instant::now() - Duration::from_secs(100);
+        let (base, max) = (Duration::from_secs(1), Duration::from_secs(4));
+        let mut lengths = Vec::new();
+        for _ in 0..4 {
+            lengths.push(b.eject(base, max));
+            assert!(b.is_ejected());
+            assert!(matches!(b.phase(), Phase::Ejected { .. }));
+            b.end_ejection(b.ejected_until_ms.load(Ordering::Relaxed), "test");
+            assert!(!b.is_ejected());
+            assert_eq!(b.phase(), Phase::Up);
+        }
+        let secs = |n| Duration::from_secs(n);
+        assert_eq!(lengths, [secs(1), secs(2), secs(4), secs(4)]);
+        assert_eq!(b.ejections(), 4);
+        // The last one ended more than max_ejection ago: base again.
+        let now = b.now_ms();
+        b.last_ejection_end_ms.store(now - 4_001, Ordering::Relaxed);
+        assert_eq!(b.eject(base, max), secs(1));
+        // A passing health check ends an ejection at once.
+        b.record_health(Ok(()), 2, 3);
+        assert!(!b.is_ejected());
+    }
+
+    #[test]
+    fn failures_in_a_row_start_over_at_a_success() {
+        let b = BackendState::new("web", "a", Metrics::new().backend("web", "a"));
+        assert_eq!((b.record_failure(), b.record_failure()), (1, 2));
+        b.record_success();
+        assert_eq!(b.record_failure(), 1);
     }
 
     #[test]

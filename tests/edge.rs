@@ -226,10 +226,15 @@ async fn the_backend_sees_the_real_client_that_an_upstream_header_names() {
             .unwrap();
         assert_eq!(&echoed, b"ping");
     }
-    // An upstream's own health check (v2 LOCAL): the connection's own addresses.
+    // An upstream's own health check (v2 LOCAL) names nobody, and so does the header
+    // passed on.
     let (_s, line) = line_after(None, at("any"), &header(SendProxy::V2, None)).await;
-    let line = line.unwrap();
-    assert!(line.starts_with("a 127.0.0.1:"), "{line}");
+    assert_eq!(line.as_deref(), Some("a local - v2"));
+    // A header cut short by the upstream closing is refused and counted as well.
+    let mut cut = TcpStream::connect(at("any")).await.unwrap();
+    cut.write_all(b"PROXY TCP4 192.0.2.1").await.unwrap();
+    cut.shutdown().await.unwrap();
+    assert_closed(&mut cut).await;
     // Without accept_proxy, the header names the socket's own client and listener.
     let (s, line) = line_after(None, at("direct"), b"").await;
     assert_eq!(
@@ -250,6 +255,7 @@ async fn the_backend_sees_the_real_client_that_an_upstream_header_names() {
     let refused = [
         ("strict", &v2[..]),
         ("any", &b"PROXY TCP4 192.0.2.300 198.51.100.1 1 2\r\n"[..]),
+        ("any", &b"PROXY TCP4 192.0.2.3 198.51.100.1 1\r\n"[..]),
         ("any", &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..]),
         ("v1only", &v2[..]),
     ];
@@ -257,7 +263,7 @@ async fn the_backend_sees_the_real_client_that_an_upstream_header_names() {
         let (_s, line) = line_after(None, at(listener), bytes).await;
         assert_eq!(line, None, "{listener}: {bytes:?}");
     }
-    for (listener, count) in [("strict", 1.0), ("any", 2.0), ("v1only", 1.0)] {
+    for (listener, count) in [("strict", 1.0), ("any", 4.0), ("v1only", 1.0)] {
         wait_for_metric(
             ballast.admin,
             "ballast_listener_connections_rejected_total",
@@ -299,9 +305,13 @@ async fn the_backend_sees_the_real_client_that_an_upstream_header_names() {
     assert!(strict[0][2].starts_with("127.0.0.1:"), "{strict:?}");
     assert_eq!(
         any.iter().filter(|f| f[9] == "proxy_protocol").count(),
-        2,
+        4,
         "{any:?}"
     );
+    let few: Vec<_> = lines("few").into_iter().map(|f| f[9].clone()).collect();
+    for reason in ["per_ip_limit", "denied"] {
+        assert_eq!(few.iter().filter(|r| *r == reason).count(), 1, "{few:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,4 +444,140 @@ async fn one_address_gets_max_conns_per_ip_and_the_rest_is_refused_while_others_
     drop(served);
     drop(_other);
     wait_until("the table emptied", || state.clients_counted() == 0).await;
+}
+
+/// A greeter like [`Backend::greeter`] on a given address (one that refused before).
+async fn greeter_at(addr: SocketAddr, name: &'static str) -> tokio::task::JoinHandle<()> {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if stream
+                    .write_all(format!("{name}\n").as_bytes())
+                    .await
+                    .is_ok()
+                {
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+        }
+    })
+}
+
+/// Each backend's `state` in `/api/v1/status`, by listener and backend name.
+async fn states(admin: SocketAddr, listener: &str) -> Vec<(String, String)> {
+    let (_, body) = http(admin, "GET", "/api/v1/status").await;
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let listeners = status["listeners"].as_array().unwrap();
+    let l = listeners.iter().find(|l| l["name"] == listener).unwrap();
+    l["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_refuses_connects_is_ejected_without_failing_a_client_and_comes_back() {
+    let a = Backend::greeter("a").await;
+    let b = Backend::greeter("b").await;
+    let c = dead_addr().await;
+    let (d, e) = (dead_addr().await, dead_addr().await);
+    let outlier = |base: &str| {
+        format!("  [listeners.outlier]\n  consecutive_failures = 3\n  base_ejection = \"{base}\"\n  max_ejection = \"4s\"\n  max_ejected_percent = 50\n")
+    };
+    let ballast = start(&format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\
+         [[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\nretries = 2\n{}{}\
+         [[listeners]]\nname = \"capped\"\nbind = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\nretries = 2\n{}{}",
+        outlier("1s"),
+        backends_toml(&[("a", a.addr, 1), ("b", b.addr, 1), ("c", c, 1)]),
+        outlier("4s"),
+        backends_toml(&[("a", a.addr, 1), ("d", d, 1), ("e", e, 1)]),
+    ))
+    .await;
+    let admin = ballast.admin_addr().unwrap();
+    let ejections = |listener: &'static str, backend: &'static str| async move {
+        sample(
+            &scrape(admin).await,
+            "ballast_backend_ejections_total",
+            &[("listener", listener), ("backend", backend)],
+        )
+        .unwrap_or(0.0)
+    };
+
+    let churn = Churn::start(ballast.listener_addr("web"));
+    let capped = Churn::start(ballast.listener_addr("capped"));
+    wait_for_metric(
+        admin,
+        "ballast_backend_ejections_total",
+        &[("listener", "web"), ("backend", "c")],
+        |v| v == 1.0,
+    )
+    .await;
+    // consecutive_failures connects failed before it (and at most one more per client
+    // already on its way there): no active check.
+    let routing = ballast.ballast.routing();
+    let web = routing.listener("web").unwrap();
+    let failed = web.backends[2].state.connect_failures();
+    assert!((3..=3 + 4).contains(&failed), "{failed}");
+    assert!(states(admin, "web")
+        .await
+        .contains(&("c".into(), "ejected".into())));
+    // While ejected it gets no connect at all.
+    churn.wait_for_more(200).await;
+    assert_eq!(web.backends[2].state.connect_failures(), failed);
+
+    // It accepts again: back in service once base_ejection has passed.
+    let _c = greeter_at(c, "c").await;
+    wait_until("c is back and serves", || web.backends[2].state.total() > 0).await;
+    assert!(states(admin, "web")
+        .await
+        .contains(&("c".into(), "up".into())));
+    churn.wait_for_more(100).await;
+
+    // Two of three failing with max_ejected_percent = 50: one ejected, never both.
+    wait_until("one of d and e ejected", || {
+        let capped = routing.listener("capped").unwrap();
+        capped.backends[1].state.is_ejected() || capped.backends[2].state.is_ejected()
+    })
+    .await;
+    let target = capped.done() + 200;
+    while capped.done() < target {
+        let capped_states = states(admin, "capped").await;
+        let out = capped_states.iter().filter(|(_, s)| s == "ejected").count();
+        assert!(out <= 1, "{capped_states:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let (d_out, e_out) = (
+        ejections("capped", "d").await,
+        ejections("capped", "e").await,
+    );
+    assert!(d_out + e_out >= 1.0, "d {d_out}, e {e_out}");
+
+    let (done, failures) = churn.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {done} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let (done, failures) = capped.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {done} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(
+        ejections("web", "a").await + ejections("web", "b").await,
+        0.0
+    );
 }

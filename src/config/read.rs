@@ -16,8 +16,8 @@ use super::tree::{Entry, Node, Span, Value};
 use super::{
     cores, max_connections, max_threads, AcceptProxy, AdminConfig, BackendConfig, ClientRules,
     Config, ConfigError, HealthConfig, HealthKind, HumanDuration, ListenAddr, ListenerConfig,
-    Problem, RebalanceConfig, RuntimeConfig, SendProxy, Strategy, MAX_RETRIES, MAX_RISE_FALL,
-    MAX_THREADS, MAX_UNIX_SOCKET_PATH, MAX_WEIGHT, THREADS_PER_CORE,
+    OutlierConfig, Problem, RebalanceConfig, RuntimeConfig, SendProxy, Strategy, MAX_RETRIES,
+    MAX_RISE_FALL, MAX_THREADS, MAX_UNIX_SOCKET_PATH, MAX_WEIGHT, THREADS_PER_CORE,
 };
 
 /// Parses `text` into the tree and reads it: the config, or every problem found.
@@ -68,6 +68,10 @@ const DEFAULT_REBALANCE_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_PRECISION: u64 = 3;
 const DEFAULT_STEP_SIZE: u64 = 1;
 const DEFAULT_WEIGHT: u64 = 1;
+const DEFAULT_CONSECUTIVE_FAILURES: u64 = 5;
+const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(300);
+const DEFAULT_MAX_EJECTED_PERCENT: u64 = 50;
 
 // ---------------------------------------------------------------------------
 // The schema: the keys of each table.
@@ -87,6 +91,7 @@ const LISTENER_KEYS: &[&str] = &[
     "slow_start",
     "health",
     "rebalance",
+    "outlier",
     "access_log",
     "accept_proxy",
     "trusted_proxies",
@@ -98,6 +103,12 @@ const LISTENER_KEYS: &[&str] = &[
 ];
 const HEALTH_KEYS: &[&str] = &["kind", "path", "interval", "timeout", "rise", "fall"];
 const REBALANCE_KEYS: &[&str] = &["interval", "precision", "step_size"];
+const OUTLIER_KEYS: &[&str] = &[
+    "consecutive_failures",
+    "base_ejection",
+    "max_ejection",
+    "max_ejected_percent",
+];
 const BACKEND_KEYS: &[&str] = &["name", "addr", "weight", "max_conns", "send_proxy"];
 
 /// Every table by how it is written, for "it belongs in ..." hints.
@@ -108,6 +119,7 @@ const TABLES: &[(&str, &[&str])] = &[
     ("[[listeners]]", LISTENER_KEYS),
     ("[listeners.health]", HEALTH_KEYS),
     ("[listeners.rebalance]", REBALANCE_KEYS),
+    ("[listeners.outlier]", OUTLIER_KEYS),
     ("[[listeners.backends]]", BACKEND_KEYS),
 ];
 
@@ -701,6 +713,17 @@ impl Reader<'_> {
         ok.then_some(names)
     }
 
+    /// The IPv4 network that an IPv4-mapped IPv6 network stands for; others as they are.
+    fn ipv4_form(net: IpNet) -> IpNet {
+        match net {
+            IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+                Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+                None => net,
+            },
+            net => net,
+        }
+    }
+
     /// A list of CIDRs (`"10.0.0.0/8"`; a bare address is one host).
     fn cidrs(&mut self, t: &Table, key: &str) -> Field<Vec<IpNet>> {
         let Some(node) = t.get(key) else {
@@ -731,8 +754,10 @@ impl Reader<'_> {
                 )),
             };
             match net {
-                // An address inside the network (10.1.2.3/8) means the network.
-                Ok(net) => nets.push(net.trunc()),
+                // An address inside the network (10.1.2.3/8) means the network; an
+                // IPv4-mapped one (::ffff:10.0.0.0/104) the IPv4 network, as clients are
+                // matched by their IPv4 form.
+                Ok(net) => nets.push(Self::ipv4_form(net.trunc())),
                 Err(message) => {
                     self.problem(item.span.clone(), message);
                     ok = false;
@@ -920,7 +945,17 @@ impl Reader<'_> {
                     span: version.span,
                 })
             }
-            (Field::Given(version), Field::Absent | Field::Given(_)) => {
+            (Field::Given(_), Field::Given(trusted)) => {
+                self.problem(
+                    trusted.span,
+                    format!(
+                        "{} is empty: list the upstream balancers whose headers are believed, like trusted_proxies = [\"10.0.0.0/8\"]",
+                        t.what("trusted_proxies")
+                    ),
+                );
+                Field::Wrong
+            }
+            (Field::Given(version), Field::Absent) => {
                 self.problem(
                     version.span,
                     format!(
@@ -962,6 +997,11 @@ impl Reader<'_> {
         let rebalance = match t.get("rebalance") {
             None => Some(None),
             Some(node) => self.rebalance(&t.prefix, node, strategy.given()).map(Some),
+        };
+
+        let outlier = match t.get("outlier") {
+            None => Some(None),
+            Some(node) => self.outlier(&t.prefix, node).map(Some),
         };
 
         let mut backends = Vec::new();
@@ -1015,6 +1055,7 @@ impl Reader<'_> {
                 slow_start: slow_start.optional()?.filter(|d| !d.is_zero()),
                 health: health?,
                 rebalance: rebalance?,
+                outlier: outlier?,
                 access_log: access_log.or(false)?,
                 accept_proxy: accept_proxy.value()?,
                 send_proxy: send_proxy.optional()?,
@@ -1155,6 +1196,63 @@ impl Reader<'_> {
             step_size: step_size.or(DEFAULT_STEP_SIZE)?,
         };
         ok.then_some(config)
+    }
+
+    fn outlier(&mut self, prefix: &str, node: &Node) -> Option<OutlierConfig> {
+        let t = self.table(
+            node,
+            &format!("{prefix}outlier"),
+            "[listeners.outlier]",
+            OUTLIER_KEYS,
+            format!("{prefix}outlier."),
+        )?;
+        let failures = self.count(
+            &t,
+            "consecutive_failures",
+            &Bounds::new(
+                1,
+                MAX_RISE_FALL,
+                "a backend failing that often is long known to be failing",
+                DEFAULT_CONSECUTIVE_FAILURES,
+            ),
+        );
+        let base = self.duration(&t, "base_ejection", "30s");
+        let base = self.check(
+            base,
+            |d| !d.is_zero(),
+            || format!("{} must be more than 0", t.what("base_ejection")),
+        );
+        let max = self.duration(&t, "max_ejection", "5m");
+        let percent = self.count(
+            &t,
+            "max_ejected_percent",
+            &Bounds::new(
+                1,
+                100,
+                "it is a percentage of the backends",
+                DEFAULT_MAX_EJECTED_PERCENT,
+            ),
+        );
+        let base_value = base.clone().or(DEFAULT_BASE_EJECTION);
+        let max = match (max, base_value) {
+            (Field::Given(at), Some(base)) if at.value < base => {
+                self.problem(
+                    at.span,
+                    format!(
+                        "{} must be at least base_ejection ({base:?})",
+                        t.what("max_ejection"),
+                    ),
+                );
+                Field::Wrong
+            }
+            (max, _) => max,
+        };
+        Some(OutlierConfig {
+            consecutive_failures: failures.or(DEFAULT_CONSECUTIVE_FAILURES)? as u32,
+            base_ejection: base.or(DEFAULT_BASE_EJECTION)?,
+            max_ejection: max.or(DEFAULT_MAX_EJECTION.max(base_value?))?,
+            max_ejected_percent: percent.or(DEFAULT_MAX_EJECTED_PERCENT)? as u32,
+        })
     }
 
     /// One backend: its config when it is right, its resolved address and its name
