@@ -351,6 +351,7 @@ pub struct ListenerConfig {
     pub health: Option<HealthConfig>,
     pub rebalance: Option<RebalanceConfig>,
     pub outlier: Option<OutlierConfig>,
+    pub agent: Option<AgentConfig>,
     /// One line per connection when it ends (`access_log = true`).
     pub access_log: bool,
     /// Read a PROXY protocol header first (`accept_proxy`), from these upstream
@@ -387,6 +388,18 @@ pub struct OutlierConfig {
     pub max_ejected_percent: u32,
 }
 
+/// HAProxy's agent-check: each backend's agent is asked for one line of words that
+/// report its load (`75%`, `maxconn:30`, `drain`, `ready`, `up`, `down`, `maint`).
+/// How often agents are asked when `[listeners.agent]` does not say.
+pub const DEFAULT_AGENT_INTERVAL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// The agent's port on each backend's host (a backend's `agent_addr` wins).
+    pub port: Option<u16>,
+    pub interval: Duration,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RebalanceConfig {
     pub interval: Duration,
@@ -406,6 +419,18 @@ pub struct BackendConfig {
     pub max_conns: Option<u64>,
     /// This backend's own `send_proxy`, over the listener's.
     pub send_proxy: Option<SendProxy>,
+    /// Where this backend's agent answers, over the listener's `[listeners.agent]` port.
+    pub agent_addr: Option<SocketAddr>,
+}
+
+impl ListenerConfig {
+    /// Where the agent of backend `b` answers, if it has one.
+    pub fn agent_of(&self, b: &BackendConfig) -> Option<SocketAddr> {
+        b.agent_addr.or_else(|| {
+            let port = self.agent.as_ref()?.port?;
+            Some(SocketAddr::new(b.addr.ip(), port))
+        })
+    }
 }
 
 impl Config {

@@ -59,7 +59,21 @@ pub async fn run(
         ));
         tokio::spawn(serve_backend(listener, name));
     }
-    let config = Config::parse(&config_text(listen, admin, &backends), "demo")
+    let mut agents = Vec::new();
+    for (name, _) in &backends {
+        let agent = TcpListener::bind("127.0.0.1:0")
+            .await
+            .and_then(|a| Ok((a.local_addr()?, a)))
+            .map_err(|source| crate::BindError {
+                what: "demo agent",
+                name: name.to_string(),
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                source,
+            })?;
+        agents.push(agent.0);
+        tokio::spawn(serve_agent(agent.1));
+    }
+    let config = Config::parse(&config_text(listen, admin, &backends, &agents), "demo")
         .map_err(crate::StartError::Config)?;
     let running = crate::start(config, None).await?;
     let listen = running.listener_addr(LISTENER);
@@ -77,16 +91,36 @@ pub async fn run(
     Ok(())
 }
 
-fn config_text(listen: SocketAddr, admin: SocketAddr, backends: &[(&str, SocketAddr)]) -> String {
+fn config_text(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    backends: &[(&str, SocketAddr)],
+    agents: &[SocketAddr],
+) -> String {
     let mut text = format!(
-        "[admin]\nbind = \"{admin}\"\n\n[[listeners]]\nname = \"{LISTENER}\"\nbind = \"{listen}\"\nstrategy = \"least_conn\"\n\n  [listeners.health]\n  kind = \"http\"\n  path = \"/\"\n  interval = \"1s\"\n"
+        "[admin]\nbind = \"{admin}\"\n\n[[listeners]]\nname = \"{LISTENER}\"\nbind = \"{listen}\"\nstrategy = \"least_conn\"\n\n  [listeners.health]\n  kind = \"http\"\n  path = \"/\"\n  interval = \"1s\"\n\n  [listeners.agent]\n  interval = \"2s\"\n"
     );
-    for (name, addr) in backends {
+    for ((name, addr), agent) in backends.iter().zip(agents) {
         text.push_str(&format!(
-            "\n  [[listeners.backends]]\n  name = \"{name}\"\n  addr = \"{addr}\"\n"
+            "\n  [[listeners.backends]]\n  name = \"{name}\"\n  addr = \"{addr}\"\n  agent_addr = \"{agent}\"\n"
         ));
     }
     text
+}
+
+/// A demo backend's agent (HAProxy's agent-check): reports the backend up at its full
+/// weight. An app's own agent would report its real load (`50%`, `maxconn:30`, `drain`).
+async fn serve_agent(listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((mut stream, _)) => {
+                tokio::spawn(async move {
+                    let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, b"up 100%\n").await;
+                });
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 /// How a user runs this very binary from a shell: `ballast` when that name on `PATH` is

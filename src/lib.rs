@@ -147,6 +147,10 @@ pub fn serve(ballast: &Ballast, bound: Bound, tasks: &mut JoinSet<()>) -> Result
         ));
     }
     tasks.spawn(health::run(ballast.clone(), ballast.stopped_signal()));
+    tasks.spawn(control::agent::run(
+        ballast.clone(),
+        ballast.stopped_signal(),
+    ));
     tasks.spawn(drain::run(ballast.clone(), ballast.stopped_signal()));
     tasks.spawn(rebalance::run(ballast.clone(), ballast.stopped_signal()));
     if let Some(path) = ballast.config_path().cloned() {

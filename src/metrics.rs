@@ -44,6 +44,7 @@ pub struct Metrics {
     backend_up: IntGaugeVec,
     backend_draining: IntGaugeVec,
     backend_weight: IntGaugeVec,
+    backend_effective_weight: GaugeVec,
     rebalance_migrations: IntCounterVec,
     backend_ejections: IntCounterVec,
     pub config_reloads: IntCounterVec,
@@ -78,6 +79,7 @@ pub struct BackendMetrics {
     pub up: IntGauge,
     pub draining: IntGauge,
     pub weight: IntGauge,
+    pub effective_weight: Gauge,
     pub migrations: IntCounter,
     pub ejections: IntCounter,
 }
@@ -195,6 +197,17 @@ impl Metrics {
                 lb,
             ),
             backend_weight: int_gauge_vec("ballast_backend_weight", "Configured weight.", lb),
+            backend_effective_weight: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "ballast_backend_effective_weight",
+                        "The weight picks use now: the configured one, or one set by the admin API or an agent, reduced during slow start.",
+                    ),
+                    lb,
+                )
+                .expect("valid metric"),
+            ),
             rebalance_migrations: counter_vec(
                 "ballast_rebalance_migrations_total",
                 "Connections migrated away from the backend by rebalance.",
@@ -293,6 +306,7 @@ impl Metrics {
             up: self.backend_up.with_label_values(lb),
             draining: self.backend_draining.with_label_values(lb),
             weight: self.backend_weight.with_label_values(lb),
+            effective_weight: self.backend_effective_weight.with_label_values(lb),
             migrations: self.rebalance_migrations.with_label_values(lb),
             ejections: self.backend_ejections.with_label_values(lb),
         }
@@ -310,6 +324,7 @@ impl Metrics {
         let _ = self.backend_up.remove_label_values(lb);
         let _ = self.backend_draining.remove_label_values(lb);
         let _ = self.backend_weight.remove_label_values(lb);
+        let _ = self.backend_effective_weight.remove_label_values(lb);
         let _ = self.rebalance_migrations.remove_label_values(lb);
         let _ = self.backend_ejections.remove_label_values(lb);
     }

@@ -93,16 +93,24 @@ impl BackendRoute {
         self.phase() == Phase::Up && self.has_room()
     }
 
-    /// Below its `max_conns`.
+    /// Below its `max_conns` (and below the one its agent reported), and with a weight
+    /// above 0.
     fn has_room(&self) -> bool {
-        self.config
-            .max_conns
-            .is_none_or(|max| self.state.active() < max)
+        let max = match (self.config.max_conns, self.state.agent_max_conns()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        max.is_none_or(|max| self.state.active() < max) && self.weight() > 0
+    }
+
+    /// The weight in force: set at run time (admin API, agent), else configured.
+    pub fn weight(&self) -> u32 {
+        self.state.runtime_weight().unwrap_or(self.config.weight)
     }
 
     /// The weight a strategy should use now, reduced while the backend is in slow start.
-    fn effective_weight(&self, slow_start: Option<Duration>) -> u64 {
-        let full = u64::from(self.config.weight) * WEIGHT_SCALE;
+    pub fn effective_weight(&self, slow_start: Option<Duration>) -> u64 {
+        let full = u64::from(self.weight()) * WEIGHT_SCALE;
         match slow_start {
             Some(window) => {
                 let elapsed = self.state.in_service_for();
@@ -140,8 +148,10 @@ impl ListenerRoute {
             })
             .collect::<Vec<_>>();
         for b in &backends {
-            // A backend in the config is not removed, whatever an earlier reload did.
+            // A backend in the config is not removed, whatever an earlier reload did; its
+            // weight and max_conns are the file's again.
             b.state.set_removed(false);
+            b.state.clear_runtime_settings();
             if config.health.is_none() {
                 b.state.set_up_unchecked();
             }

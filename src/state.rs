@@ -123,6 +123,9 @@ impl Phase {
     }
 }
 
+/// No weight set at run time.
+const NO_OVERRIDE: u32 = u32::MAX;
+
 /// Runtime state of one backend of one listener.
 #[derive(Debug)]
 pub struct BackendState {
@@ -155,6 +158,11 @@ pub struct BackendState {
     /// Ejections in a row (each doubles the next one's length), and when the latest ended.
     ejections_in_row: AtomicU32,
     last_ejection_end_ms: AtomicU64,
+    /// A weight set at run time (the admin API, or an agent's percentage), in place of
+    /// the configured one until the next reload; [`NO_OVERRIDE`] when none.
+    runtime_weight: AtomicU32,
+    /// A `max_conns` an agent reported (`maxconn:N`); `u64::MAX` when none.
+    agent_max_conns: AtomicU64,
     epoch: Instant,
     /// Bytes to and from the backend: added on every write of every connection, so
     /// kept per thread (see [`Striped`]) and published to `metrics` at each scrape.
@@ -234,6 +242,8 @@ impl BackendState {
             ejected_until_ms: AtomicU64::new(0),
             ejections_in_row: AtomicU32::new(0),
             last_ejection_end_ms: AtomicU64::new(0),
+            runtime_weight: AtomicU32::new(NO_OVERRIDE),
+            agent_max_conns: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
             sent: Striped::default(),
             received: Striped::default(),
@@ -540,6 +550,41 @@ impl BackendState {
         self.metrics.ejections.inc();
         self.mark_changed();
         length
+    }
+
+    /// The weight set at run time, if any (it replaces the configured one).
+    pub fn runtime_weight(&self) -> Option<u32> {
+        let weight = self.runtime_weight.load(Ordering::Relaxed);
+        (weight != NO_OVERRIDE).then_some(weight)
+    }
+
+    /// Sets the weight at run time (`None`: back to the configured one).
+    pub fn set_runtime_weight(&self, weight: Option<u32>) {
+        let stored = weight.map_or(NO_OVERRIDE, |w| w.min(NO_OVERRIDE - 1));
+        self.runtime_weight.store(stored, Ordering::Relaxed);
+    }
+
+    /// The `max_conns` an agent reported, if any.
+    pub fn agent_max_conns(&self) -> Option<u64> {
+        let max = self.agent_max_conns.load(Ordering::Relaxed);
+        (max != u64::MAX).then_some(max)
+    }
+
+    pub fn set_agent_max_conns(&self, max: Option<u64>) {
+        let stored = max.map_or(u64::MAX, |m| m.min(u64::MAX - 1));
+        self.agent_max_conns.store(stored, Ordering::Relaxed);
+    }
+
+    /// What a reload starts from: the configured weight and `max_conns`.
+    pub fn clear_runtime_settings(&self) {
+        self.set_runtime_weight(None);
+        self.set_agent_max_conns(None);
+    }
+
+    /// An agent says the backend is up or down (as a health check would).
+    pub fn set_agent_health(&self, up: bool) {
+        self.health_streak.store(0, Ordering::Relaxed);
+        self.set_health(if up { Health::Up } else { Health::Down });
     }
 
     pub fn ejections(&self) -> u64 {
@@ -857,6 +902,18 @@ mod tests {
         // A passing health check ends an ejection at once.
         b.record_health(Ok(()), 2, 3);
         assert!(!b.is_ejected());
+    }
+
+    #[test]
+    fn a_weight_and_max_conns_set_at_run_time_go_back_to_none() {
+        let b = BackendState::new("web", "a", Metrics::new().backend("web", "a"));
+        assert_eq!((b.runtime_weight(), b.agent_max_conns()), (None, None));
+        b.set_runtime_weight(Some(0));
+        b.set_agent_max_conns(Some(u64::MAX));
+        assert_eq!(b.runtime_weight(), Some(0));
+        assert_eq!(b.agent_max_conns(), Some(u64::MAX - 1));
+        b.clear_runtime_settings();
+        assert_eq!((b.runtime_weight(), b.agent_max_conns()), (None, None));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 use ballast::config::SendProxy;
 use ballast::proxy_protocol::header;
@@ -580,4 +581,174 @@ async fn a_backend_that_refuses_connects_is_ejected_without_failing_a_client_and
         ejections("web", "a").await + ejections("web", "b").await,
         0.0
     );
+}
+
+/// An agent that answers every connection with the line it holds now, then closes.
+async fn agent() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<String>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reply = std::sync::Arc::new(std::sync::Mutex::new(String::from("up\n")));
+    let said = std::sync::Arc::clone(&reply);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let line = said.lock().unwrap().clone();
+            let _ = stream.write_all(line.as_bytes()).await;
+        }
+    });
+    (addr, reply)
+}
+
+/// Opens `n` connections to `addr` and counts where they landed; `hold` keeps them open
+/// (least_conn then sees them all), otherwise each closes before the next opens.
+async fn land(
+    addr: SocketAddr,
+    n: usize,
+    hold: bool,
+) -> (std::collections::BTreeMap<String, usize>, Vec<TcpStream>) {
+    let mut landed = std::collections::BTreeMap::new();
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let (stream, backend) = connect_and_greet(addr).await;
+        *landed.entry(backend).or_insert(0) += 1;
+        if hold {
+            held.push(stream);
+        } else {
+            drop(stream);
+        }
+    }
+    (landed, held)
+}
+
+fn shares(pairs: &[(&str, usize)]) -> std::collections::BTreeMap<String, usize> {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_s_agent_sets_its_share_its_cap_and_its_service_and_the_api_sets_a_weight() {
+    let a = Backend::greeter("a").await;
+    let b = Backend::greeter("b").await;
+    let (agent_addr, reply) = agent().await;
+    let listener = |name: &str, strategy: &str| {
+        format!(
+            "[[listeners]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nstrategy = \"{strategy}\"\n\
+               [listeners.agent]\n  interval = \"50ms\"\n\
+               [[listeners.backends]]\n  name = \"a\"\n  addr = \"{}\"\n  weight = 2\n\
+               [[listeners.backends]]\n  name = \"b\"\n  addr = \"{}\"\n  weight = 2\n  agent_addr = \"{agent_addr}\"\n",
+            a.addr, b.addr
+        )
+    };
+    let ballast = start(&format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n{}{}",
+        listener("w", "weighted"),
+        listener("lc", "least_conn")
+    ))
+    .await;
+    let admin = ballast.admin_addr().unwrap();
+    let routing = ballast.ballast.routing();
+    let b_of = |l: &str| Arc::clone(&routing.listener(l).unwrap().backends[1].state);
+    let (w, lc) = (ballast.listener_addr("w"), ballast.listener_addr("lc"));
+
+    // 50%: b's weight is 1 of a's 2, for new connections short and long.
+    *reply.lock().unwrap() = "up 50%\n".into();
+    wait_until("50% applied", || {
+        b_of("w").runtime_weight() == Some(1) && b_of("lc").runtime_weight() == Some(1)
+    })
+    .await;
+    wait_for_metric(
+        admin,
+        "ballast_backend_effective_weight",
+        &[("listener", "w"), ("backend", "b")],
+        |v| v == 1.0,
+    )
+    .await;
+    wait_for_metric(
+        admin,
+        "ballast_backend_weight",
+        &[("listener", "w"), ("backend", "b")],
+        |v| v == 2.0,
+    )
+    .await;
+    assert_eq!(land(w, 30, false).await.0, shares(&[("a", 20), ("b", 10)]));
+    let (landed, held) = land(lc, 30, true).await;
+    assert_eq!(landed, shares(&[("a", 20), ("b", 10)]));
+    drop(held);
+    wait_until("lc empty", || {
+        routing.listener("lc").unwrap().state.active() == 0
+    })
+    .await;
+
+    // maxconn:5 caps it whatever its weight.
+    *reply.lock().unwrap() = "100% maxconn:5\n".into();
+    wait_until("maxconn applied", || {
+        b_of("lc").agent_max_conns() == Some(5) && b_of("lc").runtime_weight() == Some(2)
+    })
+    .await;
+    let (landed, held) = land(lc, 30, true).await;
+    assert_eq!(landed, shares(&[("a", 25), ("b", 5)]));
+
+    // drain: out of service, its connections drain; ready: back.
+    *reply.lock().unwrap() = "drain\n".into();
+    wait_until("drained", || b_of("lc").phase().is_draining()).await;
+    assert!(states(admin, "lc")
+        .await
+        .contains(&("b".into(), "draining".into())));
+    assert_eq!(land(w, 10, false).await.0, shares(&[("a", 10)]));
+    drop(held);
+    *reply.lock().unwrap() = "ready maxconn:1000\n".into();
+    wait_until("ready", || !b_of("w").phase().is_draining()).await;
+
+    // The API's weight holds until the agent's next word on that backend: a has no
+    // agent, so 6 holds; b's agent says 100% (weight 2) again.
+    let (status, body) =
+        http_with(admin, "POST", "/api/v1/listeners/w/backends/a/weight", "").await;
+    assert_eq!(status, 400, "an empty body is refused: {body}");
+    let (status, body) = post_json(
+        admin,
+        "/api/v1/listeners/w/backends/a/weight",
+        "{\"weight\": 6}",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    *reply.lock().unwrap() = "100%\n".into();
+    wait_until("b at 2", || b_of("w").runtime_weight() == Some(2)).await;
+    assert_eq!(land(w, 32, false).await.0, shares(&[("a", 24), ("b", 8)]));
+    for (body, expect) in [
+        ("{\"weight\": -1}", 400),
+        ("{\"weight\": 1000001}", 400),
+        ("[6]", 400),
+    ] {
+        assert_eq!(
+            post_json(admin, "/api/v1/listeners/w/backends/a/weight", body)
+                .await
+                .0,
+            expect,
+            "{body}"
+        );
+    }
+    assert_eq!(
+        post_json(
+            admin,
+            "/api/v1/listeners/w/backends/zz/weight",
+            "{\"weight\": 1}"
+        )
+        .await
+        .0,
+        404
+    );
+}
+
+/// A POST with a JSON body to the admin endpoint: (status, body).
+async fn post_json(admin: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(admin).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut answer))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    status_and_body(&answer)
 }

@@ -147,13 +147,16 @@ pub async fn route(ballast: &Ballast, request: &Request) -> Response {
         {
             drain(ballast, listener, backend, *action == "drain")
         }
+        ("POST", ["api", "v1", "listeners", listener, "backends", backend, "weight"]) => {
+            set_weight(ballast, listener, backend, &request.body)
+        }
         (_, ["api", "v1", "listeners", listener, "pick"]) if read => {
             pick(ballast, listener, &request.query)
         }
         (_, ["healthz" | "readyz" | "metrics"] | ["api", "v1", "status"])
         | (_, ["api", "v1", "listeners", _, "pick"]) => Response::not_allowed(method, "GET, HEAD"),
         (_, ["api", "v1", "reload"])
-        | (_, ["api", "v1", "listeners", _, "backends", _, "drain" | "undrain"]) => {
+        | (_, ["api", "v1", "listeners", _, "backends", _, "drain" | "undrain" | "weight"]) => {
             Response::not_allowed(method, "POST")
         }
         _ => Response::error(404, &format!("no such route: {method} {}", request.path)),
@@ -371,6 +374,51 @@ fn drain(ballast: &Ballast, listener: &str, backend: &str, drained: bool) -> Res
     Response::json(
         200,
         &serde_json::json!({ "listener": listener, "backend": backend, "state": b.phase().as_str() }),
+    )
+}
+
+/// `POST .../backends/{b}/weight` with `{"weight": N}`: the backend's weight from now
+/// until the next reload, or an agent's report (the latest word wins). 0 takes it out of
+/// new picks without draining its connections.
+fn set_weight(ballast: &Ballast, listener: &str, backend: &str, body: &[u8]) -> Response {
+    let routing = ballast.routing();
+    let Some(l) = routing.listener(listener) else {
+        return Response::error(404, &format!("no listener named {listener:?}"));
+    };
+    let Some(b) = l.backend(backend) else {
+        return Response::error(
+            404,
+            &format!("listener {listener:?} has no backend named {backend:?}"),
+        );
+    };
+    let weight = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("weight").and_then(serde_json::Value::as_u64));
+    let Some(weight) = weight.filter(|w| *w <= crate::config::MAX_WEIGHT) else {
+        return Response::error(
+            400,
+            &format!(
+                "the body must be {{\"weight\": N}} with N a whole number from 0 to {}",
+                crate::config::MAX_WEIGHT
+            ),
+        );
+    };
+    b.state.set_runtime_weight(Some(weight as u32));
+    tracing::info!(
+        listener,
+        backend,
+        weight,
+        "backend weight set by the admin API"
+    );
+    Response::json(
+        200,
+        &serde_json::json!({
+            "listener": listener,
+            "backend": backend,
+            "weight": weight,
+            "configured_weight": b.config.weight,
+            "state": b.phase().as_str(),
+        }),
     )
 }
 

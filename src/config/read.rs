@@ -14,10 +14,11 @@ use ipnet::IpNet;
 
 use super::tree::{Entry, Node, Span, Value};
 use super::{
-    cores, max_connections, max_threads, AcceptProxy, AdminConfig, BackendConfig, ClientRules,
-    Config, ConfigError, HealthConfig, HealthKind, HumanDuration, ListenAddr, ListenerConfig,
-    OutlierConfig, Problem, RebalanceConfig, RuntimeConfig, SendProxy, Strategy, MAX_RETRIES,
-    MAX_RISE_FALL, MAX_THREADS, MAX_UNIX_SOCKET_PATH, MAX_WEIGHT, THREADS_PER_CORE,
+    cores, max_connections, max_threads, AcceptProxy, AdminConfig, AgentConfig, BackendConfig,
+    ClientRules, Config, ConfigError, HealthConfig, HealthKind, HumanDuration, ListenAddr,
+    ListenerConfig, OutlierConfig, Problem, RebalanceConfig, RuntimeConfig, SendProxy, Strategy,
+    DEFAULT_AGENT_INTERVAL, MAX_RETRIES, MAX_RISE_FALL, MAX_THREADS, MAX_UNIX_SOCKET_PATH,
+    MAX_WEIGHT, THREADS_PER_CORE,
 };
 
 /// Parses `text` into the tree and reads it: the config, or every problem found.
@@ -92,6 +93,7 @@ const LISTENER_KEYS: &[&str] = &[
     "health",
     "rebalance",
     "outlier",
+    "agent",
     "access_log",
     "accept_proxy",
     "trusted_proxies",
@@ -109,7 +111,15 @@ const OUTLIER_KEYS: &[&str] = &[
     "max_ejection",
     "max_ejected_percent",
 ];
-const BACKEND_KEYS: &[&str] = &["name", "addr", "weight", "max_conns", "send_proxy"];
+const BACKEND_KEYS: &[&str] = &[
+    "name",
+    "addr",
+    "weight",
+    "max_conns",
+    "send_proxy",
+    "agent_addr",
+];
+const AGENT_KEYS: &[&str] = &["port", "interval"];
 
 /// Every table by how it is written, for "it belongs in ..." hints.
 const TABLES: &[(&str, &[&str])] = &[
@@ -120,6 +130,7 @@ const TABLES: &[(&str, &[&str])] = &[
     ("[listeners.health]", HEALTH_KEYS),
     ("[listeners.rebalance]", REBALANCE_KEYS),
     ("[listeners.outlier]", OUTLIER_KEYS),
+    ("[listeners.agent]", AGENT_KEYS),
     ("[[listeners.backends]]", BACKEND_KEYS),
 ];
 
@@ -1003,6 +1014,10 @@ impl Reader<'_> {
             None => Some(None),
             Some(node) => self.outlier(&t.prefix, node).map(Some),
         };
+        let agent = match t.get("agent") {
+            None => Some(None),
+            Some(node) => self.agent(&t.prefix, node).map(Some),
+        };
 
         let mut backends = Vec::new();
         let mut names: Vec<String> = Vec::new();
@@ -1042,6 +1057,19 @@ impl Reader<'_> {
             backends.push(backend);
         }
 
+        if let (Some(Some(AgentConfig { port: None, .. })), Some(node)) = (&agent, t.get("agent")) {
+            // Backends without an agent are fine beside ones with one; a table that
+            // reaches no agent at all is a mistake.
+            if backends.iter().flatten().all(|b| b.agent_addr.is_none()) {
+                self.problem(
+                    node.span.clone(),
+                    format!(
+                        "{} asks no backend: give its port, or agent_addr to the backends that have an agent",
+                        t.what("agent")
+                    ),
+                );
+            }
+        }
         read.config = (|| {
             Some(ListenerConfig {
                 name: name.value()?,
@@ -1056,6 +1084,7 @@ impl Reader<'_> {
                 health: health?,
                 rebalance: rebalance?,
                 outlier: outlier?,
+                agent: agent?,
                 access_log: access_log.or(false)?,
                 accept_proxy: accept_proxy.value()?,
                 send_proxy: send_proxy.optional()?,
@@ -1196,6 +1225,31 @@ impl Reader<'_> {
             step_size: step_size.or(DEFAULT_STEP_SIZE)?,
         };
         ok.then_some(config)
+    }
+
+    fn agent(&mut self, prefix: &str, node: &Node) -> Option<AgentConfig> {
+        let t = self.table(
+            node,
+            &format!("{prefix}agent"),
+            "[listeners.agent]",
+            AGENT_KEYS,
+            format!("{prefix}agent."),
+        )?;
+        let port = self.count(
+            &t,
+            "port",
+            &Bounds::new(1, u64::from(u16::MAX), "it is a TCP port", 9999),
+        );
+        let interval = self.duration(&t, "interval", "2s");
+        let interval = self.check(
+            interval,
+            |d| !d.is_zero(),
+            || format!("{} must be more than 0", t.what("interval")),
+        );
+        Some(AgentConfig {
+            port: port.optional()?.map(|p| p as u16),
+            interval: interval.or(DEFAULT_AGENT_INTERVAL)?,
+        })
     }
 
     fn outlier(&mut self, prefix: &str, node: &Node) -> Option<OutlierConfig> {
@@ -1340,6 +1394,20 @@ impl Reader<'_> {
             "PROXY protocol version",
             &SendProxy::NAMES,
         );
+        let agent_addr = match self.string(&t, "agent_addr", "127.0.0.1:9999") {
+            Field::Given(text) => match resolve(&text.value) {
+                Ok(addr) => Field::Given(At {
+                    value: addr,
+                    span: text.span,
+                }),
+                Err(why) => {
+                    self.problem(text.span, format!("{}: {why}", t.what("agent_addr")));
+                    Field::Wrong
+                }
+            },
+            Field::Absent => Field::Absent,
+            Field::Wrong => Field::Wrong,
+        };
 
         let config = (|| {
             Some(BackendConfig {
@@ -1349,6 +1417,7 @@ impl Reader<'_> {
                 weight: weight.or(DEFAULT_WEIGHT)? as u32,
                 max_conns: max_conns.optional()?,
                 send_proxy: send_proxy.optional()?,
+                agent_addr: agent_addr.optional()?,
             })
         })();
         (config, addr, name.given().cloned())

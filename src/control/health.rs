@@ -9,10 +9,8 @@
 //! - `tcp`: the backend accepts a TCP connection within `timeout`.
 //! - `http`: the backend answers `GET path` with a 2xx or 3xx status within `timeout`.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -22,58 +20,29 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::{HealthConfig, HealthKind, SendProxy};
+use crate::control::periodic::{self, Probe};
+use crate::routing::{BackendRoute, ListenerRoute};
 use crate::state::BackendState;
 use crate::Ballast;
 
-/// The longest the loop sleeps, so that a reload that adds checks is noticed quickly.
-const MAX_NAP: Duration = Duration::from_secs(1);
-
 /// Runs health checks until `stopped` turns true.
-pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
-    // When each (listener, backend) is next due.
-    let mut due: HashMap<(String, String), Instant> = HashMap::new();
-    let mut checks = JoinSet::new();
-    loop {
-        let routing = ballast.routing();
-        let now = Instant::now();
-        let mut wake = now + MAX_NAP;
-        let mut next_due = HashMap::with_capacity(due.len());
-        for listener in &routing.listeners {
-            let Some(health) = &listener.config.health else {
-                continue;
-            };
-            for backend in &listener.backends {
-                let key = (listener.config.name.clone(), backend.config.name.clone());
-                let mut at = due.get(&key).copied().unwrap_or(now);
-                if at <= now {
-                    let send_proxy = backend.config.send_proxy.or(listener.config.send_proxy);
-                    checks.spawn(check_and_record(
-                        backend.config.addr,
-                        health.clone(),
-                        send_proxy,
-                        Arc::clone(&backend.state),
-                    ));
-                    at = now + health.interval;
-                }
-                wake = wake.min(at);
-                next_due.insert(key, at);
-            }
-        }
-        due = next_due;
-        drop(routing);
-        while checks.try_join_next().is_some() {}
-        tokio::select! {
-            _ = stopped.wait_for(|s| *s) => break,
-            _ = tokio::time::sleep_until(wake) => {}
-            () = ballast.routing_swapped() => {}
-        }
-    }
-    checks.shutdown().await;
+pub async fn run(ballast: Ballast, stopped: watch::Receiver<bool>) {
+    let interval =
+        |l: &ListenerRoute, _: &BackendRoute| l.config.health.as_ref().map(|h| h.interval);
+    let probe = |l: &ListenerRoute, b: &BackendRoute| -> Option<Probe> {
+        let health = l.config.health.clone()?;
+        let send_proxy = b.config.send_proxy.or(l.config.send_proxy);
+        Some(Box::pin(check_and_record(
+            b.config.addr,
+            health,
+            send_proxy,
+            Arc::clone(&b.state),
+        )))
+    };
+    periodic::run(ballast, stopped, interval, probe).await;
 }
 
 async fn check_and_record(

@@ -9,8 +9,10 @@
 //! [`Ballast::shutdown`] closes what is left, spread over time. [`health`] probes
 //! backends and writes their state; the admin endpoint reads and drives all of it.
 
+pub mod agent;
 pub mod drain;
 pub mod health;
+pub mod periodic;
 pub mod rebalance;
 pub mod reload;
 
@@ -434,6 +436,10 @@ impl Ballast {
                 m.up.set(i64::from(b.state.is_up()));
                 m.draining.set(i64::from(b.is_draining()));
                 m.weight.set(i64::from(b.config.weight));
+                m.effective_weight.set(
+                    b.effective_weight(l.config.slow_start) as f64
+                        / crate::balancer::WEIGHT_SCALE as f64,
+                );
                 b.state.publish_bytes();
             }
             l.state.metrics().imbalance.set(l.imbalance());
@@ -466,7 +472,10 @@ impl Ballast {
                             "name": b.config.name,
                             "addr": b.config.addr_text,
                             "weight": b.config.weight,
+                            "effective_weight": b.effective_weight(l.config.slow_start) as f64
+                                / crate::balancer::WEIGHT_SCALE as f64,
                             "max_conns": b.config.max_conns,
+                            "agent_max_conns": b.state.agent_max_conns(),
                             "state": b.phase().as_str(),
                             "since": rfc3339(b.state.since()),
                             "last_check_failure": b.state.last_failure().map(|f| {
