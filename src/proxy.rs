@@ -455,7 +455,14 @@ async fn proxy(
     let state = guard.backend();
     let mut relay = Relay::new(client, backend).with_early_bytes(early);
     let to_backend = |n| state.add_sent(n);
-    let to_client = |n| state.add_received(n);
+    // Passive ejection: the backend's first byte to its client is a success.
+    let answered = std::sync::atomic::AtomicBool::new(false);
+    let to_client = |n| {
+        state.add_received(n);
+        if route.config.outlier.is_some() && !answered.swap(true, Ordering::Relaxed) {
+            route.observe(index, false);
+        }
+    };
     let stop = async {
         match conn.wait_ask(None).await {
             Ask::Close(_) => Stop::Close,
@@ -467,12 +474,11 @@ async fn proxy(
         // A clean close still finishing when an abort comes: the sockets go now.
         () = wait_abort(&conn) => RelayEnd::Stopped,
     };
-    // Passive ejection: the backend answered, or reset the connection before it did.
-    let answered = relay.totals().1 > 0;
-    let reset_first = !answered
-        && matches!(&end_of_relay, RelayEnd::Failed { side: Side::Backend, error } if is_reset(error));
-    if answered || reset_first {
-        route.observe(index, reset_first);
+    // Passive ejection: a reset before the backend's first byte is a failure.
+    if relay.totals().1 == 0
+        && matches!(&end_of_relay, RelayEnd::Failed { side: Side::Backend, error } if is_reset(error))
+    {
+        route.observe(index, true);
     }
     let reason = match end_of_relay {
         RelayEnd::Closed {

@@ -14,6 +14,7 @@ use crate::balancer::{self, Balancer, Candidate, WEIGHT_SCALE};
 use crate::config::{BackendConfig, Config, ListenerConfig};
 use crate::proxy_protocol::ReadHeader;
 use crate::stage::Stage;
+use crate::state::RuntimeWeight;
 use crate::state::{BackendGuard, BackendState, Health, ListenerState, Phase, Registry};
 
 /// One generation of the whole routing table.
@@ -93,24 +94,33 @@ impl BackendRoute {
         self.phase() == Phase::Up && self.has_room()
     }
 
-    /// Below its `max_conns` (and below the one its agent reported), and with a weight
-    /// above 0.
+    /// Below its `max_conns` (and the one its agent reported), with a weight above 0.
     fn has_room(&self) -> bool {
-        let max = match (self.config.max_conns, self.state.agent_max_conns()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        max.is_none_or(|max| self.state.active() < max) && self.weight() > 0
+        self.max_conns().is_none_or(|max| self.state.active() < max) && self.weight_scaled() > 0
     }
 
-    /// The weight in force: set at run time (admin API, agent), else configured.
-    pub fn weight(&self) -> u32 {
-        self.state.runtime_weight().unwrap_or(self.config.weight)
+    /// The cap on its live connections: its `max_conns`, or its agent's, the lower.
+    pub fn max_conns(&self) -> Option<u64> {
+        match (self.config.max_conns, self.state.agent_max_conns()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The weight in force, in [`WEIGHT_SCALE`] units: set at run time (admin API,
+    /// agent's percentage of the configured one), else configured.
+    pub fn weight_scaled(&self) -> u64 {
+        let configured = u64::from(self.config.weight) * WEIGHT_SCALE;
+        match self.state.runtime_weight() {
+            None => configured,
+            Some(RuntimeWeight::Api(weight)) => u64::from(weight) * WEIGHT_SCALE,
+            Some(RuntimeWeight::AgentPercent(percent)) => configured * u64::from(percent) / 100,
+        }
     }
 
     /// The weight a strategy should use now, reduced while the backend is in slow start.
     pub fn effective_weight(&self, slow_start: Option<Duration>) -> u64 {
-        let full = u64::from(self.weight()) * WEIGHT_SCALE;
+        let full = self.weight_scaled();
         match slow_start {
             Some(window) => {
                 let elapsed = self.state.in_service_for();
@@ -148,10 +158,12 @@ impl ListenerRoute {
             })
             .collect::<Vec<_>>();
         for b in &backends {
-            // A backend in the config is not removed, whatever an earlier reload did; its
-            // weight and max_conns are the file's again.
+            // A backend in the config is not removed, whatever an earlier reload did.
             b.state.set_removed(false);
-            b.state.clear_runtime_settings();
+            b.state.after_reload(config.agent_of(&b.config).is_some());
+            if config.outlier.is_none() {
+                b.state.clear_ejection();
+            }
             if config.health.is_none() {
                 b.state.set_up_unchecked();
             }
@@ -183,7 +195,8 @@ impl ListenerRoute {
         if !failed {
             return backend.state.record_success();
         }
-        if backend.state.record_failure() < outlier.consecutive_failures {
+        let failures = backend.state.record_failure();
+        if failures < outlier.consecutive_failures {
             return;
         }
         let _serialised = self.eject_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -197,6 +210,10 @@ impl ListenerRoute {
             .count();
         let cap = self.backends.len() * outlier.max_ejected_percent as usize;
         if (ejected + 1) * 100 > cap {
+            if failures > outlier.consecutive_failures {
+                // Said once, when it first reached the count.
+                return;
+            }
             return tracing::warn!(
                 listener = %self.config.name, backend = %backend.config.name, ejected,
                 "backend failing but not ejected: max_ejected_percent = {} is reached",
@@ -279,18 +296,18 @@ impl ListenerRoute {
         let available: Vec<&BackendRoute> = self
             .backends
             .iter()
-            .filter(|b| b.phase() == Phase::Up)
+            .filter(|b| b.phase() == Phase::Up && b.weight_scaled() > 0)
             .collect();
         let total: u64 = available.iter().map(|b| b.state.active()).sum();
-        let weights: u64 = available.iter().map(|b| u64::from(b.config.weight)).sum();
+        let weights: u64 = available.iter().map(|b| b.weight_scaled()).sum();
         if total == 0 || weights == 0 {
             return 1.0;
         }
         available
             .iter()
             .map(|b| {
-                let mut fair = total as f64 * f64::from(b.config.weight) / weights as f64;
-                if let Some(max) = b.config.max_conns {
+                let mut fair = total as f64 * b.weight_scaled() as f64 / weights as f64;
+                if let Some(max) = b.max_conns() {
                     fair = fair.min(max as f64);
                 }
                 b.state.active() as f64 / fair.max(f64::MIN_POSITIVE)
@@ -323,6 +340,42 @@ mod tests {
                 .collect::<String>()
         );
         Config::parse(&text, "test.toml").unwrap().listeners[0].clone()
+    }
+
+    fn with_outlier(backends: &[&str], percent: u32) -> ListenerRoute {
+        let mut config = listener(backends);
+        config.outlier = Some(crate::config::OutlierConfig {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: percent,
+        });
+        ListenerRoute::build(config, &Registry::default(), Health::Up)
+    }
+
+    #[test]
+    fn failures_eject_only_in_a_row_and_a_first_byte_starts_the_count_over() {
+        let route = with_outlier(&["a", "b"], 50);
+        for failed in [true, true, false, true, true] {
+            route.observe(0, failed);
+        }
+        assert!(!route.backends[0].state.is_ejected());
+        route.observe(0, true);
+        assert!(route.backends[0].state.is_ejected());
+        assert_eq!(route.backends[0].phase().as_str(), "ejected");
+        assert!((0..4).all(|_| route.pick(CLIENT, &[]) == Some(1)));
+        // The cap: b may not follow while a is out (2 of 2 > 50%).
+        (0..5).for_each(|_| route.observe(1, true));
+        assert!(!route.backends[1].state.is_ejected());
+    }
+
+    #[test]
+    fn a_listener_s_only_backend_is_ejected_only_at_100_percent() {
+        for (percent, ejected) in [(99, false), (100, true)] {
+            let route = with_outlier(&["a"], percent);
+            (0..3).for_each(|_| route.observe(0, true));
+            assert_eq!(route.backends[0].state.is_ejected(), ejected, "{percent}%");
+        }
     }
 
     #[test]

@@ -95,6 +95,9 @@ pub enum Phase {
     /// In service, but taken out by passive ejection (outlier detection) until `until`;
     /// back by itself then, or at a passing health check.
     Ejected { until: Instant },
+    /// Its agent said `drain` or `maint`: no new connections, and its connections stay
+    /// (no drain clock) until the agent says `ready`.
+    AgentDrained,
 }
 
 impl Phase {
@@ -104,7 +107,7 @@ impl Phase {
             Phase::Up => "up",
             Phase::Checking => "checking",
             Phase::Down => "down",
-            Phase::Draining { .. } | Phase::Removed { .. } => "draining",
+            Phase::Draining { .. } | Phase::Removed { .. } | Phase::AgentDrained => "draining",
             Phase::Ejected { .. } => "ejected",
         }
     }
@@ -123,8 +126,39 @@ impl Phase {
     }
 }
 
-/// No weight set at run time.
-const NO_OVERRIDE: u32 = u32::MAX;
+/// A weight set at run time, in place of the configured one: the latest word wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeWeight {
+    /// By the admin API: this weight, until the next reload.
+    Api(u32),
+    /// By the backend's agent: this percentage of the configured weight, until the
+    /// agent says otherwise or the backend has no agent any more.
+    AgentPercent(u32),
+}
+
+impl RuntimeWeight {
+    const AGENT: u64 = 1 << 32;
+
+    fn encode(self) -> u64 {
+        match self {
+            RuntimeWeight::Api(weight) => u64::from(weight),
+            RuntimeWeight::AgentPercent(percent) => Self::AGENT | u64::from(percent),
+        }
+    }
+
+    fn decode(word: u64) -> Option<RuntimeWeight> {
+        match word {
+            u64::MAX => None,
+            w if w & Self::AGENT != 0 => Some(RuntimeWeight::AgentPercent(w as u32)),
+            w => Some(RuntimeWeight::Api(w as u32)),
+        }
+    }
+}
+
+/// The agent said `down` (it is down whatever its health checks say).
+const AGENT_DOWN: u8 = 1;
+/// The agent said `drain` or `maint`: no new connections; its connections stay.
+const AGENT_DRAINED: u8 = 2;
 
 /// Runtime state of one backend of one listener.
 #[derive(Debug)]
@@ -158,11 +192,12 @@ pub struct BackendState {
     /// Ejections in a row (each doubles the next one's length), and when the latest ended.
     ejections_in_row: AtomicU32,
     last_ejection_end_ms: AtomicU64,
-    /// A weight set at run time (the admin API, or an agent's percentage), in place of
-    /// the configured one until the next reload; [`NO_OVERRIDE`] when none.
-    runtime_weight: AtomicU32,
+    /// A [`RuntimeWeight`], encoded (see [`RuntimeWeight::encode`]); `u64::MAX` when none.
+    runtime_weight: AtomicU64,
     /// A `max_conns` an agent reported (`maxconn:N`); `u64::MAX` when none.
     agent_max_conns: AtomicU64,
+    /// What the backend's agent said of its service: [`AGENT_DOWN`], [`AGENT_DRAINED`].
+    agent_flags: AtomicU8,
     epoch: Instant,
     /// Bytes to and from the backend: added on every write of every connection, so
     /// kept per thread (see [`Striped`]) and published to `metrics` at each scrape.
@@ -242,8 +277,9 @@ impl BackendState {
             ejected_until_ms: AtomicU64::new(0),
             ejections_in_row: AtomicU32::new(0),
             last_ejection_end_ms: AtomicU64::new(0),
-            runtime_weight: AtomicU32::new(NO_OVERRIDE),
+            runtime_weight: AtomicU64::new(u64::MAX),
             agent_max_conns: AtomicU64::new(u64::MAX),
+            agent_flags: AtomicU8::new(0),
             epoch: Instant::now(),
             sent: Striped::default(),
             received: Striped::default(),
@@ -291,12 +327,17 @@ impl BackendState {
         let word = self.service.load(Ordering::Relaxed);
         let since = || self.epoch + Duration::from_millis(word >> 8);
         match Service::from_u8(word as u8) {
-            Service::InService => match (self.ejected_until(), self.health()) {
-                (Some(until), _) => Phase::Ejected { until },
-                (None, Health::Up) => Phase::Up,
-                (None, Health::Checking) => Phase::Checking,
-                (None, Health::Down) => Phase::Down,
-            },
+            Service::InService => {
+                let agent = self.agent_flags.load(Ordering::Relaxed);
+                match (self.ejected_until(), self.health()) {
+                    (Some(until), _) => Phase::Ejected { until },
+                    (None, Health::Up) if agent & AGENT_DOWN != 0 => Phase::Down,
+                    (None, Health::Up) if agent & AGENT_DRAINED != 0 => Phase::AgentDrained,
+                    (None, Health::Up) => Phase::Up,
+                    (None, Health::Checking) => Phase::Checking,
+                    (None, Health::Down) => Phase::Down,
+                }
+            }
             Service::Drained | Service::ConfigDrained => Phase::Draining { since: since() },
             Service::Removed => Phase::Removed { since: since() },
         }
@@ -506,6 +547,9 @@ impl BackendState {
         {
             self.last_ejection_end_ms
                 .store(self.now_ms(), Ordering::Relaxed);
+            // Failures seen while it was out (connections already on their way) do not
+            // count towards the next ejection.
+            self.failures.store(0, Ordering::Relaxed);
             self.mark_changed();
             tracing::info!(listener = %self.listener, backend = %self.name, "backend back in service: {why}");
         }
@@ -514,7 +558,13 @@ impl BackendState {
     /// A connection to the backend failed (connect refused or timed out, or reset before
     /// the backend's first byte); returns the failures in a row.
     pub fn record_failure(&self) -> u32 {
-        self.failures.fetch_add(1, Ordering::Relaxed) + 1
+        let before = self
+            .failures
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {
+                Some(f.saturating_add(1))
+            })
+            .unwrap_or(u32::MAX);
+        before.saturating_add(1)
     }
 
     /// The backend answered (its first byte reached a client): the failures in a row
@@ -522,6 +572,14 @@ impl BackendState {
     pub fn record_success(&self) {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Ends an ejection now (its listener no longer detects outliers).
+    pub fn clear_ejection(&self) {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        if until != 0 {
+            self.end_ejection(until, "outlier detection is off");
         }
     }
 
@@ -552,16 +610,14 @@ impl BackendState {
         length
     }
 
-    /// The weight set at run time, if any (it replaces the configured one).
-    pub fn runtime_weight(&self) -> Option<u32> {
-        let weight = self.runtime_weight.load(Ordering::Relaxed);
-        (weight != NO_OVERRIDE).then_some(weight)
+    /// The weight set at run time, if any.
+    pub fn runtime_weight(&self) -> Option<RuntimeWeight> {
+        RuntimeWeight::decode(self.runtime_weight.load(Ordering::Relaxed))
     }
 
-    /// Sets the weight at run time (`None`: back to the configured one).
-    pub fn set_runtime_weight(&self, weight: Option<u32>) {
-        let stored = weight.map_or(NO_OVERRIDE, |w| w.min(NO_OVERRIDE - 1));
-        self.runtime_weight.store(stored, Ordering::Relaxed);
+    pub fn set_runtime_weight(&self, weight: Option<RuntimeWeight>) {
+        let word = weight.map_or(u64::MAX, RuntimeWeight::encode);
+        self.runtime_weight.store(word, Ordering::Relaxed);
     }
 
     /// The `max_conns` an agent reported, if any.
@@ -575,16 +631,40 @@ impl BackendState {
         self.agent_max_conns.store(stored, Ordering::Relaxed);
     }
 
-    /// What a reload starts from: the configured weight and `max_conns`.
-    pub fn clear_runtime_settings(&self) {
-        self.set_runtime_weight(None);
-        self.set_agent_max_conns(None);
+    /// The agent says the backend is down (`true`) or up.
+    pub fn set_agent_down(&self, down: bool) {
+        self.set_agent_flag(AGENT_DOWN, down);
     }
 
-    /// An agent says the backend is up or down (as a health check would).
-    pub fn set_agent_health(&self, up: bool) {
-        self.health_streak.store(0, Ordering::Relaxed);
-        self.set_health(if up { Health::Up } else { Health::Down });
+    /// The agent says `drain` or `maint` (`true`), or `ready`.
+    pub fn set_agent_drained(&self, drained: bool) {
+        self.set_agent_flag(AGENT_DRAINED, drained);
+    }
+
+    fn set_agent_flag(&self, flag: u8, on: bool) {
+        let before = if on {
+            self.agent_flags.fetch_or(flag, Ordering::Relaxed)
+        } else {
+            self.agent_flags.fetch_and(!flag, Ordering::Relaxed)
+        };
+        if (before & flag != 0) != on {
+            self.mark_changed();
+        }
+    }
+
+    /// What a reload keeps of the settings made at run time: the admin API's weight
+    /// goes (until the next reload, as the API says); an agent's words stay while the
+    /// backend still has an agent, and go with it.
+    pub fn after_reload(&self, has_agent: bool) {
+        if matches!(self.runtime_weight(), Some(RuntimeWeight::Api(_)))
+            || (!has_agent && self.runtime_weight().is_some())
+        {
+            self.set_runtime_weight(None);
+        }
+        if !has_agent {
+            self.set_agent_max_conns(None);
+            self.agent_flags.store(0, Ordering::Relaxed);
+        }
     }
 
     pub fn ejections(&self) -> u64 {
@@ -905,15 +985,40 @@ mod tests {
     }
 
     #[test]
-    fn a_weight_and_max_conns_set_at_run_time_go_back_to_none() {
+    fn a_reload_drops_the_api_s_weight_and_keeps_an_agent_s_words_while_it_has_an_agent() {
         let b = BackendState::new("web", "a", Metrics::new().backend("web", "a"));
         assert_eq!((b.runtime_weight(), b.agent_max_conns()), (None, None));
-        b.set_runtime_weight(Some(0));
+        for weight in [
+            RuntimeWeight::Api(0),
+            RuntimeWeight::Api(u32::MAX),
+            RuntimeWeight::AgentPercent(0),
+            RuntimeWeight::AgentPercent(1000),
+        ] {
+            b.set_runtime_weight(Some(weight));
+            assert_eq!(b.runtime_weight(), Some(weight));
+        }
         b.set_agent_max_conns(Some(u64::MAX));
-        assert_eq!(b.runtime_weight(), Some(0));
         assert_eq!(b.agent_max_conns(), Some(u64::MAX - 1));
-        b.clear_runtime_settings();
-        assert_eq!((b.runtime_weight(), b.agent_max_conns()), (None, None));
+        b.set_agent_drained(true);
+        assert_eq!(b.phase(), Phase::AgentDrained);
+        assert!(
+            !b.phase().is_draining(),
+            "no drain clock: its connections stay"
+        );
+        b.after_reload(true);
+        assert_eq!(b.runtime_weight(), Some(RuntimeWeight::AgentPercent(1000)));
+        assert_eq!(b.phase(), Phase::AgentDrained);
+        b.set_runtime_weight(Some(RuntimeWeight::Api(3)));
+        b.after_reload(true);
+        assert_eq!(b.runtime_weight(), None);
+        b.set_agent_down(true);
+        assert_eq!(b.phase(), Phase::Down);
+        b.set_runtime_weight(Some(RuntimeWeight::AgentPercent(50)));
+        b.after_reload(false);
+        assert_eq!(
+            (b.runtime_weight(), b.agent_max_conns(), b.phase()),
+            (None, None, Phase::Up)
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use ballast::config::SendProxy;
 use ballast::proxy_protocol::header;
 use ballast::state::RejectReason;
+use ballast::state::{Phase, RuntimeWeight::AgentPercent};
 use common::*;
 use ppp::{v1, v2, HeaderResult};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -492,15 +493,15 @@ async fn a_backend_that_refuses_connects_is_ejected_without_failing_a_client_and
     let c = dead_addr().await;
     let (d, e) = (dead_addr().await, dead_addr().await);
     let outlier = |base: &str| {
-        format!("  [listeners.outlier]\n  consecutive_failures = 3\n  base_ejection = \"{base}\"\n  max_ejection = \"4s\"\n  max_ejected_percent = 50\n")
+        format!("  [listeners.outlier]\n  consecutive_failures = 3\n  base_ejection = \"{base}\"\n  max_ejection = \"8s\"\n  max_ejected_percent = 50\n")
     };
     let ballast = start(&format!(
         "[admin]\nbind = \"127.0.0.1:0\"\n\
          [[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\nretries = 2\n{}{}\
          [[listeners]]\nname = \"capped\"\nbind = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\nretries = 2\n{}{}",
-        outlier("1s"),
+        outlier("3s"),
         backends_toml(&[("a", a.addr, 1), ("b", b.addr, 1), ("c", c, 1)]),
-        outlier("4s"),
+        outlier("8s"),
         backends_toml(&[("a", a.addr, 1), ("d", d, 1), ("e", e, 1)]),
     ))
     .await;
@@ -651,7 +652,8 @@ async fn a_backend_s_agent_sets_its_share_its_cap_and_its_service_and_the_api_se
     // 50%: b's weight is 1 of a's 2, for new connections short and long.
     *reply.lock().unwrap() = "up 50%\n".into();
     wait_until("50% applied", || {
-        b_of("w").runtime_weight() == Some(1) && b_of("lc").runtime_weight() == Some(1)
+        b_of("w").runtime_weight() == Some(AgentPercent(50))
+            && b_of("lc").runtime_weight() == Some(AgentPercent(50))
     })
     .await;
     wait_for_metric(
@@ -680,22 +682,31 @@ async fn a_backend_s_agent_sets_its_share_its_cap_and_its_service_and_the_api_se
     // maxconn:5 caps it whatever its weight.
     *reply.lock().unwrap() = "100% maxconn:5\n".into();
     wait_until("maxconn applied", || {
-        b_of("lc").agent_max_conns() == Some(5) && b_of("lc").runtime_weight() == Some(2)
+        b_of("lc").agent_max_conns() == Some(5)
+            && b_of("lc").runtime_weight() == Some(AgentPercent(100))
     })
     .await;
     let (landed, held) = land(lc, 30, true).await;
     assert_eq!(landed, shares(&[("a", 25), ("b", 5)]));
 
-    // drain: out of service, its connections drain; ready: back.
+    // drain: no new connections, while its connections stay; ready: back.
     *reply.lock().unwrap() = "drain\n".into();
-    wait_until("drained", || b_of("lc").phase().is_draining()).await;
+    wait_until("drained", || {
+        b_of("lc").phase() == Phase::AgentDrained && b_of("w").phase() == Phase::AgentDrained
+    })
+    .await;
     assert!(states(admin, "lc")
         .await
         .contains(&("b".into(), "draining".into())));
     assert_eq!(land(w, 10, false).await.0, shares(&[("a", 10)]));
+    // Its connections stay through an agent's drain (no drain clock).
+    assert_eq!(b_of("lc").active(), 5);
     drop(held);
-    *reply.lock().unwrap() = "ready maxconn:1000\n".into();
-    wait_until("ready", || !b_of("w").phase().is_draining()).await;
+    *reply.lock().unwrap() = "ready 50% maxconn:1000\n".into();
+    wait_until("ready", || {
+        b_of("w").phase() == Phase::Up && b_of("w").runtime_weight() == Some(AgentPercent(50))
+    })
+    .await;
 
     // The API's weight holds until the agent's next word on that backend: a has no
     // agent, so 6 holds; b's agent says 100% (weight 2) again.
@@ -710,7 +721,10 @@ async fn a_backend_s_agent_sets_its_share_its_cap_and_its_service_and_the_api_se
     .await;
     assert_eq!(status, 200, "{body}");
     *reply.lock().unwrap() = "100%\n".into();
-    wait_until("b at 2", || b_of("w").runtime_weight() == Some(2)).await;
+    wait_until("b at 100%", || {
+        b_of("w").runtime_weight() == Some(AgentPercent(100))
+    })
+    .await;
     assert_eq!(land(w, 32, false).await.0, shares(&[("a", 24), ("b", 8)]));
     for (body, expect) in [
         ("{\"weight\": -1}", 400),

@@ -403,7 +403,8 @@ fn set_weight(ballast: &Ballast, listener: &str, backend: &str, body: &[u8]) -> 
             ),
         );
     };
-    b.state.set_runtime_weight(Some(weight as u32));
+    b.state
+        .set_runtime_weight(Some(crate::state::RuntimeWeight::Api(weight as u32)));
     tracing::info!(
         listener,
         backend,

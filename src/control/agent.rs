@@ -6,14 +6,15 @@
 //!
 //! - `75%`: the weight is 75% of the configured one (`0%`: no new connections);
 //! - `maxconn:30`: at most 30 live connections (`maxconn:0`: no new connections);
-//! - `drain` and `maint`: out of service (its connections drain), `ready`: back in;
-//! - `up`, and `down` (also `fail`, `stopped`): the backend's health.
+//! - `drain` and `maint`: no new connections, its connections stay; `ready`: back;
+//! - `down` (also `fail`, `stopped`): down whatever the health checks say; `up` lifts
+//!   the agent's own `down` only.
 //!
 //! Words are separated by spaces, tabs or commas, in any case; a `#` starts a comment;
-//! words it does not know are left alone. What an agent sets stays until its next
-//! report, the next reload, or an operator's word (the admin API's weight, drain and
-//! undrain): the latest one wins. An agent that cannot be reached or says nothing
-//! useful changes nothing.
+//! words it does not know are left alone. The agent's words are its own state, apart
+//! from the operator's drain and the health checks'. Its percentage and the admin API's
+//! weight replace each other (the latest wins). An agent that cannot be reached or says
+//! nothing useful changes nothing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,10 +24,10 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info};
 
-use crate::config::{DEFAULT_AGENT_INTERVAL, MAX_WEIGHT};
+use crate::config::DEFAULT_AGENT_INTERVAL;
 use crate::control::periodic::{self, Probe};
 use crate::routing::{BackendRoute, ListenerRoute};
-use crate::state::BackendState;
+use crate::state::{BackendState, RuntimeWeight};
 use crate::Ballast;
 
 /// The longest reply read: a line of words fits many times over.
@@ -82,20 +83,21 @@ pub fn parse(reply: &[u8]) -> Result<Vec<Word>, String> {
     Ok(words)
 }
 
-/// Applies an agent's words to a backend configured with `weight`; `config_drained` says
-/// whether its config takes it out of service (`max_conns = 0`), which `ready` keeps.
-fn apply(state: &BackendState, weight: u32, config_drained: bool, words: &[Word]) {
+/// Applies an agent's words to a backend. They are the agent's own: its weight is a
+/// percentage of the configured one, its `drain` keeps the backend's connections (the
+/// operator's drain and its clock are the admin API's), its `down` holds whatever the
+/// health checks say and its `up` only lifts its own `down`.
+fn apply(state: &BackendState, words: &[Word]) {
     for word in words {
         match *word {
             Word::Percent(percent) => {
-                let weight = u64::from(weight) * u64::from(percent) / 100;
-                state.set_runtime_weight(Some(weight.min(MAX_WEIGHT) as u32));
+                state.set_runtime_weight(Some(RuntimeWeight::AgentPercent(percent)))
             }
             Word::MaxConn(max) => state.set_agent_max_conns(Some(max)),
-            Word::Drain | Word::Maint => state.set_drained(true),
-            Word::Ready => state.undrain(config_drained),
-            Word::Up => state.set_agent_health(true),
-            Word::Down => state.set_agent_health(false),
+            Word::Drain | Word::Maint => state.set_agent_drained(true),
+            Word::Ready => state.set_agent_drained(false),
+            Word::Up => state.set_agent_down(false),
+            Word::Down => state.set_agent_down(true),
         }
     }
 }
@@ -114,7 +116,6 @@ pub async fn run(ballast: Ballast, stopped: watch::Receiver<bool>) {
     let probe = |l: &ListenerRoute, b: &BackendRoute| -> Option<Probe> {
         let addr = l.config.agent_of(&b.config)?;
         let timeout = interval(l, b)?;
-        let (weight, drained) = (b.config.weight, b.config.max_conns == Some(0));
         let state = Arc::clone(&b.state);
         Some(Box::pin(async move {
             match tokio::time::timeout(timeout, ask(addr)).await {
@@ -125,7 +126,7 @@ pub async fn run(ballast: Ballast, stopped: watch::Receiver<bool>) {
                             state.runtime_weight(),
                             state.agent_max_conns(),
                         );
-                        apply(&state, weight, drained, &words);
+                        apply(&state, &words);
                         let after = (
                             state.phase(),
                             state.runtime_weight(),
@@ -133,8 +134,7 @@ pub async fn run(ballast: Ballast, stopped: watch::Receiver<bool>) {
                         );
                         if before != after {
                             info!(
-                                listener = %state.listener, backend = %state.name, %addr,
-                                reply = %String::from_utf8_lossy(&reply).trim_end(),
+                                listener = %state.listener, backend = %state.name, %addr, ?words,
                                 state = after.0.as_str(), weight = ?after.1, max_conns = ?after.2,
                                 "agent report applied"
                             );
@@ -203,24 +203,30 @@ mod tests {
     }
 
     #[test]
-    fn a_report_sets_weight_max_conns_service_and_health() {
+    fn a_report_sets_weight_max_conns_service_and_health_of_the_agent_s_own() {
         let b = BackendState::new("web", "a", Metrics::new().backend("web", "a"));
-        apply(&b, 4, false, &[Word::Percent(50), Word::MaxConn(5)]);
+        apply(&b, &[Word::Percent(50), Word::MaxConn(5)]);
         assert_eq!(
             (b.runtime_weight(), b.agent_max_conns()),
-            (Some(2), Some(5))
+            (Some(RuntimeWeight::AgentPercent(50)), Some(5))
         );
-        apply(&b, 4, false, &[Word::Drain]);
-        assert!(b.phase().is_draining());
-        apply(&b, 4, false, &[Word::Ready, Word::Down]);
+        apply(&b, &[Word::Drain]);
+        assert_eq!(b.phase(), Phase::AgentDrained);
+        apply(&b, &[Word::Ready, Word::Down]);
         assert_eq!(b.phase(), Phase::Down);
-        apply(&b, 4, false, &[Word::Up, Word::Percent(0)]);
-        assert_eq!((b.phase(), b.runtime_weight()), (Phase::Up, Some(0)));
-        // `ready` leaves a backend its config takes out of service out.
+        apply(&b, &[Word::Up, Word::Percent(0)]);
+        assert_eq!(
+            (b.phase(), b.runtime_weight()),
+            (Phase::Up, Some(RuntimeWeight::AgentPercent(0)))
+        );
+        // The agent's `ready` is no operator's undrain, and its `up` no passing check.
+        b.set_drained(true);
+        apply(&b, &[Word::Ready]);
+        assert!(b.phase().is_draining());
         let c = BackendState::new("web", "c", Metrics::new().backend("web", "c"));
-        c.set_config_drained(true);
-        apply(&c, 1, true, &[Word::Drain, Word::Ready]);
-        assert!(c.phase().is_draining());
+        c.record_health(Err("refused".into()), 1, 1);
+        apply(&c, &[Word::Up]);
+        assert_eq!(c.phase(), Phase::Down);
     }
 
     proptest! {

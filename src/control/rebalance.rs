@@ -152,9 +152,11 @@ fn rebalance(conns: &Conns, listener: &ListenerRoute, config: &RebalanceConfig) 
         .iter()
         .map(|b| Load {
             active: b.state.active(),
-            weight: b.config.weight,
-            available: b.phase() == Phase::Up,
-            max_conns: b.config.max_conns,
+            // The weight in force (set at run time or not), in WEIGHT_SCALE units, which
+            // fit a u32 (MAX_WEIGHT * WEIGHT_SCALE < 2^32).
+            weight: b.weight_scaled().min(u64::from(u32::MAX)) as u32,
+            available: b.phase() == Phase::Up && b.weight_scaled() > 0,
+            max_conns: b.max_conns(),
         })
         .collect();
     for (backend, n) in
