@@ -101,6 +101,10 @@ impl Stage for ReadHeader {
                 };
                 (addresses, header.header.len())
             }
+            // ppp reads TLVs lazily: one that runs past the header refuses it here.
+            HeaderResult::V2(Ok(header)) if header.tlvs().any(|tlv| tlv.is_err()) => {
+                return Inspect::Refuse(self.not_a_header())
+            }
             HeaderResult::V2(Ok(header)) => {
                 let addresses = match (header.command, header.addresses) {
                     (v2::Command::Proxy, v2::Addresses::IPv4(a)) => Some((
