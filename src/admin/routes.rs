@@ -474,6 +474,37 @@ fn pick(ballast: &Ballast, listener: &str, query: &str) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Hostile paths and queries: a verdict, no panic; what decodes is what was
+        /// encoded, segment by segment.
+        #[test]
+        fn any_path_or_query_decodes_or_is_refused_and_encoded_segments_come_back(
+            path in "\\PC{0,200}",
+            query in "[%a-zA-Z0-9=&+/:.]{0,100}",
+            segments in proptest::collection::vec("\\PC{1,20}", 1..6),
+        ) {
+            let _ = decode_segments(&path);
+            let _ = decode_query(&query);
+            let encoded: Vec<String> = segments
+                .iter()
+                .map(|s| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string())
+                .collect();
+            let decoded = decode_segments(&format!("/{}", encoded.join("/"))).ok().unwrap_or_default();
+            prop_assert_eq!(decoded, segments);
+        }
+
+        #[test]
+        fn any_host_or_origin_gets_a_verdict(host in "\\PC{0,80}", origin in "\\PC{0,80}") {
+            let admin: SocketAddr = "127.0.0.1:9090".parse().unwrap();
+            let _ = host_allowed(&host, &[]);
+            let _ = origin_allowed(&origin, admin, &["lb.internal".to_string()]);
+            let _ = split_authority(&host);
+        }
+    }
 
     #[test]
     fn segments_are_decoded_after_splitting() {
