@@ -124,9 +124,12 @@ pub fn render(status: &Value) -> String {
                 text(&b["name"]),
                 text(&b["addr"]),
                 text(&b["state"]),
-                b["weight"].to_string(),
+                weight(b),
                 b["max_conns"]
                     .as_u64()
+                    .into_iter()
+                    .chain(b["agent_max_conns"].as_u64())
+                    .min()
                     .map_or("-".into(), |m| m.to_string()),
                 format!("{active:>6} {bar:<BAR_WIDTH$}"),
                 b["total"].to_string(),
@@ -157,6 +160,20 @@ pub fn render(status: &Value) -> String {
     out
 }
 
+/// The configured weight, and the one in use when it differs (set at run time, or in
+/// slow start): `2->0.5`.
+fn weight(b: &Value) -> String {
+    let configured = b["weight"].to_string();
+    match (b["weight"].as_f64(), b["effective_weight"].as_f64()) {
+        (Some(w), Some(e)) if (w - e).abs() > 1e-9 => {
+            let e = format!("{e:.2}");
+            let e = e.trim_end_matches('0').trim_end_matches('.');
+            format!("{configured}->{e}")
+        }
+        _ => configured,
+    }
+}
+
 /// An RFC 3339 time without its fraction of a second (`-` when absent).
 fn seconds(v: &Value) -> String {
     match v.as_str() {
@@ -181,7 +198,7 @@ mod tests {
         let status = serde_json::json!({"generation": 3, "listeners": [{
         "name": "web", "bind": "127.0.0.1:8080", "strategy": "least_conn", "active": 15,
         "backends": [
-            {"name": "app1", "addr": "127.0.0.1:3001", "weight": 2, "max_conns": null, "state": "up", "active": 10, "total": 40},
+            {"name": "app1", "addr": "127.0.0.1:3001", "weight": 2, "effective_weight": 0.5, "max_conns": null, "agent_max_conns": 30, "state": "up", "active": 10, "total": 40},
             {"name": "app2", "addr": "127.0.0.1:3002", "weight": 1, "max_conns": 0, "state": "draining", "active": 5, "total": 7,
              "since": "2026-11-23T05:20:08.123Z",
              "last_check_failure": {"at": "2026-11-23T05:19:58.001Z", "reason": "connection refused"}},
@@ -201,6 +218,10 @@ mod tests {
             "{table}"
         );
         assert!(app2.contains("2026-11-23T05:20:08Z"), "{table}");
+        assert!(
+            app1.contains(" 2->0.5 ") && app1.contains(" 30 "),
+            "{table}"
+        );
         assert!(
             table.contains("app2: last failed check 2026-11-23T05:19:58Z: connection refused"),
             "{table}"
