@@ -39,39 +39,15 @@ pub async fn run(
 ) -> Result<(), crate::StartError> {
     let mut backends = Vec::new();
     for name in BACKENDS {
-        let listener =
-            TcpListener::bind("127.0.0.1:0")
-                .await
-                .map_err(|source| crate::BindError {
-                    what: "demo backend",
-                    name: name.to_string(),
-                    addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-                    source,
-                })?;
-        backends.push((
-            name,
-            listener.local_addr().map_err(|source| crate::BindError {
-                what: "demo backend",
-                name: name.to_string(),
-                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-                source,
-            })?,
-        ));
+        let (addr, listener) = bind_local("demo backend", name).await?;
+        backends.push((name, addr));
         tokio::spawn(serve_backend(listener, name));
     }
     let mut agents = Vec::new();
     for (name, _) in &backends {
-        let agent = TcpListener::bind("127.0.0.1:0")
-            .await
-            .and_then(|a| Ok((a.local_addr()?, a)))
-            .map_err(|source| crate::BindError {
-                what: "demo agent",
-                name: name.to_string(),
-                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-                source,
-            })?;
-        agents.push(agent.0);
-        tokio::spawn(serve_agent(agent.1));
+        let (addr, agent) = bind_local("demo agent", name).await?;
+        agents.push(addr);
+        tokio::spawn(serve_agent(agent));
     }
     let config = Config::parse(&config_text(listen, admin, &backends, &agents), "demo")
         .map_err(crate::StartError::Config)?;
@@ -89,6 +65,24 @@ pub async fn run(
     stop.await;
     running.shutdown(Duration::from_secs(2)).await;
     Ok(())
+}
+
+/// A listening socket on a free loopback port, and its address.
+async fn bind_local(
+    what: &'static str,
+    name: &str,
+) -> Result<(SocketAddr, TcpListener), crate::BindError> {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let bound = async {
+        let listener = TcpListener::bind(any).await?;
+        Ok((listener.local_addr()?, listener))
+    };
+    bound.await.map_err(|source| crate::BindError {
+        what,
+        name: name.to_string(),
+        addr: any,
+        source,
+    })
 }
 
 fn config_text(

@@ -753,16 +753,5 @@ async fn a_backend_s_agent_sets_its_share_its_cap_and_its_service_and_the_api_se
 
 /// A POST with a JSON body to the admin endpoint: (status, body).
 async fn post_json(admin: SocketAddr, path: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(admin).await.unwrap();
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut answer))
-        .await
-        .expect("an answer in time")
-        .unwrap();
-    status_and_body(&answer)
+    http_with_body(admin, "POST", path, "", body).await
 }

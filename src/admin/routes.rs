@@ -17,6 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use percent_encoding::percent_decode_str;
 
+use crate::routing::{BackendRoute, Routing};
 use crate::Ballast;
 
 /// A request as the routes see it.
@@ -348,16 +349,31 @@ fn token_matches(request: &Request, expected: &str) -> bool {
             == 0
 }
 
-fn drain(ballast: &Ballast, listener: &str, backend: &str, drained: bool) -> Response {
-    let routing = ballast.routing();
+/// Backend `backend` of listener `listener`, or the 404 that says which is missing.
+fn find<'r>(
+    routing: &'r Routing,
+    listener: &str,
+    backend: &str,
+) -> Result<&'r BackendRoute, Response> {
     let Some(l) = routing.listener(listener) else {
-        return Response::error(404, &format!("no listener named {listener:?}"));
+        return Err(Response::error(
+            404,
+            &format!("no listener named {listener:?}"),
+        ));
     };
-    let Some(b) = l.backend(backend) else {
-        return Response::error(
+    l.backend(backend).ok_or_else(|| {
+        Response::error(
             404,
             &format!("listener {listener:?} has no backend named {backend:?}"),
-        );
+        )
+    })
+}
+
+fn drain(ballast: &Ballast, listener: &str, backend: &str, drained: bool) -> Response {
+    let routing = ballast.routing();
+    let b = match find(&routing, listener, backend) {
+        Ok(b) => b,
+        Err(missing) => return missing,
     };
     if drained {
         b.state.set_drained(true);
@@ -382,14 +398,9 @@ fn drain(ballast: &Ballast, listener: &str, backend: &str, drained: bool) -> Res
 /// new picks without draining its connections.
 fn set_weight(ballast: &Ballast, listener: &str, backend: &str, body: &[u8]) -> Response {
     let routing = ballast.routing();
-    let Some(l) = routing.listener(listener) else {
-        return Response::error(404, &format!("no listener named {listener:?}"));
-    };
-    let Some(b) = l.backend(backend) else {
-        return Response::error(
-            404,
-            &format!("listener {listener:?} has no backend named {backend:?}"),
-        );
+    let b = match find(&routing, listener, backend) {
+        Ok(b) => b,
+        Err(missing) => return missing,
     };
     let weight = serde_json::from_slice::<serde_json::Value>(body)
         .ok()

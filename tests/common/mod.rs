@@ -233,14 +233,30 @@ pub async fn wait_for_metric(
 /// address as `Host`, and a POST says `Content-Type: application/json` (as the admin
 /// API asks of a mutation) unless `headers` name another.
 pub async fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
+    http_with_body(addr, method, path, headers, "").await
+}
+
+/// As [`http_with`], with a request body.
+pub async fn http_with_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let json = if method == "POST" && !headers.to_ascii_lowercase().contains("content-type:") {
         "Content-Type: application/json\r\n"
     } else {
         ""
     };
+    let length = if body.is_empty() {
+        String::new()
+    } else {
+        format!("Content-Length: {}\r\n", body.len())
+    };
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{json}{headers}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{json}{length}{headers}Connection: close\r\n\r\n{body}"
     );
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut answer = String::new();
