@@ -102,14 +102,15 @@ fn config_text(
     text
 }
 
-/// A demo backend's agent (HAProxy's agent-check): reports the backend up at its full
-/// weight. An app's own agent would report its real load (`50%`, `maxconn:30`, `drain`).
+/// A demo backend's agent (HAProxy's agent-check): reports the backend up and ready,
+/// leaving its weight alone (so the weight API's holds). An app's own agent would report
+/// its real load (`50%`, `maxconn:30`, `drain`).
 async fn serve_agent(listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((mut stream, _)) => {
                 tokio::spawn(async move {
-                    let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, b"up 100%\n").await;
+                    let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, b"up ready\n").await;
                 });
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,

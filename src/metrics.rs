@@ -188,7 +188,7 @@ impl Metrics {
             ),
             backend_up: int_gauge_vec(
                 "ballast_backend_up",
-                "1 when the backend passes health checks, 0 when it is down.",
+                "1 when the backend passes health checks and neither its agent nor passive ejection takes it out, 0 otherwise.",
                 lb,
             ),
             backend_draining: int_gauge_vec(

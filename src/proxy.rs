@@ -426,9 +426,10 @@ async fn proxy(
     // that names nobody.
     let (early, named) = match hello {
         None => (Vec::new(), Named::Socket),
+        Some(hello) if hello.nobody => (hello.early, Named::Nobody),
         Some(hello) => match hello.destination {
             Some(destination) => (hello.early, Named::Header(destination)),
-            None => (hello.early, Named::Nobody),
+            None => (hello.early, Named::Socket),
         },
     };
     let send_proxy = route.backends[index]

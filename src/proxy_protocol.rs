@@ -127,6 +127,7 @@ impl Stage for ReadHeader {
         Inspect::Done {
             client: addresses.map(|(client, _)| client),
             destination: addresses.map(|(_, destination)| destination),
+            nobody: addresses.is_none(),
             server_name: None,
             consumed,
         }
@@ -232,6 +233,7 @@ mod tests {
                         Inspect::Done {
                             client: Some(client),
                             destination: Some(destination),
+                            nobody: false,
                             server_name: None,
                             consumed: length,
                         },
@@ -379,7 +381,7 @@ mod tests {
                 bytes.extend_from_slice(&tail);
                 prop_assert_eq!(
                     stage(AcceptProxy::Any).inspect(&bytes),
-                    Inspect::Done { client: Some(client), destination: Some(destination), server_name: None, consumed: written.len() }
+                    Inspect::Done { client: Some(client), destination: Some(destination), nobody: false, server_name: None, consumed: written.len() }
                 );
             }
         }

@@ -32,6 +32,9 @@ pub enum Inspect {
         client: Option<SocketAddr>,
         /// Where the client connected to, when the bytes say (a PROXY header does).
         destination: Option<SocketAddr>,
+        /// The bytes say the connection is made for nobody (a PROXY `LOCAL` or `UNKNOWN`
+        /// header, an upstream's health check): a header passed on names nobody too.
+        nobody: bool,
         server_name: Option<String>,
         consumed: usize,
     },
@@ -63,6 +66,8 @@ pub struct Hello {
     pub client: SocketAddr,
     /// Where the client connected to, when the stage learnt it.
     pub destination: Option<SocketAddr>,
+    /// Made for nobody (see [`Inspect::Done`]).
+    pub nobody: bool,
     pub server_name: Option<String>,
     /// Bytes read and not consumed: the backend gets them first.
     pub early: Vec<u8>,
@@ -129,6 +134,7 @@ async fn read_until_decided(
             Inspect::Done {
                 client,
                 destination,
+                nobody,
                 server_name,
                 consumed,
             } => {
@@ -137,6 +143,7 @@ async fn read_until_decided(
                 return Ok(Hello {
                     client: client.unwrap_or(peer),
                     destination,
+                    nobody,
                     server_name,
                     early: buf,
                 });
@@ -165,6 +172,7 @@ impl Stage for FromLine {
             Some(addr) => Inspect::Done {
                 client: Some(addr),
                 destination: None,
+                nobody: false,
                 server_name: None,
                 consumed: end + 1,
             },

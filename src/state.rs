@@ -331,8 +331,10 @@ impl BackendState {
                 let agent = self.agent_flags.load(Ordering::Relaxed);
                 match (self.ejected_until(), self.health()) {
                     (Some(until), _) => Phase::Ejected { until },
-                    (None, Health::Up) if agent & AGENT_DOWN != 0 => Phase::Down,
-                    (None, Health::Up) if agent & AGENT_DRAINED != 0 => Phase::AgentDrained,
+                    (None, Health::Up | Health::Checking) if agent & AGENT_DOWN != 0 => Phase::Down,
+                    (None, Health::Up | Health::Checking) if agent & AGENT_DRAINED != 0 => {
+                        Phase::AgentDrained
+                    }
                     (None, Health::Up) => Phase::Up,
                     (None, Health::Checking) => Phase::Checking,
                     (None, Health::Down) => Phase::Down,
@@ -495,7 +497,7 @@ impl BackendState {
         let ok = result.is_ok();
         let ejected = self.ejected_until_ms.load(Ordering::Relaxed);
         if ok && ejected != 0 {
-            self.end_ejection(ejected, "a health check passed");
+            self.end_ejection(ejected, self.now_ms(), "a health check passed");
         }
         if let Err(reason) = result {
             *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(CheckFailure {
@@ -535,22 +537,23 @@ impl BackendState {
         if self.now_ms() < until {
             return Some(self.epoch + Duration::from_millis(until));
         }
-        self.end_ejection(until, "its ejection ran out");
+        self.end_ejection(until, until, "its ejection ran out");
         None
     }
 
-    fn end_ejection(&self, until: u64, why: &str) {
+    /// Ends the ejection that was to last until `until` (millis since `epoch`), as of
+    /// `ended` (its expiry, or now).
+    fn end_ejection(&self, until: u64, ended: u64, why: &str) {
         if self
             .ejected_until_ms
             .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
         {
-            self.last_ejection_end_ms
-                .store(self.now_ms(), Ordering::Relaxed);
+            self.last_ejection_end_ms.store(ended, Ordering::Relaxed);
             // Failures seen while it was out (connections already on their way) do not
             // count towards the next ejection.
             self.failures.store(0, Ordering::Relaxed);
-            self.mark_changed();
+            self.changed_ms.store(ended, Ordering::Relaxed);
             tracing::info!(listener = %self.listener, backend = %self.name, "backend back in service: {why}");
         }
     }
@@ -579,7 +582,7 @@ impl BackendState {
     pub fn clear_ejection(&self) {
         let until = self.ejected_until_ms.load(Ordering::Relaxed);
         if until != 0 {
-            self.end_ejection(until, "outlier detection is off");
+            self.end_ejection(until, self.now_ms(), "outlier detection is off");
         }
     }
 
@@ -968,7 +971,8 @@ mod tests {
             lengths.push(b.eject(base, max));
             assert!(b.is_ejected());
             assert!(matches!(b.phase(), Phase::Ejected { .. }));
-            b.end_ejection(b.ejected_until_ms.load(Ordering::Relaxed), "test");
+            let until = b.ejected_until_ms.load(Ordering::Relaxed);
+            b.end_ejection(until, b.now_ms(), "test");
             assert!(!b.is_ejected());
             assert_eq!(b.phase(), Phase::Up);
         }

@@ -999,7 +999,19 @@ impl Reader<'_> {
             &SendProxy::NAMES,
         );
         let max_conns_per_ip = self.count(&t, "max_conns_per_ip", &Bounds::connections(1, 100));
-        let allow = self.cidrs(&t, "allow");
+        let allow = match self.cidrs(&t, "allow") {
+            Field::Given(at) if at.value.is_empty() => {
+                self.problem(
+                    at.span,
+                    format!(
+                        "{} is empty, which would refuse every client: leave it out to allow all, or list the CIDRs allowed",
+                        t.what("allow")
+                    ),
+                );
+                Field::Wrong
+            }
+            allow => allow,
+        };
         let deny = self.cidrs(&t, "deny");
         let health = match t.get("health") {
             None => Some(None),

@@ -32,7 +32,7 @@ use crate::conn::{Ask, Conns, EndReason};
 use crate::logging::{rfc3339, unix_now};
 use crate::proxy::{self, DataPlane};
 use crate::routing::Routing;
-use crate::state::{BackendState, ListenerState, Registry};
+use crate::state::{BackendState, ListenerState, Phase, Registry};
 use crate::systemd;
 use crate::workers::Spread;
 
@@ -433,8 +433,12 @@ impl Ballast {
         for l in &routing.listeners {
             for b in &l.backends {
                 let m = b.state.metrics();
-                m.up.set(i64::from(b.state.is_up()));
-                m.draining.set(i64::from(b.is_draining()));
+                // As the status says it: an agent's `down` and an ejection are not up, an
+                // agent's `drain` is draining.
+                let phase = b.phase();
+                let out = matches!(phase, Phase::Down | Phase::Ejected { .. });
+                m.up.set(i64::from(b.state.is_up() && !out));
+                m.draining.set(i64::from(phase.as_str() == "draining"));
                 m.weight.set(i64::from(b.config.weight));
                 m.effective_weight.set(
                     b.effective_weight(l.config.slow_start) as f64

@@ -33,7 +33,8 @@ const MAX_NAP: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Load {
     pub active: u64,
-    pub weight: u32,
+    /// The weight in force, in any unit (only ratios count).
+    pub weight: u64,
     /// Up, not draining, not removed: it has a fair share.
     pub available: bool,
     pub max_conns: Option<u64>,
@@ -51,7 +52,7 @@ pub fn fair_shares(backends: &[Load]) -> Vec<f64> {
         .collect();
     let mut left = total as f64;
     loop {
-        let weights: f64 = open.iter().map(|&i| f64::from(backends[i].weight)).sum();
+        let weights: f64 = open.iter().map(|&i| backends[i].weight as f64).sum();
         if weights == 0.0 {
             return shares;
         }
@@ -61,12 +62,12 @@ pub fn fair_shares(backends: &[Load]) -> Vec<f64> {
             .filter(|&i| {
                 backends[i]
                     .max_conns
-                    .is_some_and(|max| left * f64::from(backends[i].weight) / weights > max as f64)
+                    .is_some_and(|max| left * (backends[i].weight as f64) / weights > max as f64)
             })
             .collect();
         if capped.is_empty() {
             for &i in &open {
-                shares[i] = left * f64::from(backends[i].weight) / weights;
+                shares[i] = left * (backends[i].weight as f64) / weights;
             }
             return shares;
         }
@@ -152,9 +153,8 @@ fn rebalance(conns: &Conns, listener: &ListenerRoute, config: &RebalanceConfig) 
         .iter()
         .map(|b| Load {
             active: b.state.active(),
-            // The weight in force (set at run time or not), in WEIGHT_SCALE units, which
-            // fit a u32 (MAX_WEIGHT * WEIGHT_SCALE < 2^32).
-            weight: b.weight_scaled().min(u64::from(u32::MAX)) as u32,
+            // The weight in force (set at run time or not), in WEIGHT_SCALE units.
+            weight: b.weight_scaled(),
             available: b.phase() == Phase::Up && b.weight_scaled() > 0,
             max_conns: b.max_conns(),
         })
@@ -181,7 +181,7 @@ fn rebalance(conns: &Conns, listener: &ListenerRoute, config: &RebalanceConfig) 
 mod tests {
     use super::*;
 
-    fn load(active: u64, weight: u32) -> Load {
+    fn load(active: u64, weight: u64) -> Load {
         Load {
             active,
             weight,
