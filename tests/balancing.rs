@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
 
 use common::*;
 
@@ -130,12 +129,7 @@ async fn ip_hash_keeps_each_client_on_one_backend_and_spreads_1000_ips_evenly_ov
     let addr = ballast.listener_addr("web");
     let mut per_backend: HashMap<String, usize> = HashMap::new();
     for i in 0..1000u32 {
-        let ip = IpAddr::V4(Ipv4Addr::new(
-            127,
-            1 + (i / 250) as u8,
-            (i % 250) as u8,
-            1 + (i % 7) as u8,
-        ));
+        let ip = client_ip(i);
         let (_first, name) = connect_from_and_greet(Some(ip), addr).await;
         let (_second, again) = connect_from_and_greet(Some(ip), addr).await;
         assert_eq!(name, again, "client {ip} moved between backends");

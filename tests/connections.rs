@@ -74,14 +74,6 @@ fn closed(text: &str, listener: &str, reason: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
-/// The access log lines of `listener` in a whole log: the ten fields of each.
-fn access_lines<'a>(log: &'a str, listener: &str) -> Vec<Vec<&'a str>> {
-    log.lines()
-        .map(|l| l.split(' ').collect::<Vec<_>>())
-        .filter(|f| f.len() == 10 && f[1] == listener && f[0].ends_with('Z'))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_ending_has_its_access_log_line_and_its_counter() {
     let echo = Backend::echo("echo").await;

@@ -290,12 +290,7 @@ async fn the_backend_sees_the_real_client_that_an_upstream_header_names() {
     .await;
 
     let (_, log) = ballast.stop().await;
-    let lines = |listener: &str| -> Vec<Vec<String>> {
-        log.lines()
-            .map(|l| l.split(' ').map(str::to_string).collect::<Vec<_>>())
-            .filter(|f| f.len() == 10 && f[1] == listener && f[0].ends_with('Z'))
-            .collect()
-    };
+    let lines = |listener: &str| access_lines(&log, listener);
     // The access log names the real client.
     let any = lines("any");
     for client in ["192.0.2.7:4000", "[2001:db8::7]:4002"] {
@@ -310,9 +305,9 @@ async fn the_backend_sees_the_real_client_that_an_upstream_header_names() {
         4,
         "{any:?}"
     );
-    let few: Vec<_> = lines("few").into_iter().map(|f| f[9].clone()).collect();
+    let few: Vec<_> = lines("few").into_iter().map(|f| f[9]).collect();
     for reason in ["per_ip_limit", "denied"] {
-        assert_eq!(few.iter().filter(|r| *r == reason).count(), 1, "{few:?}");
+        assert_eq!(few.iter().filter(|r| **r == reason).count(), 1, "{few:?}");
     }
 }
 
@@ -342,12 +337,7 @@ async fn ip_hash_through_two_chained_ballasts_keeps_each_client_on_one_backend()
     let front = first.listener_addr("front");
     let mut landed = std::collections::HashMap::new();
     for i in 0..200u32 {
-        let ip = IpAddr::V4(Ipv4Addr::new(
-            127,
-            1 + (i / 250) as u8,
-            (i % 250) as u8,
-            1 + (i % 7) as u8,
-        ));
+        let ip = client_ip(i);
         for _ in 0..2 {
             let (_stream, backend) = connect_from_and_greet(Some(ip), front).await;
             let was = landed.entry(ip).or_insert_with(|| backend.clone());

@@ -144,6 +144,25 @@ pub async fn connect_from_and_greet(from: Option<IpAddr>, addr: SocketAddr) -> (
     (reader.into_inner(), line)
 }
 
+/// The access log lines of `listener` in a whole log: the ten fields of each.
+pub fn access_lines<'a>(log: &'a str, listener: &str) -> Vec<Vec<&'a str>> {
+    log.lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .filter(|f| f.len() == 10 && f[1] == listener && f[0].ends_with('Z'))
+        .collect()
+}
+
+/// The `i`-th of many distinct client addresses on loopback (127.1.0.1 on), for tests
+/// that need one source address per client.
+pub fn client_ip(i: u32) -> IpAddr {
+    IpAddr::V4(std::net::Ipv4Addr::new(
+        127,
+        1 + (i / 250) as u8,
+        (i % 250) as u8,
+        1 + (i % 7) as u8,
+    ))
+}
+
 /// Waits until `cond` holds, checking every 10 ms, failing the test after [`DEADLINE`].
 pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
