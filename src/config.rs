@@ -298,7 +298,23 @@ pub struct Config {
     /// `None` when the file has no `[admin]` table: no admin endpoint is served.
     pub admin: Option<AdminConfig>,
     pub runtime: RuntimeConfig,
+    /// `[cluster]`: live counts shared with other instances through Redis.
+    pub cluster: Option<ClusterConfig>,
     pub listeners: Vec<ListenerConfig>,
+}
+
+/// `[cluster]`: every `report_interval` this instance writes its live count per
+/// (listener, backend) to Redis under its own key, which expires after `peer_ttl`, and
+/// reads its peers' reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// The Redis URL, as the `redis` crate reads it (`redis://`, `rediss://`, user and
+    /// password, database number).
+    pub redis: String,
+    /// This instance's name among its peers (default: host name and pid).
+    pub instance: String,
+    pub report_interval: Duration,
+    pub peer_ttl: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -362,7 +378,73 @@ pub struct ListenerConfig {
     /// Live connections from one client address.
     pub max_conns_per_ip: Option<u64>,
     pub clients: ClientRules,
+    /// The backends written with an address.
     pub backends: Vec<BackendConfig>,
+    /// The entries written with `discover`: each becomes a backend per address found.
+    pub discover: Vec<DiscoverConfig>,
+    /// How often host names are resolved again (`discover` entries).
+    pub resolve_interval: Duration,
+    /// The DNS server asked (`resolver`); the system's when `None`.
+    pub resolver: Option<SocketAddr>,
+}
+
+/// What a `discover` entry asks DNS for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Discover {
+    /// `dns:host:port`: one backend per A/AAAA record, on `port`.
+    Dns { host: String, port: u16 },
+    /// `srv:_service._proto.name`: one backend per SRV target address, with its port and
+    /// weight (the lowest priority only; higher ones are backups).
+    Srv { name: String },
+}
+
+impl fmt::Display for Discover {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Discover::Dns { host, port } => write!(f, "dns:{host}:{port}"),
+            Discover::Srv { name } => write!(f, "srv:{name}"),
+        }
+    }
+}
+
+/// One address a `discover` entry found, with the SRV record's weight when it had one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Found {
+    pub addr: SocketAddr,
+    pub weight: Option<u32>,
+}
+
+/// A `[[listeners.backends]]` entry with `discover` instead of `addr`: the settings every
+/// backend it finds gets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiscoverConfig {
+    /// Discovered backends are named `name@address` (default name: the host asked).
+    pub name: String,
+    pub target: Discover,
+    /// For `dns:`; an SRV record's own weight wins.
+    pub weight: u32,
+    pub max_conns: Option<u64>,
+    pub send_proxy: Option<SendProxy>,
+}
+
+impl DiscoverConfig {
+    /// The backend for one address found: `name@ip` for `dns:` (one port for all),
+    /// `name@ip:port` for `srv:`.
+    pub fn backend(&self, found: &Found) -> BackendConfig {
+        let shown = match self.target {
+            Discover::Dns { .. } => found.addr.ip().to_string(),
+            Discover::Srv { .. } => found.addr.to_string(),
+        };
+        BackendConfig {
+            name: format!("{}@{shown}", self.name),
+            addr_text: found.addr.to_string(),
+            addr: found.addr,
+            weight: found.weight.unwrap_or(self.weight).clamp(1, MAX_WEIGHT as u32),
+            max_conns: self.max_conns,
+            send_proxy: self.send_proxy,
+            agent_addr: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

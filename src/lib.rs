@@ -92,6 +92,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     ballast.set_spawner(Handle::current());
     let mut tasks = JoinSet::new();
     let admin_addr = bound.admin.as_ref().and_then(|s| s.local_addr().ok());
+    control::discover::first_pass(&ballast).await;
     serve(&ballast, bound, &mut tasks)?;
     ballast.set_ready();
     Ok(Running {
@@ -153,6 +154,14 @@ pub fn serve(ballast: &Ballast, bound: Bound, tasks: &mut JoinSet<()>) -> Result
     ));
     tasks.spawn(drain::run(ballast.clone(), ballast.stopped_signal()));
     tasks.spawn(rebalance::run(ballast.clone(), ballast.stopped_signal()));
+    tasks.spawn(control::discover::run(
+        ballast.clone(),
+        ballast.stopped_signal(),
+    ));
+    tasks.spawn(control::cluster::run(
+        ballast.clone(),
+        ballast.stopped_signal(),
+    ));
     if let Some(path) = ballast.config_path().cloned() {
         tasks.spawn(reload::watch_file(
             ballast.clone(),

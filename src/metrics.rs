@@ -52,6 +52,21 @@ pub struct Metrics {
     pub config_last_reload_success: Gauge,
     /// Log lines that stderr could not take (see `crate::logging`).
     pub log_lines_dropped: IntCounter,
+    /// Answers to `discover` entries, by listener and result (`success`, `failure`: an
+    /// error, no answer in time, or an answer with no address).
+    pub discovery_resolutions: IntCounterVec,
+    /// `ballast_cluster_up` and `ballast_cluster_peers`, registered once `[cluster]` is
+    /// first in use, so that an instance without one shows no cluster down.
+    cluster: std::sync::OnceLock<ClusterMetrics>,
+}
+
+/// The cluster's gauges.
+#[derive(Debug, Clone)]
+pub struct ClusterMetrics {
+    /// 1 while Redis answers.
+    pub up: IntGauge,
+    /// Peers whose latest report is fresh.
+    pub peers: IntGauge,
 }
 
 /// One listener's handles.
@@ -247,6 +262,12 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            discovery_resolutions: counter_vec(
+                "ballast_discovery_resolutions_total",
+                "Answers to discover entries, by result (success, failure).",
+                &["listener", "result"],
+            ),
+            cluster: std::sync::OnceLock::new(),
             registry: r.clone(),
         };
         let build_info = register(
@@ -327,6 +348,25 @@ impl Metrics {
         let _ = self.backend_effective_weight.remove_label_values(lb);
         let _ = self.rebalance_migrations.remove_label_values(lb);
         let _ = self.backend_ejections.remove_label_values(lb);
+    }
+
+    /// The cluster's gauges, registered on first use.
+    pub fn cluster(&self) -> &ClusterMetrics {
+        self.cluster.get_or_init(|| {
+            let gauge = |name: &str, help: &str| {
+                register(
+                    &self.registry,
+                    IntGauge::new(name, help).expect("valid metric"),
+                )
+            };
+            ClusterMetrics {
+                up: gauge("ballast_cluster_up", "1 while Redis answers ([cluster])."),
+                peers: gauge(
+                    "ballast_cluster_peers",
+                    "Other instances whose latest report is fresh ([cluster]).",
+                ),
+            }
+        })
     }
 
     /// Drops every series of a listener that left the config and has no connection left.

@@ -31,16 +31,33 @@ impl Routing {
     /// start up at generation 1 (as HAProxy's servers do), and `checking` when a reload
     /// adds them to a listener with health checks.
     pub fn build(config: Config, generation: u64, registry: &Registry) -> Routing {
+        let new_backends = if generation > 1 {
+            Health::Checking
+        } else {
+            Health::Up
+        };
+        Routing::build_with(config, generation, registry, new_backends)
+    }
+
+    /// The snapshot of `config`, with the backends its `discover` entries last found
+    /// (see [`Registry::discovered`]); backends new to the registry start with health
+    /// `new_backends` where their listener has health checks, up elsewhere.
+    pub fn build_with(
+        config: Config,
+        generation: u64,
+        registry: &Registry,
+        new_backends: Health,
+    ) -> Routing {
         let listeners = config
             .listeners
             .iter()
             .map(|l| {
-                let new_backends = if generation > 1 && l.health.is_some() {
-                    Health::Checking
-                } else {
-                    Health::Up
+                let new_backends = match l.health {
+                    Some(_) => new_backends,
+                    None => Health::Up,
                 };
-                Arc::new(ListenerRoute::build(l.clone(), registry, new_backends))
+                let l = with_discovered(l.clone(), registry);
+                Arc::new(ListenerRoute::build(l, registry, new_backends))
             })
             .collect();
         Routing {
@@ -53,6 +70,21 @@ impl Routing {
     pub fn listener(&self, name: &str) -> Option<&Arc<ListenerRoute>> {
         self.listeners.iter().find(|l| l.config.name == name)
     }
+}
+
+/// `config` with a backend for every address its `discover` entries last found, after
+/// the ones written with an address. A name already taken (two entries finding the same
+/// address, or a backend written with that name) keeps its first owner.
+fn with_discovered(mut config: ListenerConfig, registry: &Registry) -> ListenerConfig {
+    for entry in &config.discover {
+        for found in registry.discovered(&config.name, &entry.target) {
+            let backend = entry.backend(&found);
+            if !config.backends.iter().any(|b| b.name == backend.name) {
+                config.backends.push(backend);
+            }
+        }
+    }
+    config
 }
 
 /// A listener's part of the routing table.
@@ -116,6 +148,11 @@ impl BackendRoute {
             Some(RuntimeWeight::Api(weight)) => u64::from(weight) * WEIGHT_SCALE,
             Some(RuntimeWeight::AgentPercent(percent)) => configured * u64::from(percent) / 100,
         }
+    }
+
+    /// Its live connections cluster-wide: here and through the other instances.
+    pub fn cluster_active(&self) -> u64 {
+        self.state.active().saturating_add(self.state.peer_active())
     }
 
     /// The weight a strategy should use now, reduced while the backend is in slow start.
@@ -268,6 +305,7 @@ impl ListenerRoute {
                 available: b.is_available() && !tried.contains(&i),
                 weight: b.effective_weight(self.config.slow_start),
                 active: b.state.active(),
+                peers: b.state.peer_active(),
             })
             .collect();
         // The second scan runs only when no candidate is available: never on the way of a
@@ -289,7 +327,8 @@ impl ListenerRoute {
         candidates
     }
 
-    /// The largest `active / fair share` among available backends, where the fair share
+    /// The largest `active / fair share` among available backends (live counts
+    /// cluster-wide, peers' included), where the fair share
     /// of a backend is `total_active * weight / sum(weights of available backends)`,
     /// capped by its `max_conns`. 1 is perfectly even; 1 also when nothing is open.
     pub fn imbalance(&self) -> f64 {
@@ -298,7 +337,7 @@ impl ListenerRoute {
             .iter()
             .filter(|b| b.phase() == Phase::Up && b.weight_scaled() > 0)
             .collect();
-        let total: u64 = available.iter().map(|b| b.state.active()).sum();
+        let total: u64 = available.iter().map(|b| b.cluster_active()).sum();
         let weights: u64 = available.iter().map(|b| b.weight_scaled()).sum();
         if total == 0 || weights == 0 {
             return 1.0;
@@ -310,7 +349,7 @@ impl ListenerRoute {
                 if let Some(max) = b.max_conns() {
                     fair = fair.min(max as f64);
                 }
-                b.state.active() as f64 / fair.max(f64::MIN_POSITIVE)
+                b.cluster_active() as f64 / fair.max(f64::MIN_POSITIVE)
             })
             .fold(0.0, f64::max)
     }

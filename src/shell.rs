@@ -186,6 +186,7 @@ impl Service for ProxyService {
         let admin_socket = bound.admin.take();
         let admin_stopped = self.admin_stopped.take();
         let mut tasks = JoinSet::new();
+        crate::control::discover::first_pass(&self.ballast).await;
         let started = crate::serve(&self.ballast, bound, &mut tasks);
         if let Err(e) = &started {
             error!(error = %e, "cannot start");

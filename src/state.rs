@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
+use crate::config::{Discover, Found};
 use crate::metrics::{BackendMetrics, ListenerMetrics, Metrics};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -198,6 +199,9 @@ pub struct BackendState {
     agent_max_conns: AtomicU64,
     /// What the backend's agent said of its service: [`AGENT_DOWN`], [`AGENT_DRAINED`].
     agent_flags: AtomicU8,
+    /// Live connections to this backend through the other instances of the cluster, as
+    /// their latest fresh reports say (`[cluster]`); 0 without one.
+    peer_active: AtomicU64,
     epoch: Instant,
     /// Bytes to and from the backend: added on every write of every connection, so
     /// kept per thread (see [`Striped`]) and published to `metrics` at each scrape.
@@ -280,10 +284,21 @@ impl BackendState {
             runtime_weight: AtomicU64::new(u64::MAX),
             agent_max_conns: AtomicU64::new(u64::MAX),
             agent_flags: AtomicU8::new(0),
+            peer_active: AtomicU64::new(0),
             epoch: Instant::now(),
             sent: Striped::default(),
             received: Striped::default(),
         }
+    }
+
+    /// Live connections through the other instances of the cluster (their latest fresh
+    /// reports); 0 without `[cluster]` or while Redis does not answer.
+    pub fn peer_active(&self) -> u64 {
+        self.peer_active.load(Ordering::Relaxed)
+    }
+
+    pub fn set_peer_active(&self, n: u64) {
+        self.peer_active.store(n, Ordering::Relaxed);
     }
 
     pub fn active(&self) -> u64 {
@@ -757,6 +772,8 @@ pub struct ListenerState {
     /// entries than the listener has live connections, whatever addresses a flood
     /// claims; the hasher is keyed per process, so chosen addresses cannot collide it.
     per_ip: Mutex<HashMap<IpAddr, u64>>,
+    /// When rebalance last asked connections of this listener to migrate.
+    last_migration: Mutex<Option<Instant>>,
 }
 
 impl ListenerState {
@@ -765,7 +782,17 @@ impl ListenerState {
             name: name.to_string(),
             metrics,
             per_ip: Mutex::default(),
+            last_migration: Mutex::default(),
         }
+    }
+
+    /// When rebalance last migrated connections of this listener, if ever.
+    pub fn last_migration(&self) -> Option<Instant> {
+        *self.last_migration.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_last_migration(&self, at: Instant) {
+        *self.last_migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
     }
 
     /// Counts a connection from `client` until the guard is dropped, unless the address
@@ -881,6 +908,9 @@ pub struct Registry {
     metrics: Metrics,
     listeners: Mutex<HashMap<String, Arc<ListenerState>>>,
     backends: Mutex<HashMap<(String, String), Arc<BackendState>>>,
+    /// What each `discover` entry of each listener last found (sorted), kept across
+    /// reloads; an entry not resolved yet has none.
+    discovered: Mutex<HashMap<(String, Discover), Vec<Found>>>,
 }
 
 impl Registry {
@@ -895,6 +925,30 @@ impl Registry {
             map.entry(name.to_string())
                 .or_insert_with(|| Arc::new(ListenerState::new(name, self.metrics.listener(name)))),
         )
+    }
+
+    /// What `target` of `listener` last found; empty before its first answer.
+    pub fn discovered(&self, listener: &str, target: &Discover) -> Vec<Found> {
+        let map = self.discovered.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&(listener.to_string(), target.clone()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Stores what `target` of `listener` found (sorted and without repeats); `true`
+    /// when that differs from what it found before.
+    pub fn set_discovered(&self, listener: &str, target: &Discover, mut found: Vec<Found>) -> bool {
+        found.sort_unstable();
+        found.dedup();
+        let mut map = self.discovered.lock().unwrap_or_else(|e| e.into_inner());
+        let before = map.insert((listener.to_string(), target.clone()), found.clone());
+        before.as_ref() != Some(&found)
+    }
+
+    /// Forgets what entries no longer in the config found.
+    pub fn keep_discovered(&self, keep: impl Fn(&str, &Discover) -> bool) {
+        let mut map = self.discovered.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|(listener, target), _| keep(listener, target));
     }
 
     /// Client connections open right now over every listener, removed ones included.

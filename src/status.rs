@@ -87,6 +87,32 @@ async fn fetch_async(addr: SocketAddr) -> Result<Value, StatusError> {
 pub fn render(status: &Value) -> String {
     let mut out = format!("generation {}\n", status["generation"]);
     let empty = Vec::new();
+    let cluster = status.get("cluster").filter(|c| c.is_object());
+    if let Some(cluster) = cluster {
+        let peers: Vec<String> = cluster["peers"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {:.1}s ago",
+                    text(&p["instance"]),
+                    p["age_seconds"].as_f64().unwrap_or(0.0)
+                )
+            })
+            .collect();
+        let up = if cluster["up"].as_bool() == Some(true) {
+            "up"
+        } else {
+            "DOWN (Redis does not answer; balancing on own counts)"
+        };
+        out.push_str(&format!(
+            "cluster {up}, {} peer(s){}{}\n",
+            peers.len(),
+            if peers.is_empty() { "" } else { ": " },
+            peers.join(", ")
+        ));
+    }
     for listener in status["listeners"].as_array().unwrap_or(&empty) {
         out.push_str(&format!(
             "\nlistener {}  {}  {}  active {}\n",
@@ -101,7 +127,7 @@ pub fn render(status: &Value) -> String {
             .filter_map(|b| b["active"].as_u64())
             .max()
             .unwrap_or(0);
-        let mut rows = vec![[
+        let mut rows = vec![vec![
             "BACKEND".to_string(),
             "ADDR".into(),
             "STATE".into(),
@@ -111,6 +137,9 @@ pub fn render(status: &Value) -> String {
             "TOTAL".into(),
             "SINCE".into(),
         ]];
+        if cluster.is_some() {
+            rows[0].insert(6, "CLUSTER".into());
+        }
         let mut failures = Vec::new();
         for b in backends {
             let active = b["active"].as_u64().unwrap_or(0);
@@ -120,7 +149,7 @@ pub fn render(status: &Value) -> String {
                 let len = (active as usize * BAR_WIDTH).div_ceil(most as usize);
                 "#".repeat(len)
             };
-            rows.push([
+            let mut row = vec![
                 text(&b["name"]),
                 text(&b["addr"]),
                 text(&b["state"]),
@@ -134,7 +163,11 @@ pub fn render(status: &Value) -> String {
                 format!("{active:>6} {bar:<BAR_WIDTH$}"),
                 b["total"].to_string(),
                 seconds(&b["since"]),
-            ]);
+            ];
+            if cluster.is_some() {
+                row.insert(6, b["cluster_active"].to_string());
+            }
+            rows.push(row);
             if let Some(failure) = b["last_check_failure"].as_object() {
                 failures.push(format!(
                     "  {}: last failed check {}: {}\n",
@@ -144,7 +177,7 @@ pub fn render(status: &Value) -> String {
                 ));
             }
         }
-        let widths: Vec<usize> = (0..8)
+        let widths: Vec<usize> = (0..rows[0].len())
             .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
             .collect();
         for row in rows {
@@ -226,5 +259,25 @@ mod tests {
             table.contains("app2: last failed check 2026-11-23T05:19:58Z: connection refused"),
             "{table}"
         );
+        assert!(!table.contains("CLUSTER"), "{table}");
+    }
+
+    #[test]
+    fn with_a_cluster_the_peers_and_cluster_wide_counts_are_shown() {
+        let status = serde_json::json!({"generation": 1,
+        "cluster": {"up": true, "peers": [{"instance": "edge-2", "age_seconds": 0.42}]},
+        "listeners": [{
+        "name": "web", "bind": "127.0.0.1:8080", "strategy": "least_conn", "active": 3,
+        "backends": [
+            {"name": "app1", "addr": "127.0.0.1:3001", "weight": 1, "state": "up", "active": 3, "cluster_active": 17, "total": 4},
+        ]}]});
+        let table = render(&status);
+        assert!(table.contains("cluster up, 1 peer(s): edge-2 0.4s ago"), "{table}");
+        let head = table.lines().find(|l| l.contains("BACKEND")).unwrap();
+        assert!(head.contains("CLUSTER  TOTAL"), "{table}");
+        let app1 = table.lines().find(|l| l.contains("app1")).unwrap();
+        assert!(app1.contains(" 17 "), "{table}");
+        let down = serde_json::json!({"generation": 1, "cluster": {"up": false, "peers": []}, "listeners": []});
+        assert!(render(&down).contains("cluster DOWN"), "{}", render(&down));
     }
 }

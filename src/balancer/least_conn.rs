@@ -29,10 +29,11 @@ struct Ties {
     tied: Vec<usize>,
 }
 
-/// Compares `a.active / a.weight` with `b.active / b.weight` without division.
+/// Compares `a.load() / a.weight` with `b.load() / b.weight` without division: live
+/// connections cluster-wide (peers' included) per weight.
 fn load_cmp(a: &Candidate, b: &Candidate) -> CmpOrdering {
-    let lhs = u128::from(a.active) * u128::from(b.weight.max(1));
-    let rhs = u128::from(b.active) * u128::from(a.weight.max(1));
+    let lhs = u128::from(a.load()) * u128::from(b.weight.max(1));
+    let rhs = u128::from(b.load()) * u128::from(a.weight.max(1));
     lhs.cmp(&rhs)
 }
 

@@ -27,6 +27,10 @@ pub struct Candidate {
     pub weight: u64,
     /// Connections open right now through this listener to this backend.
     pub active: u64,
+    /// Connections to this backend through the other instances of the cluster, as their
+    /// latest reports say (0 without `[cluster]`). Data, not a lookup: a strategy never
+    /// asks anyone.
+    pub peers: u64,
 }
 
 /// Weights are handed to strategies multiplied by this, so that slow start can ramp a
@@ -41,7 +45,13 @@ impl Candidate {
             available,
             weight: u64::from(weight) * WEIGHT_SCALE,
             active,
+            peers: 0,
         }
+    }
+
+    /// Its load cluster-wide: its live connections here and through the other instances.
+    pub fn load(&self) -> u64 {
+        self.active.saturating_add(self.peers)
     }
 }
 

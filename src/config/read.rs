@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use super::tree::{Entry, Node, Span, Value};
 use super::{
     cores, max_connections, max_threads, AcceptProxy, AdminConfig, AgentConfig, BackendConfig,
-    ClientRules, Config, ConfigError, HealthConfig, HealthKind, HumanDuration, ListenAddr,
+    ClientRules, ClusterConfig, Config, ConfigError, Discover, DiscoverConfig, HealthConfig, HealthKind, HumanDuration, ListenAddr,
     ListenerConfig, OutlierConfig, Problem, RebalanceConfig, RuntimeConfig, SendProxy, Strategy,
     DEFAULT_AGENT_INTERVAL, MAX_RETRIES, MAX_RISE_FALL, MAX_THREADS, MAX_UNIX_SOCKET_PATH,
     MAX_WEIGHT, THREADS_PER_CORE,
@@ -73,11 +73,17 @@ const DEFAULT_CONSECUTIVE_FAILURES: u64 = 5;
 const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(300);
 const DEFAULT_MAX_EJECTED_PERCENT: u64 = 50;
+const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+const DEFAULT_PEER_TTL: Duration = Duration::from_secs(5);
+const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Resolving more often than this would only load the DNS server.
+const MIN_RESOLVE_INTERVAL: Duration = Duration::from_millis(100);
 
 // ---------------------------------------------------------------------------
 // The schema: the keys of each table.
 
-const TOP_KEYS: &[&str] = &["admin", "runtime", "listeners"];
+const TOP_KEYS: &[&str] = &["admin", "runtime", "cluster", "listeners"];
+const CLUSTER_KEYS: &[&str] = &["redis", "instance", "report_interval", "peer_ttl"];
 const ADMIN_KEYS: &[&str] = &["bind", "token_file", "allowed_hosts"];
 const RUNTIME_KEYS: &[&str] = &["threads", "shutdown_timeout", "upgrade_sock"];
 const LISTENER_KEYS: &[&str] = &[
@@ -101,6 +107,8 @@ const LISTENER_KEYS: &[&str] = &[
     "max_conns_per_ip",
     "allow",
     "deny",
+    "resolve_interval",
+    "resolver",
     "backends",
 ];
 const HEALTH_KEYS: &[&str] = &["kind", "path", "interval", "timeout", "rise", "fall"];
@@ -114,6 +122,7 @@ const OUTLIER_KEYS: &[&str] = &[
 const BACKEND_KEYS: &[&str] = &[
     "name",
     "addr",
+    "discover",
     "weight",
     "max_conns",
     "send_proxy",
@@ -126,6 +135,7 @@ const TABLES: &[(&str, &[&str])] = &[
     ("the top level", TOP_KEYS),
     ("[admin]", ADMIN_KEYS),
     ("[runtime]", RUNTIME_KEYS),
+    ("[cluster]", CLUSTER_KEYS),
     ("[[listeners]]", LISTENER_KEYS),
     ("[listeners.health]", HEALTH_KEYS),
     ("[listeners.rebalance]", REBALANCE_KEYS),
@@ -167,6 +177,15 @@ impl<T> Field<T> {
         match self {
             Field::Given(at) => Some(at.value),
             _ => None,
+        }
+    }
+
+    /// The value, or `default()` when the key is left out; `None` when it is wrong.
+    fn or_else(self, default: impl FnOnce() -> T) -> Option<T> {
+        match self {
+            Field::Absent => Some(default()),
+            Field::Given(at) => Some(at.value),
+            Field::Wrong => None,
         }
     }
 
@@ -583,6 +602,10 @@ impl Reader<'_> {
             None => Some(RuntimeConfig::default()),
             Some(node) => self.runtime(node),
         };
+        let cluster = match top.get("cluster") {
+            None => Some(None),
+            Some(node) => self.cluster(node).map(Some),
+        };
         let mut listeners = Vec::new();
         match top.get("listeners") {
             None => self.problem(
@@ -618,6 +641,7 @@ impl Reader<'_> {
         Some(Config {
             admin,
             runtime: runtime?,
+            cluster: cluster?,
             listeners,
         })
     }
@@ -812,6 +836,79 @@ impl Reader<'_> {
             threads: threads.or(0)? as usize,
             shutdown_timeout: shutdown_timeout.or(DEFAULT_SHUTDOWN_TIMEOUT)?,
             upgrade_sock: upgrade_sock.or(PathBuf::from(DEFAULT_UPGRADE_SOCK))?,
+        })
+    }
+
+    /// `[cluster]`: a Redis URL the `redis` crate accepts, and a `peer_ttl` longer than
+    /// `report_interval` (else peers' reports would expire between two of them).
+    fn cluster(&mut self, node: &Node) -> Option<ClusterConfig> {
+        let t = self.table(
+            node,
+            "cluster",
+            "[cluster]",
+            CLUSTER_KEYS,
+            "cluster.".into(),
+        )?;
+        let redis = if self.required(&t, "redis", "redis = \"redis://127.0.0.1:6379/0\"") {
+            self.string(&t, "redis", "redis://127.0.0.1:6379/0")
+        } else {
+            Field::Wrong
+        };
+        let redis = match redis {
+            Field::Given(url) => match redis::Client::open(url.value.as_str()) {
+                Ok(_) => Field::Given(url),
+                Err(e) => {
+                    self.problem(
+                        url.span,
+                        format!(
+                            "{} is not a Redis URL ({e}), like \"redis://127.0.0.1:6379/0\"",
+                            t.what("redis")
+                        ),
+                    );
+                    Field::Wrong
+                }
+            },
+            other => other,
+        };
+        let instance = self.string(&t, "instance", "edge-1");
+        let instance = self.check(
+            instance,
+            |name| !name.is_empty() && !name.chars().any(|c| c.is_whitespace() || c.is_control()),
+            || format!("{} must be non-empty, with no spaces", t.what("instance")),
+        );
+        let report_interval = self.duration(&t, "report_interval", "1s");
+        let report_interval = self.check(
+            report_interval,
+            |d| !d.is_zero(),
+            || format!("{} must be more than 0", t.what("report_interval")),
+        );
+        let peer_ttl = self.duration(&t, "peer_ttl", "5s");
+        let every = report_interval.clone().or(DEFAULT_REPORT_INTERVAL);
+        let peer_ttl = match (peer_ttl, every) {
+            (Field::Given(ttl), Some(every)) if ttl.value <= every => {
+                self.problem(
+                    ttl.span,
+                    format!(
+                        "{} must be longer than report_interval ({every:?}), or every report would expire before the next one",
+                        t.what("peer_ttl")
+                    ),
+                );
+                Field::Wrong
+            }
+            (Field::Absent, Some(every)) if every >= DEFAULT_PEER_TTL => {
+                // The default follows a long report interval.
+                Field::Given(At {
+                    value: every * 3,
+                    span: t.span.clone(),
+                })
+            }
+            (ttl, _) => ttl,
+        };
+        Some(ClusterConfig {
+            redis: redis.value()?,
+            instance: instance.or_else(default_instance)?,
+            report_interval: report_interval.or(DEFAULT_REPORT_INTERVAL)?,
+            peer_ttl: peer_ttl.or(DEFAULT_PEER_TTL)?,
         })
     }
 
@@ -1013,6 +1110,38 @@ impl Reader<'_> {
             allow => allow,
         };
         let deny = self.cidrs(&t, "deny");
+        let resolve_interval = self.duration(&t, "resolve_interval", "5s");
+        let resolve_interval = self.check(
+            resolve_interval,
+            |d| *d >= MIN_RESOLVE_INTERVAL,
+            || {
+                format!(
+                    "{} must be at least {MIN_RESOLVE_INTERVAL:?}: each pass asks the DNS server again",
+                    t.what("resolve_interval")
+                )
+            },
+        );
+        let resolver = match self.string(&t, "resolver", "127.0.0.1:53") {
+            Field::Given(text) => match text.value.parse::<SocketAddr>() {
+                Ok(addr) => Field::Given(At {
+                    value: addr,
+                    span: text.span,
+                }),
+                Err(_) => {
+                    self.problem(
+                        text.span,
+                        format!(
+                            "{} must be a DNS server's IP address and port, like \"127.0.0.1:53\", not {:?}",
+                            t.what("resolver"),
+                            text.value
+                        ),
+                    );
+                    Field::Wrong
+                }
+            },
+            Field::Absent => Field::Absent,
+            Field::Wrong => Field::Wrong,
+        };
         let health = match t.get("health") {
             None => Some(None),
             Some(node) => self.health(&t.prefix, node).map(Some),
@@ -1032,6 +1161,7 @@ impl Reader<'_> {
         };
 
         let mut backends = Vec::new();
+        let mut discover = Vec::new();
         let mut names: Vec<String> = Vec::new();
         let tables = match t.get("backends") {
             None => Vec::new(),
@@ -1044,7 +1174,7 @@ impl Reader<'_> {
             self.problem(
                 t.span.clone(),
                 format!(
-                    "{}: a listener needs at least one [[listeners.backends]]",
+                    "{}: a listener needs at least one [[listeners.backends]] (with addr or discover)",
                     t.what("backends")
                 ),
             );
@@ -1066,7 +1196,11 @@ impl Reader<'_> {
             if let Some(addr) = addr {
                 read.backends.push((addr, format!("{prefix}addr")));
             }
-            backends.push(backend);
+            match backend {
+                None => backends.push(None),
+                Some(ReadBackend::Addr(b)) => backends.push(Some(b)),
+                Some(ReadBackend::Discover(d)) => discover.push(d),
+            }
         }
 
         if let (Some(Some(AgentConfig { port: None, .. })), Some(node)) = (&agent, t.get("agent")) {
@@ -1106,6 +1240,9 @@ impl Reader<'_> {
                     deny: deny.or(Vec::new())?,
                 },
                 backends: backends.into_iter().collect::<Option<Vec<_>>>()?,
+                discover,
+                resolve_interval: resolve_interval.or(DEFAULT_RESOLVE_INTERVAL)?,
+                resolver: resolver.optional()?,
             })
         })();
         read
@@ -1321,14 +1458,14 @@ impl Reader<'_> {
         })
     }
 
-    /// One backend: its config when it is right, its resolved address and its name
-    /// (for the checks across backends and listeners) when they are.
+    /// One backend entry: its config when it is right, its resolved address and its
+    /// name (for the checks across backends and listeners) when they are.
     fn backend(
         &mut self,
         prefix: &str,
         node: &Node,
     ) -> (
-        Option<BackendConfig>,
+        Option<ReadBackend>,
         Option<At<SocketAddr>>,
         Option<At<String>>,
     ) {
@@ -1341,7 +1478,36 @@ impl Reader<'_> {
         ) else {
             return (None, None, None);
         };
-        let addr_text = if self.required(&t, "addr", "addr = \"127.0.0.1:3000\"") {
+        let discover = match self.string(&t, "discover", "dns:app.internal:3000") {
+            Field::Given(text) => match parse_discover(&text.value) {
+                Ok(target) => Field::Given(At {
+                    value: target,
+                    span: text.span,
+                }),
+                Err(why) => {
+                    self.problem(text.span, format!("{}: {why}", t.what("discover")));
+                    Field::Wrong
+                }
+            },
+            Field::Absent => Field::Absent,
+            Field::Wrong => Field::Wrong,
+        };
+        let discovers = !matches!(discover, Field::Absent);
+        for key in ["addr", "agent_addr"].into_iter().filter(|_| discovers) {
+            if let Some(node) = t.get(key) {
+                let instead = match key {
+                    "addr" => "give one of addr and discover",
+                    _ => "each address found is asked on [listeners.agent] port",
+                };
+                self.problem(
+                    node.span.clone(),
+                    format!("{} cannot be set with discover: {instead}", t.what(key)),
+                );
+            }
+        }
+        let addr_text = if discovers {
+            Field::Absent
+        } else if self.required(&t, "addr", "addr = \"127.0.0.1:3000\" (or discover = \"dns:app.internal:3000\")") {
             self.string(&t, "addr", "127.0.0.1:3000")
         } else {
             Field::Wrong
@@ -1362,9 +1528,16 @@ impl Reader<'_> {
             }
         };
         let name = match self.string(&t, "name", "app1") {
-            Field::Absent => match addr_text.given() {
-                Some(text) => Field::Given(text.clone()),
-                None => Field::Wrong,
+            Field::Absent => match (addr_text.given(), discover.given()) {
+                (Some(text), _) => Field::Given(text.clone()),
+                (None, Some(target)) => Field::Given(At {
+                    value: match &target.value {
+                        Discover::Dns { host, .. } => host.clone(),
+                        Discover::Srv { name } => name.clone(),
+                    },
+                    span: target.span.clone(),
+                }),
+                (None, None) => Field::Wrong,
             },
             name => name,
         };
@@ -1422,15 +1595,27 @@ impl Reader<'_> {
         };
 
         let config = (|| {
-            Some(BackendConfig {
-                name: name.clone().or(String::new())?,
+            let name = name.clone().or(String::new())?;
+            let weight = weight.or(DEFAULT_WEIGHT)? as u32;
+            let (max_conns, send_proxy) = (max_conns.optional()?, send_proxy.optional()?);
+            if discovers {
+                return Some(ReadBackend::Discover(DiscoverConfig {
+                    name,
+                    target: discover.value()?,
+                    weight,
+                    max_conns,
+                    send_proxy,
+                }));
+            }
+            Some(ReadBackend::Addr(BackendConfig {
+                name,
                 addr_text: addr_text.clone().value()?,
                 addr: addr.as_ref()?.value,
-                weight: weight.or(DEFAULT_WEIGHT)? as u32,
-                max_conns: max_conns.optional()?,
-                send_proxy: send_proxy.optional()?,
+                weight,
+                max_conns,
+                send_proxy,
                 agent_addr: agent_addr.optional()?,
-            })
+            }))
         })();
         (config, addr, name.given().cloned())
     }
@@ -1691,6 +1876,60 @@ pub(super) fn binds_conflict(a: SocketAddr, b: SocketAddr) -> bool {
         && a.port() == b.port()
         && a.is_ipv4() == b.is_ipv4()
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// A backend entry as read: with an address, or with `discover`.
+enum ReadBackend {
+    Addr(BackendConfig),
+    Discover(DiscoverConfig),
+}
+
+/// `dns:HOST:PORT` or `srv:NAME`.
+fn parse_discover(text: &str) -> Result<Discover, String> {
+    let like = "like \"dns:app.internal:3000\" or \"srv:_app._tcp.internal\"";
+    let valid_name = |name: &str| {
+        !name.is_empty()
+            && name.len() <= 253
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    };
+    if let Some(rest) = text.strip_prefix("dns:") {
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{text:?} needs a port after the host name, {like}"))?;
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{text:?}: invalid port {port:?}, {like}"))?;
+        if !valid_name(host) {
+            return Err(format!("{text:?}: invalid host name {host:?}, {like}"));
+        }
+        return Ok(Discover::Dns {
+            host: host.to_string(),
+            port,
+        });
+    }
+    if let Some(name) = text.strip_prefix("srv:") {
+        if !valid_name(name) {
+            return Err(format!("{text:?}: invalid SRV name {name:?}, {like}"));
+        }
+        return Ok(Discover::Srv {
+            name: name.to_string(),
+        });
+    }
+    Err(format!("{text:?} is neither dns: nor srv:, {like}"))
+}
+
+/// This instance's default name among its peers: the host name and the pid.
+fn default_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = match host.trim() {
+        "" => "ballast",
+        host => host,
+    };
+    format!("{host}-{}", std::process::id())
 }
 
 /// Resolves `host:port` (or `[v6]:port`) to one address, preferring IPv4.

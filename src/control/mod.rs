@@ -10,6 +10,8 @@
 //! backends and writes their state; the admin endpoint reads and drives all of it.
 
 pub mod agent;
+pub mod cluster;
+pub mod discover;
 pub mod drain;
 pub mod health;
 pub mod periodic;
@@ -68,6 +70,10 @@ struct Inner {
     last_loaded: Mutex<Option<Vec<u8>>>,
     /// Wakes the health checker when a reload swapped the routing snapshot.
     routing_swapped: tokio::sync::Notify,
+    /// Wakes the discovery loop to resolve every entry now (after a reload).
+    resolve_now: tokio::sync::Notify,
+    /// The cluster as the latest report round saw it; `None` without `[cluster]`.
+    cluster: Mutex<Option<cluster::ClusterView>>,
     /// Turns true when shutdown is complete; background loops (admin, health) end then.
     stopped: watch::Sender<bool>,
 }
@@ -130,6 +136,8 @@ impl Ballast {
                 reload_lock: Mutex::new(()),
                 last_loaded: Mutex::new(last_loaded),
                 routing_swapped: tokio::sync::Notify::new(),
+                resolve_now: tokio::sync::Notify::new(),
+                cluster: Mutex::new(None),
                 stopped: watch::channel(false).0,
             }),
         }
@@ -156,6 +164,45 @@ impl Ballast {
     /// call). Cancel-safe; meant for one waiter, the health checker.
     pub(crate) async fn routing_swapped(&self) {
         self.inner.routing_swapped.notified().await
+    }
+
+    /// Asks the discovery loop to resolve every entry now.
+    pub(crate) fn resolve_now(&self) {
+        self.inner.resolve_now.notify_one();
+    }
+
+    /// Resolves when [`Ballast::resolve_now`] was called (once per call, or at once if
+    /// it was called since). Meant for one waiter, the discovery loop.
+    pub(crate) async fn resolve_asked(&self) {
+        self.inner.resolve_now.notified().await
+    }
+
+    /// Builds the routing snapshot again from the config in use, with what `discover`
+    /// entries found now, and swaps it in: backends no longer found drain as removed
+    /// ones; new ones start with health `new_backends` where there are health checks.
+    pub(crate) fn rebuild_routing(&self, new_backends: crate::state::Health) {
+        let _one_at_a_time = self.lock_reload();
+        let old = self.routing();
+        let routing = Routing::build_with(
+            (*old.config).clone(),
+            old.generation,
+            self.registry(),
+            new_backends,
+        );
+        self.swap_in(&old, routing);
+    }
+
+    /// The cluster as the latest report round saw it; `None` without `[cluster]`.
+    pub fn cluster_view(&self) -> Option<cluster::ClusterView> {
+        self.inner
+            .cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_cluster_view(&self, view: Option<cluster::ClusterView>) {
+        *self.inner.cluster.lock().unwrap_or_else(|e| e.into_inner()) = view;
     }
 
     pub fn config_path(&self) -> Option<&PathBuf> {
@@ -464,6 +511,7 @@ impl Ballast {
     /// The JSON of `GET /api/v1/status`.
     pub fn status(&self) -> serde_json::Value {
         let routing = self.routing();
+        let clustered = routing.config.cluster.is_some();
         let listeners: Vec<serde_json::Value> = routing
             .listeners
             .iter()
@@ -472,7 +520,7 @@ impl Ballast {
                     .backends
                     .iter()
                     .map(|b| {
-                        serde_json::json!({
+                        let mut backend = serde_json::json!({
                             "name": b.config.name,
                             "addr": b.config.addr_text,
                             "weight": b.config.weight,
@@ -487,7 +535,11 @@ impl Ballast {
                             }),
                             "active": b.state.active(),
                             "total": b.state.total(),
-                        })
+                        });
+                        if clustered {
+                            backend["cluster_active"] = b.cluster_active().into();
+                        }
+                        backend
                     })
                     .collect();
                 let bind = self.bound_addr(&l.config.name).unwrap_or(l.config.bind);
@@ -500,6 +552,22 @@ impl Ballast {
                 })
             })
             .collect();
-        serde_json::json!({ "generation": routing.generation, "listeners": listeners })
+        let mut status =
+            serde_json::json!({ "generation": routing.generation, "listeners": listeners });
+        if clustered {
+            let view = self.cluster_view().unwrap_or_default();
+            let peers: Vec<serde_json::Value> = view
+                .peers
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "instance": p.instance,
+                        "age_seconds": p.written.elapsed().as_secs_f64(),
+                    })
+                })
+                .collect();
+            status["cluster"] = serde_json::json!({ "up": view.up, "peers": peers });
+        }
+        status
     }
 }

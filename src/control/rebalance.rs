@@ -10,6 +10,12 @@
 //! [`crate::relay`]); the client reconnects and the strategy sends it to a backend
 //! below its share. No target is chosen here, so overloaded backends do not all shed to
 //! the same peer at once.
+//!
+//! With `[cluster]`, the counts are cluster-wide (own plus the peers' latest reports) and
+//! each instance sheds only its own part of a backend's cluster-wide excess, in
+//! proportion to its own connections there, so that instances never overshoot together.
+//! An instance waits while a peer is settling after a migration, and after its own until
+//! every peer has reported since: a plan never counts a migration twice.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,6 +26,7 @@ use tracing::info;
 
 use std::sync::Arc;
 
+use super::cluster::{ClusterView, SETTLE};
 use crate::config::RebalanceConfig;
 use crate::conn::{Conns, EndReason};
 use crate::routing::ListenerRoute;
@@ -32,7 +39,13 @@ const MAX_NAP: Duration = Duration::from_secs(1);
 /// One backend as rebalance sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Load {
+    /// Live connections through this instance.
     pub active: u64,
+    /// Live connections through the other instances of the cluster (0 without one).
+    pub peers: u64,
+    /// This instance holds the most of the backend's connections (ties: the instance
+    /// whose name sorts first); always true without a cluster.
+    pub leads: bool,
     /// The weight in force, in any unit (only ratios count).
     pub weight: u64,
     /// Up, not draining, not removed: it has a fair share.
@@ -84,9 +97,19 @@ pub fn fair_shares(backends: &[Load]) -> Vec<f64> {
 /// backend more than `precision` over its fair share, up to `step_size`, never below the
 /// share — and never more in all than the available backends have room for below their
 /// shares, since a migrated client must land somewhere else.
+///
+/// Shares and excess are cluster-wide (`active + peers`); what is returned is this
+/// instance's part (see [`own_part`]), at most `step_size`.
 pub fn plan(backends: &[Load], precision: u64, step_size: u64) -> Vec<u64> {
-    let shares = fair_shares(backends);
-    let mut room: u64 = backends
+    let cluster: Vec<Load> = backends
+        .iter()
+        .map(|b| Load {
+            active: b.active.saturating_add(b.peers),
+            ..*b
+        })
+        .collect();
+    let shares = fair_shares(&cluster);
+    let mut room: u64 = cluster
         .iter()
         .zip(&shares)
         .filter(|(b, _)| b.available)
@@ -94,18 +117,38 @@ pub fn plan(backends: &[Load], precision: u64, step_size: u64) -> Vec<u64> {
         .sum();
     backends
         .iter()
-        .zip(&shares)
-        .map(|(b, share)| {
-            let excess = b.active as f64 - share;
+        .zip(cluster.iter().zip(&shares))
+        .map(|(own, (all, share))| {
+            let excess = all.active as f64 - share;
             if excess <= precision as f64 {
                 return 0;
             }
-            // Never below the fair share: at most the whole part of the excess.
-            let n = (excess.floor() as u64).min(step_size).min(room);
+            // Never below the fair share: at most the whole part of the excess. Alone,
+            // step_size bounds it too; in a cluster, it bounds each instance's part.
+            let alone = if own.peers == 0 { step_size } else { u64::MAX };
+            let n = (excess.floor() as u64).min(alone).min(room);
             room -= n;
-            n
+            own_part(n, own).min(step_size)
         })
         .collect()
+}
+
+/// This instance's part of `n` migrations from backend `b`: in proportion to its own
+/// connections there, rounded down, except by the instance that holds the most, which
+/// rounds up. So the parts of all instances never add up to more than `n` (whatever is
+/// rounded up was rounded away elsewhere), and some instance moves while `n > 0`.
+pub fn own_part(n: u64, b: &Load) -> u64 {
+    let total = b.active.saturating_add(b.peers);
+    if b.peers == 0 || total == 0 {
+        return n.min(b.active);
+    }
+    let exact = u128::from(n) * u128::from(b.active);
+    let part = if b.leads {
+        exact.div_ceil(u128::from(total))
+    } else {
+        exact / u128::from(total)
+    };
+    (part as u64).min(b.active)
 }
 
 /// Runs until `stopped` turns true.
@@ -125,7 +168,9 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
                 .copied()
                 .unwrap_or(now + config.interval);
             if at <= now {
-                rebalance(ballast.conns(), listener, config);
+                let view = ballast.cluster_view().filter(|v| v.up);
+                let me = routing.config.cluster.as_ref().map(|c| c.instance.as_str());
+                rebalance(ballast.conns(), listener, config, view.as_ref(), me);
                 at = now + config.interval;
             }
             wake = wake.min(at);
@@ -140,23 +185,71 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
     }
 }
 
-/// One interval of one listener.
-fn rebalance(conns: &Conns, listener: &ListenerRoute, config: &RebalanceConfig) {
+/// Some connection of `listener` was asked to end (migrated, drained) and has not yet.
+pub fn ending(conns: &Conns, listener: &ListenerRoute) -> bool {
+    !conns
+        .select(|e| e.asked().is_some() && Arc::ptr_eq(&e.listener, &listener.state))
+        .is_empty()
+}
+
+/// Whether the counts can be planned on: no migration of this listener moments ago,
+/// and in a cluster, no peer settling after one of its own and every peer reporting
+/// since this instance's last migration.
+fn settled(listener: &ListenerRoute, cluster: Option<&ClusterView>) -> bool {
+    let last = listener.state.last_migration();
+    if last.is_some_and(|at| at.elapsed() < SETTLE) {
+        return false;
+    }
+    cluster.is_none_or(|view| {
+        view.peers.iter().all(|peer| {
+            let Some(theirs) = peer.listeners.get(&listener.config.name) else {
+                return true;
+            };
+            !theirs.settling && last.is_none_or(|at| peer.written > at + SETTLE)
+        })
+    })
+}
+
+/// One interval of one listener. `cluster`: the peers' latest reports, when Redis
+/// answers; `me`: this instance's name among them.
+fn rebalance(
+    conns: &Conns,
+    listener: &ListenerRoute,
+    config: &RebalanceConfig,
+    cluster: Option<&ClusterView>,
+    me: Option<&str>,
+) {
     // While migrated connections are still ending, their clients have not reconnected:
     // the counts would understate the total and the plan would overshoot. Wait.
-    let ending = conns.select(|e| e.asked().is_some() && Arc::ptr_eq(&e.listener, &listener.state));
-    if !ending.is_empty() {
+    if ending(conns, listener) || !settled(listener, cluster) {
         return;
     }
+    let instance = me.unwrap_or_default();
+    // A backend's max_conns holds on each instance.
+    let instances = 1 + cluster.map_or(0, |c| c.peers.len() as u64);
     let loads: Vec<Load> = listener
         .backends
         .iter()
-        .map(|b| Load {
-            active: b.state.active(),
-            // The weight in force (set at run time or not), in WEIGHT_SCALE units.
-            weight: b.weight_scaled(),
-            available: b.phase() == Phase::Up && b.weight_scaled() > 0,
-            max_conns: b.max_conns(),
+        .map(|b| {
+            let active = b.state.active();
+            let (peers, leads) = match cluster {
+                None => (0, true),
+                Some(view) => view
+                    .holders(&listener.config.name, &b.config.name)
+                    .fold((0, true), |(sum, leads), (peer, n)| {
+                        let ahead = n > active || (n == active && peer < instance);
+                        (sum + n, leads && !ahead)
+                    }),
+            };
+            Load {
+                active,
+                peers,
+                leads,
+                // The weight in force (set at run time or not), in WEIGHT_SCALE units.
+                weight: b.weight_scaled(),
+                available: b.phase() == Phase::Up && b.weight_scaled() > 0,
+                max_conns: b.max_conns().map(|m| m.saturating_mul(instances)),
+            }
         })
         .collect();
     for (backend, n) in
@@ -169,6 +262,7 @@ fn rebalance(conns: &Conns, listener: &ListenerRoute, config: &RebalanceConfig) 
             continue;
         }
         let migrated = conns.close_backend(&backend.state, n as usize, true, EndReason::Migrated);
+        listener.state.set_last_migration(std::time::Instant::now());
         backend.state.metrics().migrations.inc_by(migrated as u64);
         info!(
             listener = %listener.config.name, backend = %backend.config.name, migrated,
@@ -184,6 +278,8 @@ mod tests {
     fn load(active: u64, weight: u64) -> Load {
         Load {
             active,
+            peers: 0,
+            leads: true,
             weight,
             available: true,
             max_conns: None,
@@ -204,6 +300,8 @@ mod tests {
         // 30 over weights 2:1 -> fair 20 / 10.
         assert_eq!(plan(&[load(10, 2), load(20, 1)], 0, 100), vec![0, 10]);
         let draining = Load {
+            peers: 0,
+            leads: true,
             active: 4,
             weight: 1,
             available: false,
@@ -215,6 +313,8 @@ mod tests {
     #[test]
     fn a_capped_backend_hands_its_share_on_and_nothing_moves_without_room() {
         let capped = Load {
+            peers: 0,
+            leads: true,
             active: 5,
             weight: 1,
             available: true,
@@ -225,6 +325,8 @@ mod tests {
         assert_eq!(plan(&[capped, load(15, 1)], 3, 1), vec![0, 0]);
         // No available backend: nowhere to go, nothing moves.
         let down = Load {
+            peers: 0,
+            leads: true,
             active: 9,
             weight: 1,
             available: false,
@@ -233,6 +335,8 @@ mod tests {
         assert_eq!(plan(&[down, down], 0, 5), vec![0, 0]);
         // A draining backend's 6 fit into b's room below its share (10 each of 20).
         let draining = Load {
+            peers: 0,
+            leads: true,
             active: 6,
             weight: 1,
             available: false,
@@ -244,12 +348,16 @@ mod tests {
         );
         // The only available backend is full: the draining one's connections stay.
         let full = Load {
+            peers: 0,
+            leads: true,
             active: 2,
             weight: 1,
             available: true,
             max_conns: Some(2),
         };
         let draining = Load {
+            peers: 0,
+            leads: true,
             active: 10,
             weight: 1,
             available: false,

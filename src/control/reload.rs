@@ -119,9 +119,46 @@ impl Ballast {
             warn!("admin.bind changed: the admin endpoint moves at the next restart");
         }
 
-        // 2. Swap the routing snapshot; note what left it.
+        // 2. Swap the routing snapshot; note what left it. What discover entries found
+        //    stays (they are resolved again at once); entries that left are forgotten.
         let generation = old.generation + 1;
+        self.registry().keep_discovered(|listener, target| {
+            config
+                .listener(listener)
+                .is_some_and(|l| l.discover.iter().any(|d| &d.target == target))
+        });
         let routing = Routing::build(config, generation, self.registry());
+        let names: HashSet<String> = routing
+            .listeners
+            .iter()
+            .map(|l| l.config.name.clone())
+            .collect();
+        self.swap_in(&old, routing);
+        self.resolve_now();
+
+        // 3. Stop removed listeners; start new and moved ones (a moved listener's old
+        //    loop is stopped as its new one starts).
+        for name in running.keys().filter(|n| !names.contains(*n)) {
+            self.close_listener(name);
+        }
+        for (name, bind, socket) in fresh {
+            if let Err(e) = self.open_listener(&name, bind, socket) {
+                error!(listener = %name, error = %e, "cannot serve listener");
+            }
+        }
+        if changes.is_empty() {
+            info!(generation, "reload: no change");
+        }
+        for change in &changes {
+            info!(generation, "reload: {change}");
+        }
+        Ok(generation)
+    }
+
+    /// Swaps in `routing`, the successor of `old`: backends and listeners that left it
+    /// drain as removed ones (see [`crate::drain`]); ones that came back are in service
+    /// again.
+    pub(crate) fn swap_in(&self, old: &Routing, routing: Routing) {
         let kept: HashSet<(&str, &str)> = routing
             .listeners
             .iter()
@@ -156,30 +193,7 @@ impl Ballast {
                 }
             }
         }
-        let names: HashSet<String> = routing
-            .listeners
-            .iter()
-            .map(|l| l.config.name.clone())
-            .collect();
         self.swap_routing(routing);
-
-        // 3. Stop removed listeners; start new and moved ones (a moved listener's old
-        //    loop is stopped as its new one starts).
-        for name in running.keys().filter(|n| !names.contains(*n)) {
-            self.close_listener(name);
-        }
-        for (name, bind, socket) in fresh {
-            if let Err(e) = self.open_listener(&name, bind, socket) {
-                error!(listener = %name, error = %e, "cannot serve listener");
-            }
-        }
-        if changes.is_empty() {
-            info!(generation, "reload: no change");
-        }
-        for change in &changes {
-            info!(generation, "reload: {change}");
-        }
-        Ok(generation)
     }
 }
 

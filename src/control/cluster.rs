@@ -1,0 +1,319 @@
+//! Cluster-wide live counts (`[cluster]`): several instances share their counts through
+//! Redis, so that least_conn, rebalance, the imbalance gauge and the pick route see the
+//! whole cluster's connections and not only their own.
+//!
+//! Every `report_interval` one script runs in Redis (one round trip): it writes this
+//! instance's report — its live count per (listener, backend), and which listeners are
+//! settling after a migration — under the instance's own key with a TTL of `peer_ttl`,
+//! notes the instance in an index of reporters, and returns every peer's report with its
+//! age (by Redis's clock, so no two hosts' clocks are compared). There is no peer list to
+//! maintain: a dead instance's key expires, and the index forgets it after `peer_ttl`.
+//!
+//! The peers' counts are stored in each backend's state ([`BackendState::peer_active`]):
+//! between reports the local part of a count stays exact, and a pick reads one more
+//! number per backend, never Redis. When Redis does not answer (every call is bounded by
+//! a timeout) the peers' counts are dropped and ballast balances on its own counts, with
+//! no connection failed; the outage is logged once and `ballast_cluster_up` is 0 until
+//! Redis answers again.
+//!
+//! [`BackendState::peer_active`]: crate::state::BackendState::peer_active
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Script};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::ClusterConfig;
+use crate::routing::Routing;
+use crate::Ballast;
+
+/// Keys in Redis: each instance's report, and the index of instances that reported.
+const KEY_PREFIX: &str = "ballast:instance:";
+const INDEX_KEY: &str = "ballast:instances";
+
+/// The longest one round (connect and script) may take.
+const MAX_ROUND: Duration = Duration::from_secs(2);
+
+/// How long after a migration a listener counts as settling: its clients are still
+/// reconnecting, so its counts understate the total.
+pub const SETTLE: Duration = Duration::from_millis(250);
+
+/// Writes this instance's report, forgets reporters older than the TTL and returns
+/// Redis's time (ms) and each fresh peer's name, report time (ms) and report.
+const ROUND: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+redis.call('ZADD', KEYS[2], now, ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+local ids = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+local out = { tostring(now) }
+for i = 1, #ids, 2 do
+  if ids[i] ~= ARGV[3] then
+    local report = redis.call('GET', ARGV[4] .. ids[i])
+    if report then
+      table.insert(out, ids[i])
+      table.insert(out, ids[i + 1])
+      table.insert(out, report)
+    end
+  end
+end
+return out
+"#;
+
+/// The cluster as this instance last saw it; `None` in the view without `[cluster]`.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    /// Redis answered the latest round.
+    pub up: bool,
+    /// The peers whose latest report is fresh.
+    pub peers: Vec<Peer>,
+}
+
+/// One other instance, as its latest report says.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub instance: String,
+    /// When it wrote the report, on this host's clock.
+    pub written: Instant,
+    /// Per listener: live count per backend, and whether it is settling.
+    pub listeners: HashMap<String, PeerListener>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeerListener {
+    pub backends: HashMap<String, u64>,
+    /// It migrated connections moments ago (or some are still ending): its counts are
+    /// about to change.
+    pub settling: bool,
+}
+
+impl ClusterView {
+    /// Each peer's live count of `backend` of `listener`, by instance.
+    pub fn holders<'a>(
+        &'a self,
+        listener: &'a str,
+        backend: &'a str,
+    ) -> impl Iterator<Item = (&'a str, u64)> + 'a {
+        self.peers.iter().filter_map(move |p| {
+            let n = *p.listeners.get(listener)?.backends.get(backend)?;
+            Some((p.instance.as_str(), n))
+        })
+    }
+}
+
+/// Runs until `stopped` turns true.
+pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
+    let mut link: Option<Link> = None;
+    let mut outage = false;
+    loop {
+        let routing = ballast.routing();
+        let Some(config) = routing.config.cluster.clone() else {
+            if link.take().is_some() || ballast.cluster_view().is_some() {
+                forget_peers(&routing);
+                ballast.set_cluster_view(None);
+            }
+            drop(routing);
+            tokio::select! {
+                _ = stopped.wait_for(|s| *s) => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        };
+        let started = tokio::time::Instant::now();
+        let limit = MAX_ROUND.min(config.report_interval.max(Duration::from_millis(100)));
+        let result = tokio::time::timeout(limit, round(&mut link, &config, &routing, &ballast))
+            .await
+            .unwrap_or_else(|_| Err(format!("Redis did not answer within {limit:?}")));
+        let metrics = ballast.registry().metrics().cluster();
+        match result {
+            Ok(peers) => {
+                if outage {
+                    info!(peers = peers.len(), "cluster: Redis answers again");
+                    outage = false;
+                }
+                store_peers(&routing, &peers);
+                metrics.up.set(1);
+                metrics.peers.set(peers.len() as i64);
+                ballast.set_cluster_view(Some(ClusterView { up: true, peers }));
+            }
+            Err(why) => {
+                link = None;
+                if !outage {
+                    warn!(
+                        error = %why,
+                        "cluster: Redis does not answer; balancing on this instance's own counts until it does"
+                    );
+                    outage = true;
+                }
+                forget_peers(&routing);
+                metrics.up.set(0);
+                metrics.peers.set(0);
+                ballast.set_cluster_view(Some(ClusterView::default()));
+            }
+        }
+        drop(routing);
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => break,
+            _ = tokio::time::sleep_until(started + config.report_interval) => {}
+        }
+    }
+}
+
+/// A connection to the Redis of `url`.
+struct Link {
+    url: String,
+    connection: MultiplexedConnection,
+}
+
+/// One report and read: this instance's counts out, the fresh peers' in.
+async fn round(
+    link: &mut Option<Link>,
+    config: &ClusterConfig,
+    routing: &Routing,
+    ballast: &Ballast,
+) -> Result<Vec<Peer>, String> {
+    if link.as_ref().is_none_or(|l| l.url != config.redis) {
+        let client = redis::Client::open(config.redis.as_str()).map_err(|e| e.to_string())?;
+        let timeouts = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(MAX_ROUND))
+            .set_response_timeout(Some(MAX_ROUND));
+        let connection = client
+            .get_multiplexed_async_connection_with_config(&timeouts)
+            .await
+            .map_err(|e| e.to_string())?;
+        *link = Some(Link {
+            url: config.redis.clone(),
+            connection,
+        });
+    }
+    let Some(link) = link.as_mut() else {
+        return Err("no connection".into());
+    };
+    let report = own_report(routing, ballast);
+    let ttl_ms = config.peer_ttl.as_millis().max(1) as u64;
+    let answer: Vec<String> = Script::new(ROUND)
+        .key(format!("{KEY_PREFIX}{}", config.instance))
+        .key(INDEX_KEY)
+        .arg(report)
+        .arg(ttl_ms)
+        .arg(&config.instance)
+        .arg(KEY_PREFIX)
+        .invoke_async(&mut link.connection)
+        .await
+        .map_err(|e| e.to_string())?;
+    let read_at = Instant::now();
+    let Some((now, rest)) = answer.split_first() else {
+        return Err("Redis answered nothing".into());
+    };
+    let now: u64 = now.parse().map_err(|_| "Redis's time is not a number")?;
+    // A live peer's report is at most a report interval old: one older than
+    // `peer_ttl - report_interval` is not counted, so that a dead instance's counts are
+    // gone from the view within `peer_ttl` of its last report.
+    let fresh_for = config
+        .peer_ttl
+        .saturating_sub(config.report_interval)
+        .max(config.report_interval);
+    Ok(rest
+        .chunks_exact(3)
+        .filter_map(|peer| {
+            let written: u64 = peer[1].parse::<f64>().ok()? as u64;
+            let age = Duration::from_millis(now.saturating_sub(written));
+            if age > fresh_for {
+                return None;
+            }
+            Some(Peer {
+                instance: peer[0].clone(),
+                written: read_at.checked_sub(age).unwrap_or(read_at),
+                listeners: parse_report(&peer[2])?,
+            })
+        })
+        .collect())
+}
+
+/// This instance's report: `{"listeners":{"web":{"backends":{"a":3},"settling":false}}}`.
+fn own_report(routing: &Routing, ballast: &Ballast) -> String {
+    let mut listeners = serde_json::Map::new();
+    for l in &routing.listeners {
+        let backends: serde_json::Map<String, serde_json::Value> = l
+            .backends
+            .iter()
+            .map(|b| (b.config.name.clone(), b.state.active().into()))
+            .collect();
+        let settling = l
+            .state
+            .last_migration()
+            .is_some_and(|at| at.elapsed() < SETTLE)
+            || super::rebalance::ending(ballast.conns(), l);
+        listeners.insert(
+            l.config.name.clone(),
+            serde_json::json!({ "backends": backends, "settling": settling }),
+        );
+    }
+    serde_json::json!({ "listeners": listeners }).to_string()
+}
+
+/// A peer's report, or `None` when it is not one (a peer of another version, or not
+/// ballast): such a peer is left out.
+pub fn parse_report(text: &str) -> Option<HashMap<String, PeerListener>> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    let listeners = value.get("listeners")?.as_object()?;
+    let mut out = HashMap::new();
+    for (name, l) in listeners {
+        let backends = l
+            .get("backends")?
+            .as_object()?
+            .iter()
+            .map(|(b, n)| Some((b.clone(), n.as_u64()?)))
+            .collect::<Option<HashMap<_, _>>>()?;
+        let settling = l.get("settling").and_then(|s| s.as_bool()).unwrap_or(false);
+        out.insert(name.clone(), PeerListener { backends, settling });
+    }
+    Some(out)
+}
+
+/// Stores the peers' summed counts in each backend's state; 0 where none reported.
+fn store_peers(routing: &Routing, peers: &[Peer]) {
+    for l in &routing.listeners {
+        for b in &l.backends {
+            let sum = peers
+                .iter()
+                .filter_map(|p| p.listeners.get(&l.config.name)?.backends.get(&b.config.name))
+                .fold(0u64, |sum, n| sum.saturating_add(*n));
+            b.state.set_peer_active(sum);
+        }
+    }
+}
+
+fn forget_peers(routing: &Routing) {
+    store_peers(routing, &[]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_reads_back_and_anything_else_is_left_out() {
+        let listeners = parse_report(
+            r#"{"listeners":{"web":{"backends":{"a":3,"b":0},"settling":true}}}"#,
+        )
+        .expect("a report");
+        assert_eq!(listeners["web"].backends["a"], 3);
+        assert!(listeners["web"].settling);
+        for bad in [
+            "",
+            "[]",
+            "{}",
+            r#"{"listeners":{"web":{"backends":{"a":-1}}}}"#,
+            r#"{"listeners":{"web":{"backends":{"a":"3"}}}}"#,
+            r#"{"listeners":{"web":{}}}"#,
+        ] {
+            assert_eq!(parse_report(bad), None, "{bad}");
+        }
+    }
+}
