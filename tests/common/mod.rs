@@ -2,6 +2,7 @@
 //! started from TOML text, waiting on conditions with deadlines.
 #![allow(dead_code)]
 
+pub mod redis_server;
 pub mod relay;
 
 use std::net::{IpAddr, SocketAddr};

@@ -1,0 +1,392 @@
+//! Several instances sharing live counts through a Redis of the test's own
+//! (`[cluster]`): least_conn and the pick route on cluster-wide counts, rebalance
+//! without herding, Redis going away and coming back, an instance killed.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::redis_server::{Redis, Sticky};
+use common::*;
+use serde_json::Value;
+
+const REPORT: Duration = Duration::from_millis(200);
+const PEER_TTL: Duration = Duration::from_secs(1);
+
+/// The TOML of one instance: least_conn over `backends`, reporting to `redis`.
+fn instance_toml(redis: &Redis, name: &str, backends: &[&Backend], extra: &str) -> String {
+    let list: Vec<(&str, SocketAddr, u32)> =
+        backends.iter().map(|b| (b.name.as_str(), b.addr, 1)).collect();
+    format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n[cluster]\nredis = \"{}\"\ninstance = \"{name}\"\nreport_interval = \"{}ms\"\npeer_ttl = \"{}ms\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nstrategy = \"least_conn\"\n{extra}\n{}",
+        redis.url(),
+        REPORT.as_millis(),
+        PEER_TTL.as_millis(),
+        backends_toml(&list)
+    )
+}
+
+async fn greeters(names: &[&str]) -> Vec<Backend> {
+    let mut out = Vec::new();
+    for name in names {
+        out.push(Backend::greeter(name).await);
+    }
+    out
+}
+
+/// The cluster-wide live count of each backend of listener "web", as `ballast` shows it.
+fn cluster_counts(ballast: &ballast::Ballast) -> Vec<(String, u64)> {
+    let status = ballast.status();
+    status["listeners"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["cluster_active"].as_u64().expect("cluster_active"),
+            )
+        })
+        .collect()
+}
+
+fn count_of(counts: &[(String, u64)], name: &str) -> u64 {
+    counts.iter().find(|(n, _)| n == name).map_or(0, |c| c.1)
+}
+
+fn peers(ballast: &ballast::Ballast) -> Vec<String> {
+    let status = ballast.status();
+    status["cluster"]["peers"]
+        .as_array()
+        .map(|p| {
+            p.iter()
+                .map(|p| p["instance"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn post(admin: SocketAddr, path: &str) {
+    let (status, body) = http(admin, "POST", path).await;
+    assert_eq!(status, 200, "POST {path}: {body}");
+}
+
+async fn pick(admin: SocketAddr) -> String {
+    let (status, body) = http(admin, "GET", "/api/v1/listeners/web/pick").await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    answer["backend"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_balance_least_conn_on_cluster_wide_counts_and_pick_names_the_cluster_s_least_loaded(
+) {
+    let redis = Redis::start().await;
+    let backends = greeters(&["a", "b", "c"]).await;
+    let all: Vec<&Backend> = backends.iter().collect();
+    let one = start(&instance_toml(&redis, "edge-1", &all, "")).await;
+    let two = start(&instance_toml(&redis, "edge-2", &all, "")).await;
+    let (admin1, admin2) = (one.admin_addr().unwrap(), two.admin_addr().unwrap());
+    wait_until("each instance sees the other", || {
+        peers(&one.ballast) == ["edge-2"] && peers(&two.ballast) == ["edge-1"]
+    })
+    .await;
+
+    // Instance 1 can reach only a while its 30 connect.
+    for b in ["b", "c"] {
+        post(admin1, &format!("/api/v1/listeners/web/backends/{b}/drain")).await;
+    }
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        let (stream, greeting) = connect_and_greet(one.listener_addr("web")).await;
+        assert_eq!(greeting, "a");
+        held.push(stream);
+    }
+    for b in ["b", "c"] {
+        post(admin1, &format!("/api/v1/listeners/web/backends/{b}/undrain")).await;
+    }
+    wait_until("instance 2 sees a's 30", || {
+        count_of(&cluster_counts(&two.ballast), "a") == 30
+    })
+    .await;
+
+    // Instance 2's own counts are all 0, but the cluster's are not: its 30 go to b and c.
+    let mut on = std::collections::HashMap::new();
+    let mut through_two = Vec::new();
+    for _ in 0..30 {
+        let (stream, greeting) = connect_and_greet(two.listener_addr("web")).await;
+        *on.entry(greeting.clone()).or_insert(0) += 1;
+        through_two.push((greeting, stream));
+    }
+    assert_eq!(on.get("a"), None, "{on:?}");
+    assert_eq!((on["b"], on["c"]), (15, 15), "{on:?}");
+    let seen = |ballast: &ballast::Ballast, a, b, c| {
+        let counts = cluster_counts(ballast);
+        (count_of(&counts, "a"), count_of(&counts, "b"), count_of(&counts, "c")) == (a, b, c)
+    };
+    wait_until("both see 30/15/15", || {
+        seen(&one.ballast, 30, 15, 15) && seen(&two.ballast, 30, 15, 15)
+    })
+    .await;
+    // Both name b or c, never a, the cluster's fullest.
+    assert_ne!(pick(admin1).await, "a");
+    assert_ne!(pick(admin2).await, "a");
+
+    // c's connections end: c is the cluster's least loaded, for both instances.
+    through_two.retain(|(backend, _)| backend != "c");
+    wait_until("both see c at 0", || {
+        seen(&one.ballast, 30, 15, 0) && seen(&two.ballast, 30, 15, 0)
+    })
+    .await;
+    assert_eq!(pick(admin1).await, "c");
+    assert_eq!(pick(admin2).await, "c");
+    drop((held, through_two));
+    one.shutdown(Duration::from_secs(2)).await;
+    two.shutdown(Duration::from_secs(2)).await;
+}
+
+/// The sum over `admins` of metric `name` for listener "web".
+async fn total_of(admins: &[SocketAddr], name: &str) -> f64 {
+    let mut sum = 0.0;
+    for admin in admins {
+        let text = scrape(*admin).await;
+        sum += text
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains("listener=\"web\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    sum
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_rebalance_90_clients_piled_on_one_backend_with_near_minimal_migrations() {
+    let redis = Redis::start().await;
+    let backends = greeters(&["a", "b", "c"]).await;
+    let all: Vec<&Backend> = backends.iter().collect();
+    let rebalance =
+        "\n  [listeners.rebalance]\n  interval = \"300ms\"\n  precision = 2\n  step_size = 30\n";
+    let mut instances = Vec::new();
+    for i in 1..=3 {
+        let toml = instance_toml(&redis, &format!("edge-{i}"), &all, rebalance);
+        instances.push(start(&toml).await);
+    }
+    let admins: Vec<SocketAddr> = instances.iter().map(|r| r.admin_addr().unwrap()).collect();
+    wait_until("every instance sees two peers", || {
+        instances.iter().all(|r| peers(&r.ballast).len() == 2)
+    })
+    .await;
+    // Pile 30 clients per instance on a: b and c are drained everywhere meanwhile.
+    for admin in &admins {
+        for b in ["b", "c"] {
+            post(*admin, &format!("/api/v1/listeners/web/backends/{b}/drain")).await;
+        }
+    }
+    let clients: Vec<Sticky> = instances
+        .iter()
+        .map(|r| Sticky::start(r.listener_addr("web"), 30))
+        .collect();
+    wait_until("90 clients on a", || {
+        clients.iter().map(|c| c.on("a")).sum::<usize>() == 90
+    })
+    .await;
+    wait_until("every instance sees 90 on a", || {
+        instances
+            .iter()
+            .all(|r| count_of(&cluster_counts(&r.ballast), "a") == 90)
+    })
+    .await;
+    for admin in &admins {
+        for b in ["b", "c"] {
+            post(*admin, &format!("/api/v1/listeners/web/backends/{b}/undrain")).await;
+        }
+    }
+
+    // The backends end within precision (2) of 30 each, cluster-wide.
+    let even = |counts: &[(String, u64)]| {
+        counts.len() == 3
+            && counts.iter().map(|c| c.1).sum::<u64>() == 90
+            && counts.iter().all(|(_, n)| n.abs_diff(30) <= 2)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let on: Vec<(String, u64)> = ["a", "b", "c"]
+            .iter()
+            .map(|b| (b.to_string(), clients.iter().map(|c| c.on(b)).sum::<usize>() as u64))
+            .collect();
+        if even(&on) && instances.iter().all(|r| even(&cluster_counts(&r.ballast))) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never even: clients on {on:?}, instance 1 sees {:?}",
+            cluster_counts(&instances[0].ballast)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let migrations = total_of(&admins, "ballast_rebalance_migrations_total").await;
+    eprintln!("even after {migrations} migrations (minimum 60)");
+    // At least 60 must move (90 on a, 30 is its share); within 10% of that.
+    assert!(
+        (60.0..=66.0).contains(&migrations),
+        "{migrations} migrations for a minimum of 60"
+    );
+    // None after: several rebalance intervals and report rounds later, nothing moved.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        total_of(&admins, "ballast_rebalance_migrations_total").await,
+        migrations
+    );
+    let connects: usize = clients.iter().map(|c| c.connects()).sum();
+    assert_eq!(connects as f64, 90.0 + migrations, "every migrated client came back once");
+    for c in clients {
+        assert!(c.stop().await.is_empty());
+    }
+    for r in instances {
+        r.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_churn_fails_no_connection_and_cluster_counts_return_when_it_is_back() {
+    let mut redis = Redis::start().await;
+    let backends = greeters(&["a", "b"]).await;
+    let all: Vec<&Backend> = backends.iter().collect();
+    let one = start(&instance_toml(&redis, "edge-1", &all, "")).await;
+    let two = start(&instance_toml(&redis, "edge-2", &all, "")).await;
+    let admins = [one.admin_addr().unwrap(), two.admin_addr().unwrap()];
+    // One long-lived connection through instance 2, seen by instance 1.
+    let (_held, _) = connect_and_greet(two.listener_addr("web")).await;
+    let sees_held = |r: &ballast::Running| {
+        cluster_counts(&r.ballast).iter().map(|c| c.1).sum::<u64>() >= 1
+    };
+    wait_until("instance 1 sees instance 2's connection", || sees_held(&one)).await;
+    for admin in admins {
+        wait_for_metric(admin, "ballast_cluster_up", &[], |v| v == 1.0).await;
+    }
+    let churn = [
+        Churn::start(one.listener_addr("web")),
+        Churn::start(two.listener_addr("web")),
+    ];
+    churn[0].wait_for_more(20).await;
+
+    redis.kill();
+    for admin in admins {
+        wait_for_metric(admin, "ballast_cluster_up", &[], |v| v == 0.0).await;
+        wait_for_metric(admin, "ballast_cluster_peers", &[], |v| v == 0.0).await;
+    }
+    for c in &churn {
+        c.wait_for_more(50).await;
+    }
+
+    redis.restart().await;
+    let back = tokio::time::Instant::now();
+    wait_until("instance 1 sees instance 2's connection again", || {
+        peers(&one.ballast) == ["edge-2"] && sees_held(&one)
+    })
+    .await;
+    let took = back.elapsed();
+    eprintln!("cluster counts back {took:?} after Redis");
+    // Two report intervals, and a little for this machine to poll and schedule.
+    assert!(
+        took <= REPORT * 2 + Duration::from_millis(300),
+        "cluster counts came back after {took:?}"
+    );
+    for admin in admins {
+        wait_for_metric(admin, "ballast_cluster_up", &[], |v| v == 1.0).await;
+    }
+    for c in churn {
+        let (done, failures) = c.stop().await;
+        assert!(done > 100, "{done}");
+        assert!(failures.is_empty(), "{failures:?}");
+    }
+    one.shutdown(Duration::from_secs(2)).await;
+    two.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_with_sigkill_is_gone_from_the_others_view_within_peer_ttl() {
+    let redis = Redis::start().await;
+    let backends = greeters(&["a", "b"]).await;
+    let all: Vec<&Backend> = backends.iter().collect();
+    let one = start(&instance_toml(&redis, "edge-1", &all, "")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edge-2.toml");
+    std::fs::write(&path, instance_toml(&redis, "edge-2", &all, "")).unwrap();
+    let two = Proc::run(&path, &[], 1).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect_and_greet(two.listeners["web"]).await.0);
+    }
+    wait_until("instance 1 sees instance 2's 4", || {
+        cluster_counts(&one.ballast).iter().map(|c| c.1).sum::<u64>() == 4
+    })
+    .await;
+    two.signal("-KILL");
+    let killed = tokio::time::Instant::now();
+    wait_until("instance 2's counts vanish", || {
+        peers(&one.ballast).is_empty()
+            && cluster_counts(&one.ballast).iter().all(|c| c.1 == 0)
+    })
+    .await;
+    let took = killed.elapsed();
+    eprintln!("a killed instance's counts gone after {took:?}");
+    assert!(took <= PEER_TTL + Duration::from_millis(200), "gone after {took:?}");
+    drop(held);
+    one.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_is_even_while_no_instance_is_migrates_nothing() {
+    // Each instance holds 20 clients, all on a backend of its own: each is as uneven as
+    // can be by its own counts, the cluster is even. Balancing on own counts would move
+    // 40 clients; on the cluster's, none.
+    let redis = Redis::start().await;
+    let backends = greeters(&["a", "b", "c"]).await;
+    let all: Vec<&Backend> = backends.iter().collect();
+    let rebalance =
+        "\n  [listeners.rebalance]\n  interval = \"200ms\"\n  precision = 2\n  step_size = 30\n";
+    let mut instances = Vec::new();
+    for i in 1..=3 {
+        let toml = instance_toml(&redis, &format!("edge-{i}"), &all, rebalance);
+        instances.push(start(&toml).await);
+    }
+    let admins: Vec<SocketAddr> = instances.iter().map(|r| r.admin_addr().unwrap()).collect();
+    let names = ["a", "b", "c"];
+    let mut clients = Vec::new();
+    for (i, r) in instances.iter().enumerate() {
+        for other in names.iter().filter(|n| **n != names[i]) {
+            post(admins[i], &format!("/api/v1/listeners/web/backends/{other}/drain")).await;
+        }
+        let sticky = Sticky::start(r.listener_addr("web"), 20);
+        wait_until("20 clients on the instance's own backend", || {
+            sticky.on(names[i]) == 20
+        })
+        .await;
+        clients.push(sticky);
+    }
+    wait_until("every instance sees 20/20/20", || {
+        instances.iter().all(|r| {
+            let counts = cluster_counts(&r.ballast);
+            names.iter().all(|n| count_of(&counts, n) == 20)
+        })
+    })
+    .await;
+    for (i, admin) in admins.iter().enumerate() {
+        for other in names.iter().filter(|n| **n != names[i]) {
+            post(*admin, &format!("/api/v1/listeners/web/backends/{other}/undrain")).await;
+        }
+    }
+    // Ten rebalance intervals, five report rounds.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(total_of(&admins, "ballast_rebalance_migrations_total").await, 0.0);
+    let connects: usize = clients.iter().map(|c| c.connects()).sum();
+    assert_eq!(connects, 60);
+    for c in clients {
+        assert!(c.stop().await.is_empty());
+    }
+    for r in instances {
+        r.shutdown(Duration::from_secs(2)).await;
+    }
+}
