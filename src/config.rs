@@ -439,7 +439,10 @@ impl DiscoverConfig {
             name: format!("{}@{shown}", self.name),
             addr_text: found.addr.to_string(),
             addr: found.addr,
-            weight: found.weight.unwrap_or(self.weight).clamp(1, MAX_WEIGHT as u32),
+            weight: found
+                .weight
+                .unwrap_or(self.weight)
+                .clamp(1, MAX_WEIGHT as u32),
             max_conns: self.max_conns,
             send_proxy: self.send_proxy,
             agent_addr: None,

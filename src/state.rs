@@ -788,11 +788,17 @@ impl ListenerState {
 
     /// When rebalance last migrated connections of this listener, if ever.
     pub fn last_migration(&self) -> Option<Instant> {
-        *self.last_migration.lock().unwrap_or_else(|e| e.into_inner())
+        *self
+            .last_migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn set_last_migration(&self, at: Instant) {
-        *self.last_migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
+        *self
+            .last_migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(at);
     }
 
     /// Counts a connection from `client` until the guard is dropped, unless the address

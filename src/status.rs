@@ -272,7 +272,10 @@ mod tests {
             {"name": "app1", "addr": "127.0.0.1:3001", "weight": 1, "state": "up", "active": 3, "cluster_active": 17, "total": 4},
         ]}]});
         let table = render(&status);
-        assert!(table.contains("cluster up, 1 peer(s): edge-2 0.4s ago"), "{table}");
+        assert!(
+            table.contains("cluster up, 1 peer(s): edge-2 0.4s ago"),
+            "{table}"
+        );
         let head = table.lines().find(|l| l.contains("BACKEND")).unwrap();
         assert!(head.contains("CLUSTER  TOTAL"), "{table}");
         let app1 = table.lines().find(|l| l.contains("app1")).unwrap();

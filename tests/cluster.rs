@@ -16,8 +16,10 @@ const PEER_TTL: Duration = Duration::from_secs(1);
 
 /// The TOML of one instance: least_conn over `backends`, reporting to `redis`.
 fn instance_toml(redis: &Redis, name: &str, backends: &[&Backend], extra: &str) -> String {
-    let list: Vec<(&str, SocketAddr, u32)> =
-        backends.iter().map(|b| (b.name.as_str(), b.addr, 1)).collect();
+    let list: Vec<(&str, SocketAddr, u32)> = backends
+        .iter()
+        .map(|b| (b.name.as_str(), b.addr, 1))
+        .collect();
     format!(
         "[admin]\nbind = \"127.0.0.1:0\"\n\n[cluster]\nredis = \"{}\"\ninstance = \"{name}\"\nreport_interval = \"{}ms\"\npeer_ttl = \"{}ms\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nstrategy = \"least_conn\"\n{extra}\n{}",
         redis.url(),
@@ -104,7 +106,11 @@ async fn two_instances_balance_least_conn_on_cluster_wide_counts_and_pick_names_
         held.push(stream);
     }
     for b in ["b", "c"] {
-        post(admin1, &format!("/api/v1/listeners/web/backends/{b}/undrain")).await;
+        post(
+            admin1,
+            &format!("/api/v1/listeners/web/backends/{b}/undrain"),
+        )
+        .await;
     }
     wait_until("instance 2 sees a's 30", || {
         count_of(&cluster_counts(&two.ballast), "a") == 30
@@ -123,7 +129,11 @@ async fn two_instances_balance_least_conn_on_cluster_wide_counts_and_pick_names_
     assert_eq!((on["b"], on["c"]), (15, 15), "{on:?}");
     let seen = |ballast: &ballast::Ballast, a, b, c| {
         let counts = cluster_counts(ballast);
-        (count_of(&counts, "a"), count_of(&counts, "b"), count_of(&counts, "c")) == (a, b, c)
+        (
+            count_of(&counts, "a"),
+            count_of(&counts, "b"),
+            count_of(&counts, "c"),
+        ) == (a, b, c)
     };
     wait_until("both see 30/15/15", || {
         seen(&one.ballast, 30, 15, 15) && seen(&two.ballast, 30, 15, 15)
@@ -199,7 +209,11 @@ async fn three_instances_rebalance_90_clients_piled_on_one_backend_with_near_min
     .await;
     for admin in &admins {
         for b in ["b", "c"] {
-            post(*admin, &format!("/api/v1/listeners/web/backends/{b}/undrain")).await;
+            post(
+                *admin,
+                &format!("/api/v1/listeners/web/backends/{b}/undrain"),
+            )
+            .await;
         }
     }
 
@@ -213,7 +227,12 @@ async fn three_instances_rebalance_90_clients_piled_on_one_backend_with_near_min
     loop {
         let on: Vec<(String, u64)> = ["a", "b", "c"]
             .iter()
-            .map(|b| (b.to_string(), clients.iter().map(|c| c.on(b)).sum::<usize>() as u64))
+            .map(|b| {
+                (
+                    b.to_string(),
+                    clients.iter().map(|c| c.on(b)).sum::<usize>() as u64,
+                )
+            })
             .collect();
         if even(&on) && instances.iter().all(|r| even(&cluster_counts(&r.ballast))) {
             break;
@@ -239,7 +258,11 @@ async fn three_instances_rebalance_90_clients_piled_on_one_backend_with_near_min
         migrations
     );
     let connects: usize = clients.iter().map(|c| c.connects()).sum();
-    assert_eq!(connects as f64, 90.0 + migrations, "every migrated client came back once");
+    assert_eq!(
+        connects as f64,
+        90.0 + migrations,
+        "every migrated client came back once"
+    );
     for c in clients {
         assert!(c.stop().await.is_empty());
     }
@@ -258,10 +281,12 @@ async fn redis_killed_under_churn_fails_no_connection_and_cluster_counts_return_
     let admins = [one.admin_addr().unwrap(), two.admin_addr().unwrap()];
     // One long-lived connection through instance 2, seen by instance 1.
     let (_held, _) = connect_and_greet(two.listener_addr("web")).await;
-    let sees_held = |r: &ballast::Running| {
-        cluster_counts(&r.ballast).iter().map(|c| c.1).sum::<u64>() >= 1
-    };
-    wait_until("instance 1 sees instance 2's connection", || sees_held(&one)).await;
+    let sees_held =
+        |r: &ballast::Running| cluster_counts(&r.ballast).iter().map(|c| c.1).sum::<u64>() >= 1;
+    wait_until("instance 1 sees instance 2's connection", || {
+        sees_held(&one)
+    })
+    .await;
     for admin in admins {
         wait_for_metric(admin, "ballast_cluster_up", &[], |v| v == 1.0).await;
     }
@@ -320,19 +345,25 @@ async fn an_instance_killed_with_sigkill_is_gone_from_the_others_view_within_pee
         held.push(connect_and_greet(two.listeners["web"]).await.0);
     }
     wait_until("instance 1 sees instance 2's 4", || {
-        cluster_counts(&one.ballast).iter().map(|c| c.1).sum::<u64>() == 4
+        cluster_counts(&one.ballast)
+            .iter()
+            .map(|c| c.1)
+            .sum::<u64>()
+            == 4
     })
     .await;
     two.signal("-KILL");
     let killed = tokio::time::Instant::now();
     wait_until("instance 2's counts vanish", || {
-        peers(&one.ballast).is_empty()
-            && cluster_counts(&one.ballast).iter().all(|c| c.1 == 0)
+        peers(&one.ballast).is_empty() && cluster_counts(&one.ballast).iter().all(|c| c.1 == 0)
     })
     .await;
     let took = killed.elapsed();
     eprintln!("a killed instance's counts gone after {took:?}");
-    assert!(took <= PEER_TTL + Duration::from_millis(200), "gone after {took:?}");
+    assert!(
+        took <= PEER_TTL + Duration::from_millis(200),
+        "gone after {took:?}"
+    );
     drop(held);
     one.shutdown(Duration::from_secs(2)).await;
 }
@@ -357,7 +388,11 @@ async fn a_cluster_that_is_even_while_no_instance_is_migrates_nothing() {
     let mut clients = Vec::new();
     for (i, r) in instances.iter().enumerate() {
         for other in names.iter().filter(|n| **n != names[i]) {
-            post(admins[i], &format!("/api/v1/listeners/web/backends/{other}/drain")).await;
+            post(
+                admins[i],
+                &format!("/api/v1/listeners/web/backends/{other}/drain"),
+            )
+            .await;
         }
         let sticky = Sticky::start(r.listener_addr("web"), 20);
         wait_until("20 clients on the instance's own backend", || {
@@ -375,12 +410,19 @@ async fn a_cluster_that_is_even_while_no_instance_is_migrates_nothing() {
     .await;
     for (i, admin) in admins.iter().enumerate() {
         for other in names.iter().filter(|n| **n != names[i]) {
-            post(*admin, &format!("/api/v1/listeners/web/backends/{other}/undrain")).await;
+            post(
+                *admin,
+                &format!("/api/v1/listeners/web/backends/{other}/undrain"),
+            )
+            .await;
         }
     }
     // Ten rebalance intervals, five report rounds.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(total_of(&admins, "ballast_rebalance_migrations_total").await, 0.0);
+    assert_eq!(
+        total_of(&admins, "ballast_rebalance_migrations_total").await,
+        0.0
+    );
     let connects: usize = clients.iter().map(|c| c.connects()).sum();
     assert_eq!(connects, 60);
     for c in clients {

@@ -15,10 +15,10 @@ use ipnet::IpNet;
 use super::tree::{Entry, Node, Span, Value};
 use super::{
     cores, max_connections, max_threads, AcceptProxy, AdminConfig, AgentConfig, BackendConfig,
-    ClientRules, ClusterConfig, Config, ConfigError, Discover, DiscoverConfig, HealthConfig, HealthKind, HumanDuration, ListenAddr,
-    ListenerConfig, OutlierConfig, Problem, RebalanceConfig, RuntimeConfig, SendProxy, Strategy,
-    DEFAULT_AGENT_INTERVAL, MAX_RETRIES, MAX_RISE_FALL, MAX_THREADS, MAX_UNIX_SOCKET_PATH,
-    MAX_WEIGHT, THREADS_PER_CORE,
+    ClientRules, ClusterConfig, Config, ConfigError, Discover, DiscoverConfig, HealthConfig,
+    HealthKind, HumanDuration, ListenAddr, ListenerConfig, OutlierConfig, Problem, RebalanceConfig,
+    RuntimeConfig, SendProxy, Strategy, DEFAULT_AGENT_INTERVAL, MAX_RETRIES, MAX_RISE_FALL,
+    MAX_THREADS, MAX_UNIX_SOCKET_PATH, MAX_WEIGHT, THREADS_PER_CORE,
 };
 
 /// Parses `text` into the tree and reads it: the config, or every problem found.
@@ -1507,7 +1507,11 @@ impl Reader<'_> {
         }
         let addr_text = if discovers {
             Field::Absent
-        } else if self.required(&t, "addr", "addr = \"127.0.0.1:3000\" (or discover = \"dns:app.internal:3000\")") {
+        } else if self.required(
+            &t,
+            "addr",
+            "addr = \"127.0.0.1:3000\" (or discover = \"dns:app.internal:3000\")",
+        ) {
             self.string(&t, "addr", "127.0.0.1:3000")
         } else {
             Field::Wrong

@@ -282,7 +282,12 @@ fn store_peers(routing: &Routing, peers: &[Peer]) {
         for b in &l.backends {
             let sum = peers
                 .iter()
-                .filter_map(|p| p.listeners.get(&l.config.name)?.backends.get(&b.config.name))
+                .filter_map(|p| {
+                    p.listeners
+                        .get(&l.config.name)?
+                        .backends
+                        .get(&b.config.name)
+                })
                 .fold(0u64, |sum, n| sum.saturating_add(*n));
             b.state.set_peer_active(sum);
         }
@@ -299,10 +304,9 @@ mod tests {
 
     #[test]
     fn a_report_reads_back_and_anything_else_is_left_out() {
-        let listeners = parse_report(
-            r#"{"listeners":{"web":{"backends":{"a":3,"b":0},"settling":true}}}"#,
-        )
-        .expect("a report");
+        let listeners =
+            parse_report(r#"{"listeners":{"web":{"backends":{"a":3,"b":0},"settling":true}}}"#)
+                .expect("a report");
         assert_eq!(listeners["web"].backends["a"], 3);
         assert!(listeners["web"].settling);
         for bad in [

@@ -15,8 +15,8 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::config::LookupIpStrategy;
+use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
 use hickory_resolver::TokioResolver;
@@ -62,7 +62,12 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
         let mut wake = now + MAX_NAP;
         let mut changed = false;
         let mut next_due = HashMap::new();
-        for l in routing.config.listeners.iter().filter(|l| !l.discover.is_empty()) {
+        for l in routing
+            .config
+            .listeners
+            .iter()
+            .filter(|l| !l.discover.is_empty())
+        {
             let mut at = due
                 .get(&l.name)
                 .copied()

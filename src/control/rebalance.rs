@@ -234,12 +234,13 @@ fn rebalance(
             let active = b.state.active();
             let (peers, leads) = match cluster {
                 None => (0, true),
-                Some(view) => view
-                    .holders(&listener.config.name, &b.config.name)
-                    .fold((0, true), |(sum, leads), (peer, n)| {
+                Some(view) => view.holders(&listener.config.name, &b.config.name).fold(
+                    (0, true),
+                    |(sum, leads), (peer, n)| {
                         let ahead = n > active || (n == active && peer < instance);
                         (sum + n, leads && !ahead)
-                    }),
+                    },
+                ),
             };
             Load {
                 active,

@@ -2,6 +2,7 @@
 //! started from TOML text, waiting on conditions with deadlines.
 #![allow(dead_code)]
 
+pub mod dns_server;
 pub mod redis_server;
 pub mod relay;
 
@@ -26,16 +27,21 @@ pub struct Backend {
 
 impl Backend {
     pub async fn greeter(name: &str) -> Backend {
-        Backend::spawn(name, true).await
+        Backend::spawn(name, true, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A greeter listening on `addr` (another 127.x.y.z serves several on one port).
+    pub async fn greeter_at(name: &str, addr: SocketAddr) -> Backend {
+        Backend::spawn(name, true, addr).await
     }
 
     /// A plain echo backend (no greeting).
     pub async fn echo(name: &str) -> Backend {
-        Backend::spawn(name, false).await
+        Backend::spawn(name, false, "127.0.0.1:0".parse().unwrap()).await
     }
 
-    async fn spawn(name: &str, greet: bool) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    async fn spawn(name: &str, greet: bool, bind: SocketAddr) -> Backend {
+        let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&accepted);

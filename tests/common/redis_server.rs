@@ -83,9 +83,9 @@ impl Redis {
                     // A bulk answer ($LEN\r\nDATA\r\n) is whole once DATA is in.
                     let text = String::from_utf8_lossy(&answer).into_owned();
                     let whole = match text.split_once("\r\n") {
-                        Some((head, rest)) if head.starts_with('$') => {
-                            head[1..].parse::<usize>().is_ok_and(|len| rest.len() >= len + 2)
-                        }
+                        Some((head, rest)) if head.starts_with('$') => head[1..]
+                            .parse::<usize>()
+                            .is_ok_and(|len| rest.len() >= len + 2),
                         _ => true,
                     };
                     if whole {
@@ -148,7 +148,10 @@ impl Sticky {
                     while !stop.load(Ordering::Relaxed) && opened < 1000 {
                         let attempt = tokio::time::timeout(DEADLINE, connect_and_greet(addr));
                         let Ok((mut stream, backend)) = attempt.await else {
-                            failures.lock().unwrap().push(format!("client {i}: no greeting"));
+                            failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("client {i}: no greeting"));
                             return;
                         };
                         opened += 1;

@@ -1,0 +1,233 @@
+//! Backends from DNS (`discover`), against a DNS server of the test's own: addresses
+//! that come and go, SRV records, an answer that fails.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use common::dns_server::{Answer, Dns};
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+/// The backends of listener "web" as the status lists them: (name, state, active).
+fn backends(ballast: &ballast::Ballast) -> Vec<(String, String, u64)> {
+    let status = ballast.status();
+    status["listeners"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["state"].as_str().unwrap().to_string(),
+                b["active"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn names(ballast: &ballast::Ballast) -> Vec<String> {
+    let mut names: Vec<String> = backends(ballast).into_iter().map(|b| b.0).collect();
+    names.sort();
+    names
+}
+
+/// Three greeters on one port of three loopback addresses: 127.0.0.2, .3 and .4.
+async fn three_hosts() -> (u16, Vec<Backend>) {
+    for _ in 0..20 {
+        let first = Backend::greeter_at("a", "127.0.0.2:0".parse().unwrap()).await;
+        let port = first.addr.port();
+        let mut all = vec![first];
+        for (name, host) in [("b", "127.0.0.3"), ("c", "127.0.0.4")] {
+            let addr = SocketAddr::new(ip(host), port);
+            if std::net::TcpListener::bind(addr).is_err() {
+                break;
+            }
+            all.push(Backend::greeter_at(name, addr).await);
+        }
+        if all.len() == 3 {
+            return (port, all);
+        }
+    }
+    panic!("no port free on 127.0.0.2-4");
+}
+
+/// Whether `stream` still relays: one line out and back.
+async fn relays(stream: &mut TcpStream) -> bool {
+    if stream.write_all(b"ping\n").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 5];
+    matches!(
+        tokio::time::timeout(DEADLINE, stream.read_exact(&mut buf)).await,
+        Ok(Ok(_)) if &buf == b"ping\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_that_appear_get_connections_ones_that_go_drain_and_a_failed_answer_changes_nothing(
+) {
+    let (port, _hosts) = three_hosts().await;
+    let dns = Dns::start().await;
+    dns.set(
+        "app.test",
+        Answer::Addresses(vec![ip("127.0.0.2"), ip("127.0.0.3")]),
+    );
+    let ballast = start(&format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nstrategy = \"least_conn\"\ndrain_timeout = \"1500ms\"\nresolve_interval = \"200ms\"\nresolver = \"{}\"\n\n  [[listeners.backends]]\n  name = \"app\"\n  discover = \"dns:app.test:{port}\"\n",
+        dns.addr
+    ))
+    .await;
+    let admin = ballast.admin_addr().unwrap();
+    let web = ballast.listener_addr("web");
+    // Found before the first connection.
+    assert_eq!(names(&ballast.ballast), ["app@127.0.0.2", "app@127.0.0.3"]);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect_and_greet(web).await);
+    }
+    let on = |held: &[(TcpStream, String)], b: &str| held.iter().filter(|h| h.1 == b).count();
+    assert_eq!((on(&held, "a"), on(&held, "b")), (2, 2));
+
+    // A third address: a new backend, and least_conn sends it the next two.
+    dns.set(
+        "app.test",
+        Answer::Addresses(vec![ip("127.0.0.2"), ip("127.0.0.3"), ip("127.0.0.4")]),
+    );
+    wait_until("a third backend", || names(&ballast.ballast).len() == 3).await;
+    for _ in 0..2 {
+        held.push(connect_and_greet(web).await);
+    }
+    assert_eq!(on(&held, "c"), 2, "the new backend gets connections");
+
+    // Back to two: the dropped one drains, its connections live until drain_timeout.
+    dns.set(
+        "app.test",
+        Answer::Addresses(vec![ip("127.0.0.2"), ip("127.0.0.3")]),
+    );
+    wait_until("the third backend gone from the routing", || {
+        names(&ballast.ballast) == ["app@127.0.0.2", "app@127.0.0.3"]
+    })
+    .await;
+    let dropped_at = tokio::time::Instant::now();
+    let text = scrape(admin).await;
+    assert_eq!(
+        sample(
+            &text,
+            "ballast_backend_draining",
+            &[("backend", "app@127.0.0.4")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    let mut on_c: Vec<TcpStream> = Vec::new();
+    let mut others = Vec::new();
+    for (stream, backend) in held {
+        if backend == "c" {
+            on_c.push(stream);
+        } else {
+            others.push(stream);
+        }
+    }
+    for stream in &mut on_c {
+        assert!(
+            relays(stream).await,
+            "a dropped backend's connection lives on"
+        );
+    }
+    for _ in 0..4 {
+        let (_, backend) = connect_and_greet(web).await;
+        assert_ne!(backend, "c", "a dropped backend gets nothing new");
+    }
+    for stream in &mut on_c {
+        assert_closed(stream).await;
+    }
+    let lived = dropped_at.elapsed();
+    assert!(
+        lived >= Duration::from_millis(1200) && lived <= Duration::from_millis(3500),
+        "closed after {lived:?}, drain_timeout is 1.5s"
+    );
+
+    // SERVFAIL: nothing changes, and it is counted.
+    let failures = |text: &str| {
+        sample(
+            text,
+            "ballast_discovery_resolutions_total",
+            &[("listener", "web"), ("result", "failure")],
+        )
+        .unwrap_or(0.0)
+    };
+    dns.set("app.test", Answer::ServFail);
+    wait_for_metric(
+        admin,
+        "ballast_discovery_resolutions_total",
+        &[("listener", "web"), ("result", "failure")],
+        |n| n >= 3.0,
+    )
+    .await;
+    assert!(failures(&scrape(admin).await) >= 3.0);
+    assert_eq!(names(&ballast.ballast), ["app@127.0.0.2", "app@127.0.0.3"]);
+    for stream in &mut others {
+        assert!(relays(stream).await);
+    }
+    let (_, backend) = connect_and_greet(web).await;
+    assert!(backend == "a" || backend == "b", "{backend}");
+    ballast.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_records_give_addresses_ports_and_weights_and_higher_priorities_are_backups() {
+    let (one, two, backup) = (
+        Backend::greeter("one").await,
+        Backend::greeter("two").await,
+        Backend::greeter("backup").await,
+    );
+    let dns = Dns::start().await;
+    dns.set("one.test", Answer::Addresses(vec![ip("127.0.0.1")]));
+    dns.set("backup.test", Answer::Addresses(vec![ip("127.0.0.1")]));
+    dns.set(
+        "_app._tcp.test",
+        Answer::Srv(vec![
+            (10, 3, one.addr.port(), "one.test".into()),
+            (10, 1, two.addr.port(), "one.test".into()),
+            (20, 1, backup.addr.port(), "backup.test".into()),
+        ]),
+    );
+    let ballast = start(&format!(
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nstrategy = \"weighted\"\nresolve_interval = \"200ms\"\nresolver = \"{}\"\n\n  [[listeners.backends]]\n  discover = \"srv:_app._tcp.test\"\n",
+        dns.addr
+    ))
+    .await;
+    let status = ballast.ballast.status();
+    let mut found: Vec<(String, u64)> = status["listeners"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    found.sort();
+    let mut expected = vec![
+        (format!("_app._tcp.test@127.0.0.1:{}", one.addr.port()), 3),
+        (format!("_app._tcp.test@127.0.0.1:{}", two.addr.port()), 1),
+    ];
+    expected.sort();
+    assert_eq!(found, expected);
+    let mut greetings = Vec::new();
+    for _ in 0..8 {
+        greetings.push(connect_and_greet(ballast.listener_addr("web")).await.1);
+    }
+    let count = |name: &str| greetings.iter().filter(|g| *g == name).count();
+    assert_eq!((count("one"), count("two"), count("backup")), (6, 2, 0));
+    ballast.shutdown(Duration::from_secs(2)).await;
+}
