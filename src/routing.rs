@@ -56,8 +56,7 @@ impl Routing {
                     Some(_) => new_backends,
                     None => Health::Up,
                 };
-                let l = with_discovered(l.clone(), registry);
-                Arc::new(ListenerRoute::build(l, registry, new_backends))
+                Arc::new(ListenerRoute::build(l.clone(), registry, new_backends))
             })
             .collect();
         Routing {
@@ -73,9 +72,15 @@ impl Routing {
 }
 
 /// `config` with a backend for every address its `discover` entries last found, after
-/// the ones written with an address. A name already taken (two entries finding the same
-/// address, or a backend written with that name) keeps its first owner.
+/// the ones written with an address (at the address their host name resolves to now).
+/// A name already taken (two entries finding the same address, or a backend written with
+/// that name) keeps its first owner.
 fn with_discovered(mut config: ListenerConfig, registry: &Registry) -> ListenerConfig {
+    for b in &mut config.backends {
+        if let Some(addr) = registry.resolved(&config.name, &b.name) {
+            b.addr = addr;
+        }
+    }
     for entry in &config.discover {
         for found in registry.discovered(&config.name, &entry.target) {
             let backend = entry.backend(&found);
@@ -180,6 +185,7 @@ impl ListenerRoute {
         registry: &Registry,
         new_backends: Health,
     ) -> ListenerRoute {
+        let config = with_discovered(config, registry);
         let names: Vec<(&str, u32)> = config
             .backends
             .iter()
@@ -415,6 +421,76 @@ mod tests {
             (0..3).for_each(|_| route.observe(0, true));
             assert_eq!(route.backends[0].state.is_ejected(), ejected, "{percent}%");
         }
+    }
+
+    #[test]
+    fn a_backend_whose_host_moved_keeps_its_state_at_its_new_address_until_a_reload() {
+        let registry = Registry::default();
+        let config = listener(&["a", "b"]);
+        let before = ListenerRoute::build(config.clone(), &registry, Health::Up);
+        let _open = before.backends[0].state.acquire();
+        let loaded = before.backends[0].config.addr;
+        let moved: std::net::SocketAddr = "127.0.0.9:3001".parse().unwrap();
+        assert!(registry.set_resolved("web", "a", moved, loaded));
+        assert!(
+            !registry.set_resolved("web", "a", moved, loaded),
+            "no change twice"
+        );
+        let after = ListenerRoute::build(config.clone(), &registry, Health::Up);
+        assert_eq!(after.backends[0].config.addr, moved);
+        assert_eq!(after.backends[0].state.active(), 1, "the same backend");
+        assert_eq!(
+            after.backends[1].config.addr,
+            before.backends[1].config.addr
+        );
+        // Back where it was loaded: no override left.
+        assert!(registry.set_resolved("web", "a", loaded, loaded));
+        assert_eq!(registry.resolved("web", "a"), None);
+    }
+
+    #[test]
+    fn discovered_addresses_become_backends_named_after_their_entry() {
+        let registry = Registry::default();
+        let mut config = listener(&["a"]);
+        let target = crate::config::Discover::Dns {
+            host: "app.test".into(),
+            port: 3000,
+        };
+        config.discover.push(crate::config::DiscoverConfig {
+            name: "app".into(),
+            target: target.clone(),
+            weight: 2,
+            max_conns: Some(7),
+            send_proxy: None,
+        });
+        let found = |ip: &str| crate::config::Found {
+            addr: std::net::SocketAddr::new(ip.parse().unwrap(), 3000),
+            weight: None,
+        };
+        assert!(registry.set_discovered(
+            "web",
+            &target,
+            vec![found("10.0.0.2"), found("10.0.0.1")]
+        ));
+        assert!(!registry.set_discovered(
+            "web",
+            &target,
+            vec![found("10.0.0.1"), found("10.0.0.2")]
+        ));
+        let route = ListenerRoute::build(config, &registry, Health::Up);
+        let names: Vec<(&str, u32, Option<u64>)> = route
+            .backends
+            .iter()
+            .map(|b| (b.config.name.as_str(), b.config.weight, b.config.max_conns))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("a", 1, None),
+                ("app@10.0.0.1", 2, Some(7)),
+                ("app@10.0.0.2", 2, Some(7))
+            ]
+        );
     }
 
     #[test]

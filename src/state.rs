@@ -13,7 +13,7 @@
 //! connection (success, error, timeout, panic) gives its slot back.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use crate::config::{Discover, Found};
@@ -917,6 +917,9 @@ pub struct Registry {
     /// What each `discover` entry of each listener last found (sorted), kept across
     /// reloads; an entry not resolved yet has none.
     discovered: Mutex<HashMap<(String, Discover), Vec<Found>>>,
+    /// Where a backend written with a host name resolves now, by (listener, backend),
+    /// when that differs from where it resolved at the last (re)load.
+    resolved: Mutex<HashMap<(String, String), SocketAddr>>,
 }
 
 impl Registry {
@@ -949,6 +952,40 @@ impl Registry {
         let mut map = self.discovered.lock().unwrap_or_else(|e| e.into_inner());
         let before = map.insert((listener.to_string(), target.clone()), found.clone());
         before.as_ref() != Some(&found)
+    }
+
+    /// Where backend `name` of `listener` resolves now, when it moved since the load.
+    pub fn resolved(&self, listener: &str, name: &str) -> Option<SocketAddr> {
+        let map = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&(listener.to_string(), name.to_string())).copied()
+    }
+
+    /// Notes that backend `name` of `listener` (at `loaded` when the config was loaded)
+    /// resolves to `addr` now; `true` when that changes where it is.
+    pub fn set_resolved(
+        &self,
+        listener: &str,
+        name: &str,
+        addr: SocketAddr,
+        loaded: SocketAddr,
+    ) -> bool {
+        let key = (listener.to_string(), name.to_string());
+        let mut map = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+        let before = map.get(&key).copied().unwrap_or(loaded);
+        if addr == loaded {
+            map.remove(&key);
+        } else {
+            map.insert(key, addr);
+        }
+        before != addr
+    }
+
+    /// Forgets every address resolved since the last load: a reload resolves afresh.
+    pub fn clear_resolved(&self) {
+        self.resolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Forgets what entries no longer in the config found.

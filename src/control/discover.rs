@@ -1,9 +1,11 @@
 //! Backends from DNS: `discover = "dns:host:port"` (one backend per A/AAAA record) and
 //! `discover = "srv:_service._proto.name"` (one per SRV target address, with its port
-//! and weight).
+//! and weight); and the host names of backends written as `addr = "host:port"`.
 //!
-//! Every `resolve_interval`, and at once after a reload, each listener's entries are
-//! asked again (of its `resolver`, or the system's). What they found is runtime state
+//! Every `resolve_interval`, and at once after a reload, each listener's entries and
+//! host names are asked again (of its `resolver`, or the system's). A backend whose host
+//! name now resolves elsewhere keeps its name and state; new connections go to the new
+//! address. What they found is runtime state
 //! ([`crate::state::Registry::discovered`]), and a change swaps in a routing snapshot
 //! built with it, as a reload does: an address that appears becomes a backend (checking
 //! first where the listener has health checks; slow start applies), one that disappears
@@ -11,7 +13,7 @@
 //! A failed or empty answer changes nothing: it is logged when an entry starts failing
 //! and when it answers again, and counted in `ballast_discovery_resolutions_total`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -24,7 +26,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::config::{Discover, Found, ListenerConfig};
+use crate::config::{BackendConfig, Discover, Found, ListenerConfig};
 use crate::state::Health;
 use crate::Ballast;
 
@@ -40,7 +42,7 @@ const MAX_NAP: Duration = Duration::from_secs(1);
 pub async fn first_pass(ballast: &Ballast) {
     let routing = ballast.routing();
     let mut resolvers = Resolvers::default();
-    let mut failing = HashMap::new();
+    let mut failing = Failing::new();
     let mut changed = false;
     for l in &routing.config.listeners {
         changed |= resolve_listener(ballast, l, &mut resolvers, &mut failing).await;
@@ -53,8 +55,7 @@ pub async fn first_pass(ballast: &Ballast) {
 /// Runs until `stopped` turns true.
 pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
     let mut resolvers = Resolvers::default();
-    // Entries whose last pass failed, so that an outage is logged once.
-    let mut failing: HashMap<(String, Discover), ()> = HashMap::new();
+    let mut failing = Failing::new();
     let mut due: HashMap<String, Instant> = HashMap::new();
     loop {
         let routing = ballast.routing();
@@ -92,63 +93,122 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
     }
 }
 
-/// Asks again for every entry of listener `l`; `true` when what one found changed.
+/// What was asked and failed (listener, what), so that an outage is logged once.
+type Failing = HashSet<(String, String)>;
+
+/// Asks again for every `discover` entry of listener `l`, and for the host name of each
+/// backend written with one; `true` when what one found changed.
 async fn resolve_listener(
     ballast: &Ballast,
     l: &ListenerConfig,
     resolvers: &mut Resolvers,
-    failing: &mut HashMap<(String, Discover), ()>,
+    failing: &mut Failing,
 ) -> bool {
+    let named: Vec<(&BackendConfig, &str, u16)> = l
+        .backends
+        .iter()
+        .filter_map(|b| host_name(&b.addr_text).map(|(host, port)| (b, host, port)))
+        .collect();
+    if l.discover.is_empty() && named.is_empty() {
+        return false;
+    }
     let Some(resolver) = resolvers.get(l.resolver) else {
         return false;
     };
-    let metrics = ballast.registry().metrics();
+    let registry = ballast.registry();
     let mut changed = false;
     for entry in &l.discover {
-        let key = (l.name.clone(), entry.target.clone());
-        let answer = tokio::time::timeout(MAX_WAIT, lookup(&resolver, &entry.target))
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {MAX_WAIT:?}")));
-        let result = match answer {
-            Ok(found) if found.is_empty() => Err("the answer has no address".to_string()),
-            other => other,
+        let what = entry.target.to_string();
+        let answer = within(MAX_WAIT, lookup(&resolver, &entry.target)).await;
+        let Some(found) = answered(ballast, l, &what, answer, failing) else {
+            continue;
         };
-        match result {
-            Ok(found) => {
-                metrics
-                    .discovery_resolutions
-                    .with_label_values(&[&l.name, "success"])
-                    .inc();
-                if failing.remove(&key).is_some() {
-                    info!(listener = %l.name, discover = %entry.target, "discovery answers again");
-                }
-                if ballast
-                    .registry()
-                    .set_discovered(&l.name, &entry.target, found.clone())
-                {
-                    let shown: Vec<String> = found.iter().map(|f| f.addr.to_string()).collect();
-                    info!(
-                        listener = %l.name, discover = %entry.target,
-                        addresses = %shown.join(","), "discovery: the backends changed"
-                    );
-                    changed = true;
-                }
-            }
-            Err(why) => {
-                metrics
-                    .discovery_resolutions
-                    .with_label_values(&[&l.name, "failure"])
-                    .inc();
-                if failing.insert(key, ()).is_none() {
-                    warn!(
-                        listener = %l.name, discover = %entry.target, error = %why,
-                        "discovery failed: its backends stay as they were"
-                    );
-                }
-            }
+        if registry.set_discovered(&l.name, &entry.target, found.clone()) {
+            let shown: Vec<String> = found.iter().map(|f| f.addr.to_string()).collect();
+            info!(
+                listener = %l.name, discover = %what,
+                addresses = %shown.join(","), "discovery: the backends changed"
+            );
+            changed = true;
+        }
+    }
+    for (backend, host, port) in named {
+        let answer = within(MAX_WAIT, addresses(&resolver, host)).await;
+        let Some(ips) = answered(ballast, l, &backend.addr_text, answer, failing) else {
+            continue;
+        };
+        // As at load: the first IPv4 address, else the first.
+        let ip = ips.iter().find(|ip| ip.is_ipv4()).unwrap_or(&ips[0]);
+        let addr = SocketAddr::new(*ip, port);
+        if registry.set_resolved(&l.name, &backend.name, addr, backend.addr) {
+            info!(
+                listener = %l.name, backend = %backend.name, host = %backend.addr_text,
+                %addr, "backend address changed: new connections go to the new one"
+            );
+            changed = true;
         }
     }
     changed
+}
+
+/// `future`'s answer, or an error if it takes longer than `limit`.
+async fn within<T>(
+    limit: Duration,
+    future: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
+}
+
+/// Counts and logs an answer to `what` of listener `l`: what it found, or `None` when it
+/// failed or found nothing (then nothing changes).
+fn answered<T>(
+    ballast: &Ballast,
+    l: &ListenerConfig,
+    what: &str,
+    answer: Result<Vec<T>, String>,
+    failing: &mut Failing,
+) -> Option<Vec<T>> {
+    let answer = answer.and_then(|found| match found.is_empty() {
+        true => Err("the answer has no address".to_string()),
+        false => Ok(found),
+    });
+    let result = if answer.is_ok() { "success" } else { "failure" };
+    ballast
+        .registry()
+        .metrics()
+        .discovery_resolutions
+        .with_label_values(&[&l.name, result])
+        .inc();
+    let key = (l.name.clone(), what.to_string());
+    match answer {
+        Ok(found) => {
+            if failing.remove(&key) {
+                info!(listener = %l.name, name = %what, "DNS answers again");
+            }
+            Some(found)
+        }
+        Err(why) => {
+            if failing.insert(key) {
+                warn!(
+                    listener = %l.name, name = %what, error = %why,
+                    "DNS failed: the backends stay as they were"
+                );
+            }
+            None
+        }
+    }
+}
+
+/// The host name and port of an address written as `host:port`; `None` for an IP
+/// address, which needs no resolving.
+fn host_name(addr_text: &str) -> Option<(&str, u16)> {
+    if addr_text.parse::<SocketAddr>().is_ok() {
+        return None;
+    }
+    let (host, port) = addr_text.rsplit_once(':')?;
+    Some((host, port.parse().ok()?))
 }
 
 /// What `target` resolves to now (asked of the server, not a cache).

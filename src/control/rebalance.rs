@@ -367,6 +367,60 @@ mod tests {
         assert_eq!(plan(&[full, draining], 0, 10), vec![0, 0]);
     }
 
+    fn peer_load(active: u64, peers: u64, leads: bool) -> Load {
+        Load {
+            peers,
+            leads,
+            ..load(active, 1)
+        }
+    }
+
+    #[test]
+    fn in_a_cluster_each_instance_sheds_its_own_part_of_the_cluster_wide_excess() {
+        // 90 on a cluster-wide, 30 through each of three instances: 60 must move, 20 each.
+        let me = |leads| [peer_load(30, 60, leads), load(0, 1), load(0, 1)];
+        assert_eq!(plan(&me(true), 2, 100), vec![20, 0, 0]);
+        assert_eq!(plan(&me(false), 2, 100), vec![20, 0, 0]);
+        // step_size bounds each instance's part.
+        assert_eq!(plan(&me(false), 2, 5), vec![5, 0, 0]);
+        // Even cluster-wide while uneven here: nothing moves.
+        let even = [
+            peer_load(20, 0, true),
+            peer_load(0, 20, false),
+            peer_load(0, 20, false),
+        ];
+        assert_eq!(plan(&even, 0, 100), vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn parts_round_down_but_the_leader_s_rounds_up_so_they_never_pass_the_whole_and_someone_moves()
+    {
+        // 2 to move over three instances holding 1 each: 2/3 each.
+        assert_eq!(own_part(2, &peer_load(1, 2, false)), 0);
+        assert_eq!(own_part(2, &peer_load(1, 2, true)), 1);
+        // Whatever the split, the parts add up to at most n, and to more than 0.
+        for n in 1..=12u64 {
+            for split in [[5u64, 4, 3], [1, 1, 10], [7, 0, 5], [4, 4, 4]] {
+                let total: u64 = split.iter().sum();
+                let leader = (0..3)
+                    .max_by_key(|&i| (split[i], std::cmp::Reverse(i)))
+                    .unwrap();
+                let parts: u64 = (0..3)
+                    .map(|i| {
+                        own_part(
+                            n.min(total),
+                            &peer_load(split[i], total - split[i], i == leader),
+                        )
+                    })
+                    .sum();
+                assert!(
+                    parts <= n.min(total) && parts > 0,
+                    "{n} over {split:?}: {parts}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn cluster_balancers_oscillating_case_converges() {
         // [7, 0] with precision 1 and step 5 oscillates forever in cluster-balancer.

@@ -121,12 +121,14 @@ impl Ballast {
 
         // 2. Swap the routing snapshot; note what left it. What discover entries found
         //    stays (they are resolved again at once); entries that left are forgotten.
+        //    Host names were resolved afresh by the load.
         let generation = old.generation + 1;
         self.registry().keep_discovered(|listener, target| {
             config
                 .listener(listener)
                 .is_some_and(|l| l.discover.iter().any(|d| &d.target == target))
         });
+        self.registry().clear_resolved();
         let routing = Routing::build(config, generation, self.registry());
         let names: HashSet<String> = routing
             .listeners
