@@ -518,7 +518,24 @@ impl ListenerConfig {
     }
 }
 
+/// Why no connection can reach `addr` (port 0, any-address, multicast, broadcast), if
+/// so: what the config refuses for a backend's address, for addresses found by DNS.
+pub fn unreachable(addr: SocketAddr) -> Option<String> {
+    read::reachable(&addr.to_string(), addr).err()
+}
+
 impl Config {
+    /// Whether a connection to `addr` would land on one of ballast's own sockets (a
+    /// listener's bind, or the admin endpoint's), as the config refuses for a backend.
+    pub fn loops_back(&self, addr: SocketAddr) -> bool {
+        let admin = self.admin.as_ref().map(|a| a.bind);
+        self.listeners
+            .iter()
+            .map(|l| l.bind)
+            .chain(admin)
+            .any(|bind| read::lands_on(addr, bind))
+    }
+
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();

@@ -57,7 +57,7 @@ pub struct Metrics {
     pub discovery_resolutions: IntCounterVec,
     /// `ballast_cluster_up` and `ballast_cluster_peers`, registered once `[cluster]` is
     /// first in use, so that an instance without one shows no cluster down.
-    cluster: std::sync::OnceLock<ClusterMetrics>,
+    cluster: std::sync::Arc<std::sync::Mutex<Option<ClusterMetrics>>>,
 }
 
 /// The cluster's gauges.
@@ -267,7 +267,7 @@ impl Metrics {
                 "Answers to discover entries, by result (success, failure).",
                 &["listener", "result"],
             ),
-            cluster: std::sync::OnceLock::new(),
+            cluster: std::sync::Arc::default(),
             registry: r.clone(),
         };
         let build_info = register(
@@ -351,22 +351,34 @@ impl Metrics {
     }
 
     /// The cluster's gauges, registered on first use.
-    pub fn cluster(&self) -> &ClusterMetrics {
-        self.cluster.get_or_init(|| {
-            let gauge = |name: &str, help: &str| {
-                register(
-                    &self.registry,
-                    IntGauge::new(name, help).expect("valid metric"),
-                )
-            };
-            ClusterMetrics {
-                up: gauge("ballast_cluster_up", "1 while Redis answers ([cluster])."),
-                peers: gauge(
-                    "ballast_cluster_peers",
-                    "Other instances whose latest report is fresh ([cluster]).",
-                ),
-            }
-        })
+    pub fn cluster(&self) -> ClusterMetrics {
+        let mut cluster = self.cluster.lock().unwrap_or_else(|e| e.into_inner());
+        cluster
+            .get_or_insert_with(|| {
+                let gauge = |name: &str, help: &str| {
+                    register(
+                        &self.registry,
+                        IntGauge::new(name, help).expect("valid metric"),
+                    )
+                };
+                ClusterMetrics {
+                    up: gauge("ballast_cluster_up", "1 while Redis answers ([cluster])."),
+                    peers: gauge(
+                        "ballast_cluster_peers",
+                        "Other instances whose latest report is fresh ([cluster]).",
+                    ),
+                }
+            })
+            .clone()
+    }
+
+    /// Unregisters the cluster's gauges: `[cluster]` left the config.
+    pub fn drop_cluster(&self) {
+        let mut cluster = self.cluster.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(gone) = cluster.take() {
+            let _ = self.registry.unregister(Box::new(gone.up));
+            let _ = self.registry.unregister(Box::new(gone.peers));
+        }
     }
 
     /// Drops every series of a listener that left the config and has no connection left.

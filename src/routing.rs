@@ -48,6 +48,24 @@ impl Routing {
         registry: &Registry,
         new_backends: Health,
     ) -> Routing {
+        Routing::assemble(config, generation, registry, new_backends, Built::Load)
+    }
+
+    /// `old` again, with what DNS answers now (see [`Registry::discovered`] and
+    /// [`Registry::resolved`]). Nothing was reloaded: kept backends keep every setting
+    /// made at run time (an API weight lasts until the next reload).
+    pub fn build_dns(old: &Routing, registry: &Registry, new_backends: Health) -> Routing {
+        let config = (*old.config).clone();
+        Routing::assemble(config, old.generation, registry, new_backends, Built::Dns)
+    }
+
+    fn assemble(
+        config: Config,
+        generation: u64,
+        registry: &Registry,
+        new_backends: Health,
+        built: Built,
+    ) -> Routing {
         let listeners = config
             .listeners
             .iter()
@@ -56,7 +74,12 @@ impl Routing {
                     Some(_) => new_backends,
                     None => Health::Up,
                 };
-                Arc::new(ListenerRoute::build(l.clone(), registry, new_backends))
+                Arc::new(ListenerRoute::assemble(
+                    l.clone(),
+                    registry,
+                    new_backends,
+                    built,
+                ))
             })
             .collect();
         Routing {
@@ -69,6 +92,15 @@ impl Routing {
     pub fn listener(&self, name: &str) -> Option<&Arc<ListenerRoute>> {
         self.listeners.iter().find(|l| l.config.name == name)
     }
+}
+
+/// Why a snapshot is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Built {
+    /// From a config loaded or reloaded: run-time settings a reload drops are dropped.
+    Load,
+    /// From the same config, with new DNS answers: nothing is dropped.
+    Dns,
 }
 
 /// `config` with a backend for every address its `discover` entries last found, after
@@ -185,6 +217,15 @@ impl ListenerRoute {
         registry: &Registry,
         new_backends: Health,
     ) -> ListenerRoute {
+        ListenerRoute::assemble(config, registry, new_backends, Built::Load)
+    }
+
+    fn assemble(
+        config: ListenerConfig,
+        registry: &Registry,
+        new_backends: Health,
+        built: Built,
+    ) -> ListenerRoute {
         let config = with_discovered(config, registry);
         let names: Vec<(&str, u32)> = config
             .backends
@@ -203,7 +244,9 @@ impl ListenerRoute {
         for b in &backends {
             // A backend in the config is not removed, whatever an earlier reload did.
             b.state.set_removed(false);
-            b.state.after_reload(config.agent_of(&b.config).is_some());
+            if built == Built::Load {
+                b.state.after_reload(config.agent_of(&b.config).is_some());
+            }
             if config.outlier.is_none() {
                 b.state.clear_ejection();
             }

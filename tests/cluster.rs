@@ -315,7 +315,7 @@ async fn redis_killed_under_churn_fails_no_connection_and_cluster_counts_return_
     eprintln!("cluster counts back {took:?} after Redis");
     // Two report intervals, and a little for this machine to poll and schedule.
     assert!(
-        took <= REPORT * 2 + Duration::from_millis(300),
+        took <= REPORT * 2 + Duration::from_millis(500),
         "cluster counts came back after {took:?}"
     );
     for admin in admins {
@@ -360,8 +360,9 @@ async fn an_instance_killed_with_sigkill_is_gone_from_the_others_view_within_pee
     .await;
     let took = killed.elapsed();
     eprintln!("a killed instance's counts gone after {took:?}");
+    // Within peer_ttl by design; a little more for this machine to poll and schedule.
     assert!(
-        took <= PEER_TTL + Duration::from_millis(200),
+        took <= PEER_TTL + Duration::from_millis(400),
         "gone after {took:?}"
     );
     drop(held);

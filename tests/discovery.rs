@@ -95,6 +95,17 @@ async fn addresses_that_appear_get_connections_ones_that_go_drain_and_a_failed_a
     let on = |held: &[(TcpStream, String)], b: &str| held.iter().filter(|h| h.1 == b).count();
     assert_eq!((on(&held, "a"), on(&held, "b")), (2, 2));
 
+    // A weight set at run time outlives DNS changes (it lasts until the next reload).
+    let (status, body) = http_with_body(
+        admin,
+        "POST",
+        "/api/v1/listeners/web/backends/app@127.0.0.2/weight",
+        "",
+        "{\"weight\":1}",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
     // A third address: a new backend, and least_conn sends it the next two.
     dns.set(
         "app.test",
@@ -105,6 +116,16 @@ async fn addresses_that_appear_get_connections_ones_that_go_drain_and_a_failed_a
         held.push(connect_and_greet(web).await);
     }
     assert_eq!(on(&held, "c"), 2, "the new backend gets connections");
+    let weight_of = |name: &str| {
+        let status = ballast.ballast.status();
+        status["listeners"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .map(|b| b["effective_weight"].as_f64().unwrap())
+    };
+    assert_eq!(weight_of("app@127.0.0.2"), Some(1.0));
 
     // Back to two: the dropped one drains, its connections live until drain_timeout.
     dns.set(
@@ -117,14 +138,12 @@ async fn addresses_that_appear_get_connections_ones_that_go_drain_and_a_failed_a
     .await;
     let dropped_at = tokio::time::Instant::now();
     let text = scrape(admin).await;
+    let of_c = |name: &str| sample(&text, name, &[("backend", "app@127.0.0.4")]);
+    assert_eq!(of_c("ballast_backend_draining"), Some(1.0), "{text}");
     assert_eq!(
-        sample(
-            &text,
-            "ballast_backend_draining",
-            &[("backend", "app@127.0.0.4")]
-        ),
-        Some(1.0),
-        "{text}"
+        of_c("ballast_backend_connections_active"),
+        Some(2.0),
+        "it keeps its live count: {text}"
     );
     let mut on_c: Vec<TcpStream> = Vec::new();
     let mut others = Vec::new();
@@ -171,7 +190,15 @@ async fn addresses_that_appear_get_connections_ones_that_go_drain_and_a_failed_a
         |n| n >= 3.0,
     )
     .await;
-    assert!(failures(&scrape(admin).await) >= 3.0);
+    let failed = failures(&scrape(admin).await);
+    dns.set("app.test", Answer::Addresses(Vec::new()));
+    wait_for_metric(
+        admin,
+        "ballast_discovery_resolutions_total",
+        &[("listener", "web"), ("result", "failure")],
+        |n| n >= failed + 2.0,
+    )
+    .await;
     assert_eq!(names(&ballast.ballast), ["app@127.0.0.2", "app@127.0.0.3"]);
     for stream in &mut others {
         assert!(relays(stream).await);
@@ -229,5 +256,42 @@ async fn srv_records_give_addresses_ports_and_weights_and_higher_priorities_are_
     }
     let count = |name: &str| greetings.iter().filter(|g| *g == name).count();
     assert_eq!((count("one"), count("two"), count("backup")), (6, 2, 0));
+    ballast.shutdown(Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_the_name_asked_refuses_no_connection() {
+    let (port, _hosts) = three_hosts().await;
+    let dns = Dns::start().await;
+    dns.set(
+        "app.test",
+        Answer::Addresses(vec![ip("127.0.0.2"), ip("127.0.0.3")]),
+    );
+    dns.set("next.test", Answer::Addresses(vec![ip("127.0.0.4")]));
+    let toml = |bind: &str, name: &str| {
+        format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\nbind = \"{bind}\"\nresolve_interval = \"10s\"\nresolver = \"{}\"\n\n  [[listeners.backends]]\n  name = \"app\"\n  discover = \"dns:{name}:{port}\"\n",
+            dns.addr
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    std::fs::write(&path, toml("127.0.0.1:0", "app.test")).unwrap();
+    let ballast = start_file(&path).await;
+    let admin = ballast.admin_addr().unwrap();
+    let web = ballast.listener_addr("web");
+    let churn = Churn::start(web);
+    churn.wait_for_more(50).await;
+    // The same bind (so the same socket), another name to ask.
+    std::fs::write(&path, toml("127.0.0.1:0", "next.test")).unwrap();
+    let (status, body) = http(admin, "POST", "/api/v1/reload").await;
+    assert_eq!(status, 200, "{body}");
+    // Resolved before the new config applied: its backend is there at once.
+    assert_eq!(names(&ballast.ballast), ["app@127.0.0.4"]);
+    churn.wait_for_more(50).await;
+    let (_, failures) = churn.stop().await;
+    assert!(failures.is_empty(), "{failures:?}");
+    let (_, backend) = connect_and_greet(web).await;
+    assert_eq!(backend, "c");
     ballast.shutdown(Duration::from_secs(2)).await;
 }

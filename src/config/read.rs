@@ -75,6 +75,8 @@ const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(300);
 const DEFAULT_MAX_EJECTED_PERCENT: u64 = 50;
 const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_PEER_TTL: Duration = Duration::from_secs(5);
+/// Reporting more often than this would only load Redis.
+const MIN_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Resolving more often than this would only load the DNS server.
 const MIN_RESOLVE_INTERVAL: Duration = Duration::from_millis(100);
@@ -879,23 +881,29 @@ impl Reader<'_> {
         let report_interval = self.duration(&t, "report_interval", "1s");
         let report_interval = self.check(
             report_interval,
-            |d| !d.is_zero(),
-            || format!("{} must be more than 0", t.what("report_interval")),
+            |d| *d >= MIN_REPORT_INTERVAL,
+            || {
+                format!(
+                    "{} must be at least {MIN_REPORT_INTERVAL:?}: each report is a round trip to Redis",
+                    t.what("report_interval")
+                )
+            },
         );
         let peer_ttl = self.duration(&t, "peer_ttl", "5s");
         let every = report_interval.clone().or(DEFAULT_REPORT_INTERVAL);
         let peer_ttl = match (peer_ttl, every) {
-            (Field::Given(ttl), Some(every)) if ttl.value <= every => {
+            (Field::Given(ttl), Some(every)) if ttl.value < every * 3 => {
                 self.problem(
                     ttl.span,
                     format!(
-                        "{} must be longer than report_interval ({every:?}), or every report would expire before the next one",
-                        t.what("peer_ttl")
+                        "{} must be at least 3 x report_interval ({:?}): a live peer's report is up to one interval old, and a dead one's must be gone within peer_ttl",
+                        t.what("peer_ttl"),
+                        every * 3
                     ),
                 );
                 Field::Wrong
             }
-            (Field::Absent, Some(every)) if every >= DEFAULT_PEER_TTL => {
+            (Field::Absent, Some(every)) if every * 3 > DEFAULT_PEER_TTL => {
                 // The default follows a long report interval.
                 Field::Given(At {
                     value: every * 3,
@@ -1550,7 +1558,8 @@ impl Reader<'_> {
             |name| {
                 !name.is_empty()
                     && !name.chars().any(|c| {
-                        matches!(c, '/' | '?' | '#' | '%') || c.is_whitespace() || c.is_control()
+                        // '@' is kept for backends found by discover (name@address).
+                        matches!(c, '/' | '?' | '#' | '%' | '@') || c.is_whitespace() || c.is_control()
                     })
             },
             || {
@@ -1559,7 +1568,7 @@ impl Reader<'_> {
                     _ => "",
                 };
                 format!(
-                    "{} {name:?} is invalid: it must be non-empty and contain no '/', '?', '#', '%' or spaces",
+                    "{} {name:?} is invalid: it must be non-empty and contain no '/', '?', '#', '%', '@' (kept for discovered backends) or spaces",
                     t.what("name")
                 )
             },
@@ -1865,7 +1874,7 @@ fn components(edges: &[Vec<usize>]) -> Vec<usize> {
 /// gets a free port of the kernel's choosing, so nothing lands on it by configuration.
 /// (Another address of this machine on a wildcard bind cannot be told without listing
 /// its interfaces; such a loop is not caught.)
-fn lands_on(backend: SocketAddr, bind: SocketAddr) -> bool {
+pub(super) fn lands_on(backend: SocketAddr, bind: SocketAddr) -> bool {
     let (ip, bind_ip) = (backend.ip().to_canonical(), bind.ip().to_canonical());
     bind.port() != 0
         && backend.port() == bind.port()
@@ -1960,7 +1969,7 @@ fn resolve(text: &str) -> Result<SocketAddr, String> {
 }
 
 /// Refuses a backend address that no connection can reach.
-fn reachable(text: &str, addr: SocketAddr) -> Result<SocketAddr, String> {
+pub(super) fn reachable(text: &str, addr: SocketAddr) -> Result<SocketAddr, String> {
     let shown = if text.parse::<SocketAddr>().is_ok() {
         format!("{text:?}")
     } else {

@@ -37,21 +37,28 @@ const INDEX_KEY: &str = "ballast:instances";
 /// The longest one round (connect and script) may take.
 const MAX_ROUND: Duration = Duration::from_secs(2);
 
+/// The longest taking this instance's report out may take.
+const WITHDRAW_WAIT: Duration = Duration::from_millis(500);
+
 /// How long after a migration a listener counts as settling: its clients are still
 /// reconnecting, so its counts understate the total.
 pub const SETTLE: Duration = Duration::from_millis(250);
 
 /// Writes this instance's report, forgets reporters older than the TTL and returns
-/// Redis's time (ms) and each fresh peer's name, report time (ms) and report.
+/// Redis's time (ms), the report this one replaced ("" if none), and each fresh peer's
+/// name, report time (ms) and report. (`replicate_commands` lets a Redis older than 5
+/// write after reading the time; newer ones do so anyway.)
 const ROUND: &str = r#"
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
+local before = redis.call('GET', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 redis.call('ZADD', KEYS[2], now, ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
 local ids = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-local out = { tostring(now) }
+local out = { tostring(now), before or '' }
 for i = 1, #ids, 2 do
   if ids[i] ~= ARGV[3] then
     local report = redis.call('GET', ARGV[4] .. ids[i])
@@ -106,16 +113,35 @@ impl ClusterView {
     }
 }
 
-/// Runs until `stopped` turns true.
+/// Runs until `stopped` turns true; then takes this instance's report out of Redis.
 pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
+    let token = process_token();
     let mut link: Option<Link> = None;
     let mut outage = false;
+    // The name and Redis this instance last reported as, and how many rounds in a row
+    // found another process's report under its name.
+    let mut reporting_as: Option<(String, String)> = None;
+    let mut shared_rounds = 0u32;
     loop {
         let routing = ballast.routing();
-        let Some(config) = routing.config.cluster.clone() else {
-            if link.take().is_some() || ballast.cluster_view().is_some() {
+        let config = routing.config.cluster.clone();
+        if let Some((url, instance)) = reporting_as.take() {
+            let same = config
+                .as_ref()
+                .is_some_and(|c| c.redis == url && c.instance == instance);
+            if same {
+                reporting_as = Some((url, instance));
+            } else {
+                // Left the cluster, or renamed: the old report goes now, not at its TTL.
+                withdraw(&mut link, &instance).await;
+                link = None;
+            }
+        }
+        let Some(config) = config else {
+            if ballast.cluster_view().is_some() {
                 forget_peers(&routing);
                 ballast.set_cluster_view(None);
+                ballast.registry().metrics().drop_cluster();
             }
             drop(routing);
             tokio::select! {
@@ -125,35 +151,53 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
             continue;
         };
         let started = tokio::time::Instant::now();
-        let limit = MAX_ROUND.min(config.report_interval.max(Duration::from_millis(100)));
-        let result = tokio::time::timeout(limit, round(&mut link, &config, &routing, &ballast))
-            .await
-            .unwrap_or_else(|_| Err(format!("Redis did not answer within {limit:?}")));
+        let limit = MAX_ROUND.min(config.report_interval);
+        let result = tokio::select! {
+            _ = stopped.wait_for(|s| *s) => break,
+            answer = tokio::time::timeout(limit, round(&mut link, &config, &routing, &ballast, &token)) => {
+                answer.unwrap_or_else(|_| Err(format!("Redis did not answer within {limit:?}")))
+            }
+        };
         let metrics = ballast.registry().metrics().cluster();
         match result {
-            Ok(peers) => {
+            Ok(answer) => {
                 if outage {
-                    info!(peers = peers.len(), "cluster: Redis answers again");
+                    info!(peers = answer.peers.len(), "cluster: Redis answers again");
                     outage = false;
                 }
-                store_peers(&routing, &peers);
+                shared_rounds = if answer.shared { shared_rounds + 1 } else { 0 };
+                if shared_rounds == 2 {
+                    warn!(
+                        instance = %config.instance,
+                        "cluster: another process reports under this instance's name; give each instance its own [cluster] instance"
+                    );
+                }
+                reporting_as = Some((config.redis.clone(), config.instance.clone()));
+                store_peers(&routing, &answer.peers);
                 metrics.up.set(1);
-                metrics.peers.set(peers.len() as i64);
-                ballast.set_cluster_view(Some(ClusterView { up: true, peers }));
+                metrics.peers.set(answer.peers.len() as i64);
+                ballast.set_cluster_view(Some(ClusterView {
+                    up: true,
+                    peers: answer.peers,
+                }));
             }
             Err(why) => {
                 link = None;
                 if !outage {
                     warn!(
                         error = %why,
-                        "cluster: Redis does not answer; balancing on this instance's own counts until it does"
+                        "cluster: Redis does not answer; peers' last reports count until they are stale, then this instance's own counts; rebalance waits"
                     );
                     outage = true;
                 }
-                forget_peers(&routing);
+                // The peers' last reports still count while they are fresh.
+                let fresh_for = fresh_for(&config);
+                let mut peers = ballast.cluster_view().unwrap_or_default().peers;
+                peers.retain(|p| p.written.elapsed() <= fresh_for);
+                store_peers(&routing, &peers);
                 metrics.up.set(0);
-                metrics.peers.set(0);
-                ballast.set_cluster_view(Some(ClusterView::default()));
+                metrics.peers.set(peers.len() as i64);
+                ballast.set_cluster_view(Some(ClusterView { up: false, peers }));
             }
         }
         drop(routing);
@@ -162,6 +206,53 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
             _ = tokio::time::sleep_until(started + config.report_interval) => {}
         }
     }
+    if let Some((_, instance)) = reporting_as {
+        withdraw(&mut link, &instance).await;
+    }
+}
+
+/// Takes `instance`'s report out of Redis (bounded; a Redis that does not answer lets
+/// it expire by itself).
+async fn withdraw(link: &mut Option<Link>, instance: &str) {
+    let Some(link) = link.as_mut() else {
+        return;
+    };
+    let mut pipe = redis::pipe();
+    pipe.cmd("DEL")
+        .arg(format!("{KEY_PREFIX}{instance}"))
+        .ignore()
+        .cmd("ZREM")
+        .arg(INDEX_KEY)
+        .arg(instance)
+        .ignore();
+    let remove = pipe.query_async::<()>(&mut link.connection);
+    let _ = tokio::time::timeout(WITHDRAW_WAIT, remove).await;
+}
+
+/// How old a peer's report may be and still count: a live peer's is at most about a
+/// report interval old; one older than `peer_ttl - report_interval` is not counted, so
+/// that a dead instance's counts are gone from the view within `peer_ttl` of its last
+/// report (the config keeps `peer_ttl` at least three report intervals).
+fn fresh_for(config: &ClusterConfig) -> Duration {
+    config
+        .peer_ttl
+        .saturating_sub(config.report_interval)
+        .max(config.report_interval)
+}
+
+/// A token of this process, in its reports, to tell another process that reports under
+/// the same instance name.
+fn process_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    format!("{:016x}", hasher.finish())
 }
 
 /// A connection to the Redis of `url`.
@@ -170,13 +261,22 @@ struct Link {
     connection: MultiplexedConnection,
 }
 
+/// What one round brought back.
+struct Answer {
+    /// The peers whose reports are fresh.
+    peers: Vec<Peer>,
+    /// This instance's key held another process's report.
+    shared: bool,
+}
+
 /// One report and read: this instance's counts out, the fresh peers' in.
 async fn round(
     link: &mut Option<Link>,
     config: &ClusterConfig,
     routing: &Routing,
     ballast: &Ballast,
-) -> Result<Vec<Peer>, String> {
+    token: &str,
+) -> Result<Answer, String> {
     if link.as_ref().is_none_or(|l| l.url != config.redis) {
         let client = redis::Client::open(config.redis.as_str()).map_err(|e| e.to_string())?;
         let timeouts = AsyncConnectionConfig::new()
@@ -194,7 +294,7 @@ async fn round(
     let Some(link) = link.as_mut() else {
         return Err("no connection".into());
     };
-    let report = own_report(routing, ballast);
+    let report = own_report(routing, ballast, token);
     let ttl_ms = config.peer_ttl.as_millis().max(1) as u64;
     let answer: Vec<String> = Script::new(ROUND)
         .key(format!("{KEY_PREFIX}{}", config.instance))
@@ -207,18 +307,13 @@ async fn round(
         .await
         .map_err(|e| e.to_string())?;
     let read_at = Instant::now();
-    let Some((now, rest)) = answer.split_first() else {
-        return Err("Redis answered nothing".into());
+    let [now, before, rest @ ..] = answer.as_slice() else {
+        return Err("Redis answered too little".into());
     };
     let now: u64 = now.parse().map_err(|_| "Redis's time is not a number")?;
-    // A live peer's report is at most a report interval old: one older than
-    // `peer_ttl - report_interval` is not counted, so that a dead instance's counts are
-    // gone from the view within `peer_ttl` of its last report.
-    let fresh_for = config
-        .peer_ttl
-        .saturating_sub(config.report_interval)
-        .max(config.report_interval);
-    Ok(rest
+    let shared = !before.is_empty() && report_token(before).is_some_and(|t| t != token);
+    let fresh_for = fresh_for(config);
+    let peers = rest
         .chunks_exact(3)
         .filter_map(|peer| {
             let written: u64 = peer[1].parse::<f64>().ok()? as u64;
@@ -232,11 +327,13 @@ async fn round(
                 listeners: parse_report(&peer[2])?,
             })
         })
-        .collect())
+        .collect();
+    Ok(Answer { peers, shared })
 }
 
-/// This instance's report: `{"listeners":{"web":{"backends":{"a":3},"settling":false}}}`.
-fn own_report(routing: &Routing, ballast: &Ballast) -> String {
+/// This instance's report:
+/// `{"token":"…","listeners":{"web":{"backends":{"a":3},"settling":false}}}`.
+fn own_report(routing: &Routing, ballast: &Ballast, token: &str) -> String {
     let mut listeners = serde_json::Map::new();
     for l in &routing.listeners {
         let backends: serde_json::Map<String, serde_json::Value> = l
@@ -254,8 +351,17 @@ fn own_report(routing: &Routing, ballast: &Ballast) -> String {
             serde_json::json!({ "backends": backends, "settling": settling }),
         );
     }
-    serde_json::json!({ "listeners": listeners }).to_string()
+    serde_json::json!({ "token": token, "listeners": listeners }).to_string()
 }
+
+/// The token of the process that wrote `report`.
+fn report_token(report: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(report).ok()?;
+    Some(value.get("token")?.as_str()?.to_string())
+}
+
+/// The most connections a report may claim for one backend; more is not a count.
+const MAX_COUNT: u64 = u32::MAX as u64;
 
 /// A peer's report, or `None` when it is not one (a peer of another version, or not
 /// ballast): such a peer is left out.
@@ -268,7 +374,7 @@ pub fn parse_report(text: &str) -> Option<HashMap<String, PeerListener>> {
             .get("backends")?
             .as_object()?
             .iter()
-            .map(|(b, n)| Some((b.clone(), n.as_u64()?)))
+            .map(|(b, n)| Some((b.clone(), n.as_u64().filter(|n| *n <= MAX_COUNT)?)))
             .collect::<Option<HashMap<_, _>>>()?;
         let settling = l.get("settling").and_then(|s| s.as_bool()).unwrap_or(false);
         out.insert(name.clone(), PeerListener { backends, settling });
@@ -314,6 +420,7 @@ mod tests {
             "[]",
             "{}",
             r#"{"listeners":{"web":{"backends":{"a":-1}}}}"#,
+            r#"{"listeners":{"web":{"backends":{"a":18446744073709551615}}}}"#,
             r#"{"listeners":{"web":{"backends":{"a":"3"}}}}"#,
             r#"{"listeners":{"web":{}}}"#,
         ] {

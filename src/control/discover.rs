@@ -17,7 +17,6 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use hickory_resolver::config::LookupIpStrategy;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
@@ -26,129 +25,350 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::config::{BackendConfig, Discover, Found, ListenerConfig};
+use crate::config::{Config, Discover, Found, ListenerConfig};
+use crate::routing::Routing;
 use crate::state::Health;
 use crate::Ballast;
 
-/// The longest one entry's answer is waited for.
+/// The longest one name's answer is waited for.
 const MAX_WAIT: Duration = Duration::from_secs(2);
+
+/// The longest the first pass may hold up serving when DNS does not answer.
+const MAX_FIRST_PASS: Duration = Duration::from_secs(3);
+
+/// The most backends one entry may find; more are left out (and logged).
+const MAX_FOUND: usize = 1000;
 
 /// The longest the loop sleeps, so that a reload that adds entries is seen quickly even
 /// if its wake-up is missed.
 const MAX_NAP: Duration = Duration::from_secs(1);
 
-/// Resolves every entry of every listener once, before serving: a listener whose
-/// backends all come from DNS then has them from its first connection.
+/// Resolves every entry and host name of every listener once, before serving: a
+/// listener whose backends all come from DNS then has them from its first connection.
+/// Bounded: when DNS does not answer, serving starts with what is known.
 pub async fn first_pass(ballast: &Ballast) {
     let routing = ballast.routing();
-    let mut resolvers = Resolvers::default();
-    let mut failing = Failing::new();
-    let mut changed = false;
-    for l in &routing.config.listeners {
-        changed |= resolve_listener(ballast, l, &mut resolvers, &mut failing).await;
+    let mut dns = Dns::default();
+    let pass = async {
+        let mut answers = Vec::new();
+        for l in &routing.config.listeners {
+            answers.extend(dns.ask(ballast, &routing.config, l).await);
+        }
+        answers
+    };
+    match tokio::time::timeout(MAX_FIRST_PASS, pass).await {
+        Ok(answers) => apply(ballast, routing.generation, answers, Health::Up),
+        Err(_) => warn!(
+            "DNS did not answer within {MAX_FIRST_PASS:?}: serving with the backends known; asked again every resolve_interval"
+        ),
     }
-    if changed {
-        ballast.rebuild_routing(Health::Up);
+}
+
+/// Resolves the `discover` entries that `config` (about to be applied by a reload) adds
+/// or changes, before it is applied: a listener whose entry changed then never goes
+/// without backends. Blocking, on a thread of its own; bounded as the first pass.
+/// Called by the reload, which holds the reload lock.
+pub(crate) fn resolve_new_entries(ballast: &Ballast, config: &Config) {
+    let registry = ballast.registry();
+    let new: Vec<ListenerConfig> = config
+        .listeners
+        .iter()
+        .filter_map(|l| {
+            let discover: Vec<_> = l
+                .discover
+                .iter()
+                .filter(|d| registry.discovered(&l.name, &d.target).is_empty())
+                .cloned()
+                .collect();
+            (!discover.is_empty()).then(|| ListenerConfig {
+                discover,
+                backends: Vec::new(),
+                ..l.clone()
+            })
+        })
+        .collect();
+    if new.is_empty() {
+        return;
+    }
+    let answers = std::thread::scope(|scope| {
+        let asked = scope.spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let mut dns = Dns::default();
+                let pass = async {
+                    let mut answers = Vec::new();
+                    for l in &new {
+                        answers.extend(dns.ask(ballast, config, l).await);
+                    }
+                    answers
+                };
+                tokio::time::timeout(MAX_FIRST_PASS, pass).await.ok()
+            })
+        });
+        asked.join().ok().flatten()
+    });
+    for answer in answers.unwrap_or_default() {
+        if let Answer::Discovered {
+            listener,
+            target,
+            found,
+        } = answer
+        {
+            registry.set_discovered(&listener, &target, found);
+        }
     }
 }
 
 /// Runs until `stopped` turns true.
 pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
-    let mut resolvers = Resolvers::default();
-    let mut failing = Failing::new();
+    let mut dns = Dns::default();
     let mut due: HashMap<String, Instant> = HashMap::new();
+    // A reload asked for every name at once.
+    let mut asked = false;
     loop {
         let routing = ballast.routing();
         let now = Instant::now();
         let mut wake = now + MAX_NAP;
-        let mut changed = false;
+        let mut answers = Vec::new();
         let mut next_due = HashMap::new();
-        for l in routing
-            .config
-            .listeners
-            .iter()
-            .filter(|l| !l.discover.is_empty())
-        {
-            let mut at = due
-                .get(&l.name)
-                .copied()
-                .unwrap_or(now + l.resolve_interval);
+        for l in routing.config.listeners.iter().filter(|l| has_names(l)) {
+            let mut at = match (asked, due.get(&l.name)) {
+                (true, _) => now,
+                (false, Some(at)) => *at,
+                // First seen: the first pass (or the reload that added it) asked already.
+                (false, None) => now + l.resolve_interval,
+            };
             if at <= now {
-                changed |= resolve_listener(&ballast, l, &mut resolvers, &mut failing).await;
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => return,
+                    found = dns.ask(&ballast, &routing.config, l) => answers.extend(found),
+                }
                 at = Instant::now() + l.resolve_interval;
             }
             wake = wake.min(at);
             next_due.insert(l.name.clone(), at);
         }
         due = next_due;
+        asked = false;
+        let generation = routing.generation;
         drop(routing);
-        if changed {
-            ballast.rebuild_routing(Health::Checking);
+        if !answers.is_empty() {
+            // The reload lock is a blocking one: taken off the control runtime's thread.
+            let ballast = ballast.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                apply(&ballast, generation, answers, Health::Checking)
+            })
+            .await;
         }
         tokio::select! {
             _ = stopped.wait_for(|s| *s) => break,
-            () = ballast.resolve_asked() => due.clear(),
+            () = ballast.resolve_asked() => asked = true,
             _ = tokio::time::sleep_until(wake) => {}
         }
     }
 }
 
+/// One name's answer, to be stored in the registry.
+#[derive(Debug)]
+enum Answer {
+    /// A `discover` entry of `listener` found these addresses.
+    Discovered {
+        listener: String,
+        target: Discover,
+        found: Vec<Found>,
+    },
+    /// Backend `backend` of `listener`, at `loaded` when the config was loaded, is at
+    /// `addr` now.
+    Resolved {
+        listener: String,
+        backend: String,
+        addr: SocketAddr,
+        loaded: SocketAddr,
+    },
+}
+
+/// Stores `answers` (given for routing generation `generation`) and, when one changes
+/// what is known, swaps in a routing snapshot built with them: backends no longer found
+/// drain as removed ones; new ones start `new_backends` where there are health checks.
+/// Answers for an older generation are dropped: a reload came between, and the pass it
+/// asked for follows.
+fn apply(ballast: &Ballast, generation: u64, answers: Vec<Answer>, new_backends: Health) {
+    let _one_at_a_time = ballast.lock_reload();
+    let old = ballast.routing();
+    if old.generation != generation || answers.is_empty() {
+        return;
+    }
+    let registry = ballast.registry();
+    let mut changed = false;
+    for answer in answers {
+        match answer {
+            Answer::Discovered {
+                listener,
+                target,
+                found,
+            } => {
+                let shown: Vec<String> = found.iter().map(|f| f.addr.to_string()).collect();
+                if registry.set_discovered(&listener, &target, found) {
+                    info!(
+                        %listener, discover = %target, addresses = %shown.join(","),
+                        "discovery: the backends changed"
+                    );
+                    changed = true;
+                }
+            }
+            Answer::Resolved {
+                listener,
+                backend,
+                addr,
+                loaded,
+            } => {
+                if registry.set_resolved(&listener, &backend, addr, loaded) {
+                    info!(
+                        %listener, %backend, %addr,
+                        "backend address changed: new connections go to the new one"
+                    );
+                    changed = true;
+                }
+            }
+        }
+    }
+    if changed {
+        let routing = Routing::build_dns(&old, registry, new_backends);
+        ballast.swap_in(&old, routing);
+    }
+}
+
+/// Whether listener `l` has anything to ask DNS: `discover` entries, or backends written
+/// with a host name.
+fn has_names(l: &ListenerConfig) -> bool {
+    !l.discover.is_empty() || l.backends.iter().any(|b| host_name(&b.addr_text).is_some())
+}
+
 /// What was asked and failed (listener, what), so that an outage is logged once.
 type Failing = HashSet<(String, String)>;
 
-/// Asks again for every `discover` entry of listener `l`, and for the host name of each
-/// backend written with one; `true` when what one found changed.
-async fn resolve_listener(
-    ballast: &Ballast,
-    l: &ListenerConfig,
-    resolvers: &mut Resolvers,
-    failing: &mut Failing,
-) -> bool {
-    let named: Vec<(&BackendConfig, &str, u16)> = l
-        .backends
-        .iter()
-        .filter_map(|b| host_name(&b.addr_text).map(|(host, port)| (b, host, port)))
-        .collect();
-    if l.discover.is_empty() && named.is_empty() {
-        return false;
-    }
-    let Some(resolver) = resolvers.get(l.resolver) else {
-        return false;
-    };
-    let registry = ballast.registry();
-    let mut changed = false;
-    for entry in &l.discover {
-        let what = entry.target.to_string();
-        let answer = within(MAX_WAIT, lookup(&resolver, &entry.target)).await;
-        let Some(found) = answered(ballast, l, &what, answer, failing) else {
-            continue;
+/// The resolvers, and what is failing.
+#[derive(Default)]
+struct Dns {
+    resolvers: Resolvers,
+    failing: Failing,
+}
+
+impl Dns {
+    /// Asks for every `discover` entry of listener `l`, and for the host name of each
+    /// backend written with one: the answers that found something.
+    async fn ask(&mut self, ballast: &Ballast, config: &Config, l: &ListenerConfig) -> Vec<Answer> {
+        if !has_names(l) {
+            return Vec::new();
+        }
+        let Some(resolver) = self.resolvers.get(l.resolver) else {
+            return Vec::new();
         };
-        if registry.set_discovered(&l.name, &entry.target, found.clone()) {
-            let shown: Vec<String> = found.iter().map(|f| f.addr.to_string()).collect();
-            info!(
-                listener = %l.name, discover = %what,
-                addresses = %shown.join(","), "discovery: the backends changed"
-            );
-            changed = true;
+        let mut answers = Vec::new();
+        for entry in &l.discover {
+            let what = entry.target.to_string();
+            let answer = within(MAX_WAIT, lookup(&resolver, &entry.target)).await;
+            let answer = answer.map(|found| usable(config, l, &what, found));
+            let Some(found) = self.answered(ballast, l, &what, answer) else {
+                continue;
+            };
+            answers.push(Answer::Discovered {
+                listener: l.name.clone(),
+                target: entry.target.clone(),
+                found,
+            });
+        }
+        let registry = ballast.registry();
+        for b in &l.backends {
+            let Some((host, port)) = host_name(&b.addr_text) else {
+                continue;
+            };
+            let answer = within(MAX_WAIT, addresses(&resolver, host)).await;
+            let Some(ips) = self.answered(ballast, l, &b.addr_text, answer) else {
+                continue;
+            };
+            // Where it is now, while the answer still has it (records rotate); else, as at
+            // load, the first IPv4 address, or the first.
+            let now = registry.resolved(&l.name, &b.name).unwrap_or(b.addr);
+            let ip = match ips.contains(&now.ip()) {
+                true => now.ip(),
+                false => *ips.iter().find(|ip| ip.is_ipv4()).unwrap_or(&ips[0]),
+            };
+            answers.push(Answer::Resolved {
+                listener: l.name.clone(),
+                backend: b.name.clone(),
+                addr: SocketAddr::new(ip, port),
+                loaded: b.addr,
+            });
+        }
+        answers
+    }
+
+    /// Counts and logs an answer to `what` of listener `l`: what it found, or `None` when
+    /// it failed or found nothing (then nothing changes).
+    fn answered<T>(
+        &mut self,
+        ballast: &Ballast,
+        l: &ListenerConfig,
+        what: &str,
+        answer: Result<Vec<T>, String>,
+    ) -> Option<Vec<T>> {
+        let answer = answer.and_then(|found| match found.is_empty() {
+            true => Err("the answer has no usable address".to_string()),
+            false => Ok(found),
+        });
+        let result = if answer.is_ok() { "success" } else { "failure" };
+        ballast
+            .registry()
+            .metrics()
+            .discovery_resolutions
+            .with_label_values(&[&l.name, result])
+            .inc();
+        let key = (l.name.clone(), what.to_string());
+        match answer {
+            Ok(found) => {
+                if self.failing.remove(&key) {
+                    info!(listener = %l.name, name = %what, "DNS answers again");
+                }
+                Some(found)
+            }
+            Err(why) => {
+                if self.failing.insert(key) {
+                    warn!(
+                        listener = %l.name, name = %what, error = %why,
+                        "DNS failed: the backends stay as they were"
+                    );
+                }
+                None
+            }
         }
     }
-    for (backend, host, port) in named {
-        let answer = within(MAX_WAIT, addresses(&resolver, host)).await;
-        let Some(ips) = answered(ballast, l, &backend.addr_text, answer, failing) else {
-            continue;
-        };
-        // As at load: the first IPv4 address, else the first.
-        let ip = ips.iter().find(|ip| ip.is_ipv4()).unwrap_or(&ips[0]);
-        let addr = SocketAddr::new(*ip, port);
-        if registry.set_resolved(&l.name, &backend.name, addr, backend.addr) {
-            info!(
-                listener = %l.name, backend = %backend.name, host = %backend.addr_text,
-                %addr, "backend address changed: new connections go to the new one"
-            );
-            changed = true;
-        }
+}
+
+/// What of `found` can be a backend: no address that cannot be connected to (port 0,
+/// any-address, multicast, broadcast) or that leads back into ballast, and at most
+/// [`MAX_FOUND`]. What is left out is logged.
+fn usable(config: &Config, l: &ListenerConfig, what: &str, mut found: Vec<Found>) -> Vec<Found> {
+    let before = found.len();
+    found.retain(|f| crate::config::unreachable(f.addr).is_none() && !config.loops_back(f.addr));
+    if found.len() < before {
+        warn!(
+            listener = %l.name, name = %what, left_out = before - found.len(),
+            "DNS named addresses that cannot be backends (unreachable, or ballast itself)"
+        );
     }
-    changed
+    if found.len() > MAX_FOUND {
+        warn!(
+            listener = %l.name, name = %what, found = found.len(),
+            "DNS named more than {MAX_FOUND} addresses: the first {MAX_FOUND} are used"
+        );
+        found.sort_unstable();
+        found.truncate(MAX_FOUND);
+    }
+    found
 }
 
 /// `future`'s answer, or an error if it takes longer than `limit`.
@@ -159,46 +379,6 @@ async fn within<T>(
     tokio::time::timeout(limit, future)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
-}
-
-/// Counts and logs an answer to `what` of listener `l`: what it found, or `None` when it
-/// failed or found nothing (then nothing changes).
-fn answered<T>(
-    ballast: &Ballast,
-    l: &ListenerConfig,
-    what: &str,
-    answer: Result<Vec<T>, String>,
-    failing: &mut Failing,
-) -> Option<Vec<T>> {
-    let answer = answer.and_then(|found| match found.is_empty() {
-        true => Err("the answer has no address".to_string()),
-        false => Ok(found),
-    });
-    let result = if answer.is_ok() { "success" } else { "failure" };
-    ballast
-        .registry()
-        .metrics()
-        .discovery_resolutions
-        .with_label_values(&[&l.name, result])
-        .inc();
-    let key = (l.name.clone(), what.to_string());
-    match answer {
-        Ok(found) => {
-            if failing.remove(&key) {
-                info!(listener = %l.name, name = %what, "DNS answers again");
-            }
-            Some(found)
-        }
-        Err(why) => {
-            if failing.insert(key) {
-                warn!(
-                    listener = %l.name, name = %what, error = %why,
-                    "DNS failed: the backends stay as they were"
-                );
-            }
-            None
-        }
-    }
 }
 
 /// The host name and port of an address written as `host:port`; `None` for an IP
@@ -255,13 +435,32 @@ async fn lookup(resolver: &TokioResolver, target: &Discover) -> Result<Vec<Found
     }
 }
 
-/// The A and AAAA records of `host`.
+/// The A and AAAA records of `host`, asked separately: a name without records of one
+/// family is fine, but a failure of either query fails the whole answer (a lost packet
+/// must not make half the backends drain).
 async fn addresses(resolver: &TokioResolver, host: &str) -> Result<Vec<IpAddr>, String> {
-    let answer = resolver
-        .lookup_ip(host)
-        .await
-        .map_err(|e| format!("{host}: {e}"))?;
-    Ok(answer.iter().collect())
+    let failed = |e: hickory_resolver::net::NetError| format!("{host}: {e}");
+    let mut ips: Vec<IpAddr> = match resolver.ipv4_lookup(host).await {
+        Ok(answer) => answer
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                _ => None,
+            })
+            .collect(),
+        Err(e) if e.is_no_records_found() => Vec::new(),
+        Err(e) => return Err(failed(e)),
+    };
+    match resolver.ipv6_lookup(host).await {
+        Ok(answer) => ips.extend(answer.answers().iter().filter_map(|r| match &r.data {
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })),
+        Err(e) if e.is_no_records_found() => {}
+        Err(e) => return Err(failed(e)),
+    }
+    Ok(ips)
 }
 
 /// One resolver per DNS server asked (`None`: the system's), made on first use.
@@ -308,7 +507,6 @@ fn resolver(server: Option<SocketAddr>) -> Result<TokioResolver, String> {
         }
     };
     let options: &mut ResolverOpts = builder.options_mut();
-    options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
     options.timeout = MAX_WAIT / 2;
     options.attempts = 1;
     builder.build().map_err(|e| e.to_string())

@@ -177,21 +177,6 @@ impl Ballast {
         self.inner.resolve_now.notified().await
     }
 
-    /// Builds the routing snapshot again from the config in use, with what `discover`
-    /// entries found now, and swaps it in: backends no longer found drain as removed
-    /// ones; new ones start with health `new_backends` where there are health checks.
-    pub(crate) fn rebuild_routing(&self, new_backends: crate::state::Health) {
-        let _one_at_a_time = self.lock_reload();
-        let old = self.routing();
-        let routing = Routing::build_with(
-            (*old.config).clone(),
-            old.generation,
-            self.registry(),
-            new_backends,
-        );
-        self.swap_in(&old, routing);
-    }
-
     /// The cluster as the latest report round saw it; `None` without `[cluster]`.
     pub fn cluster_view(&self) -> Option<cluster::ClusterView> {
         self.inner

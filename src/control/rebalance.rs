@@ -168,9 +168,17 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
                 .copied()
                 .unwrap_or(now + config.interval);
             if at <= now {
-                let view = ballast.cluster_view().filter(|v| v.up);
                 let me = routing.config.cluster.as_ref().map(|c| c.instance.as_str());
-                rebalance(ballast.conns(), listener, config, view.as_ref(), me);
+                let view = ballast.cluster_view();
+                match (me, view.as_ref()) {
+                    (None, _) => rebalance(ballast.conns(), listener, config, None, None),
+                    (Some(me), Some(view)) if view.up => {
+                        rebalance(ballast.conns(), listener, config, Some(view), Some(me))
+                    }
+                    // Redis does not answer: own counts alone could move the clients of
+                    // a cluster that is even; wait until it answers.
+                    (Some(_), _) => {}
+                }
                 at = now + config.interval;
             }
             wake = wake.min(at);
@@ -192,15 +200,16 @@ pub fn ending(conns: &Conns, listener: &ListenerRoute) -> bool {
         .is_empty()
 }
 
-/// Whether the counts can be planned on: no migration of this listener moments ago,
-/// and in a cluster, no peer settling after one of its own and every peer reporting
-/// since this instance's last migration.
+/// Whether the counts can be planned on. In a cluster: no migration of this listener
+/// moments ago (its clients are still reconnecting, perhaps to other instances), no
+/// peer settling after one of its own, and every peer reporting since this instance's
+/// last migration. Alone, the connections still ending are all there is to wait for.
 fn settled(listener: &ListenerRoute, cluster: Option<&ClusterView>) -> bool {
     let last = listener.state.last_migration();
-    if last.is_some_and(|at| at.elapsed() < SETTLE) {
-        return false;
-    }
     cluster.is_none_or(|view| {
+        if last.is_some_and(|at| at.elapsed() < SETTLE) {
+            return false;
+        }
         view.peers.iter().all(|peer| {
             let Some(theirs) = peer.listeners.get(&listener.config.name) else {
                 return true;
@@ -235,10 +244,10 @@ fn rebalance(
             let (peers, leads) = match cluster {
                 None => (0, true),
                 Some(view) => view.holders(&listener.config.name, &b.config.name).fold(
-                    (0, true),
+                    (0u64, true),
                     |(sum, leads), (peer, n)| {
                         let ahead = n > active || (n == active && peer < instance);
-                        (sum + n, leads && !ahead)
+                        (sum.saturating_add(n), leads && !ahead)
                     },
                 ),
             };

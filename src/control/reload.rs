@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use super::RemovedBackend;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, DiscoverConfig};
 use crate::listen::bind_listener;
 use crate::logging::unix_now;
 use crate::routing::Routing;
@@ -129,6 +129,7 @@ impl Ballast {
                 .is_some_and(|l| l.discover.iter().any(|d| &d.target == target))
         });
         self.registry().clear_resolved();
+        super::discover::resolve_new_entries(self, &config);
         let routing = Routing::build(config, generation, self.registry());
         let names: HashSet<String> = routing
             .listeners
@@ -257,6 +258,31 @@ pub fn changes(old: &Config, new: &Config) -> Vec<String> {
                 ));
             }
         }
+        let same =
+            |a: &DiscoverConfig, b: &DiscoverConfig| a.target == b.target && a.name == b.name;
+        for d in &l.discover {
+            match was.discover.iter().find(|o| same(o, d)) {
+                None => out.push(format!(
+                    "listener {:?}: discover {} added (backends {}@...)",
+                    l.name, d.target, d.name
+                )),
+                Some(before) if before != d => out.push(format!(
+                    "listener {:?}: discover {} (backends {}@...): weight, max_conns or send_proxy changed",
+                    l.name, d.target, d.name
+                )),
+                Some(_) => {}
+            }
+        }
+        for d in was
+            .discover
+            .iter()
+            .filter(|o| !l.discover.iter().any(|d| same(o, d)))
+        {
+            out.push(format!(
+                "listener {:?}: discover {} (backends {}@...) removed: they drain",
+                l.name, d.target, d.name
+            ));
+        }
         for b in &was.backends {
             if !l.backends.iter().any(|n| n.name == b.name) {
                 out.push(format!(
@@ -275,6 +301,8 @@ pub fn changes(old: &Config, new: &Config) -> Vec<String> {
                 c.slow_start,
                 c.health.clone(),
                 c.rebalance.clone(),
+                c.resolve_interval,
+                c.resolver,
             )
         };
         if settings(was) != settings(l) {
@@ -289,12 +317,30 @@ pub fn changes(old: &Config, new: &Config) -> Vec<String> {
             ));
         }
     }
+    if old.cluster != new.cluster {
+        out.push(match &new.cluster {
+            Some(c) => format!(
+                "[cluster]: reporting as {:?} to {}",
+                c.instance,
+                redacted(&c.redis)
+            ),
+            None => "[cluster] removed: balancing on this instance's own counts".into(),
+        });
+    }
     if old.admin != new.admin || old.runtime != new.runtime {
         out.push(
             "[admin] or [runtime] changed (bind and threads apply at the next restart)".into(),
         );
     }
     out
+}
+
+/// A Redis URL without its password, for the log.
+fn redacted(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://***{}", &url[at..]),
+        _ => url.to_string(),
+    }
 }
 
 /// How long the file must be quiet after a change before it is reloaded: editors write

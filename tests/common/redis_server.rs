@@ -19,20 +19,30 @@ pub struct Redis {
 }
 
 impl Redis {
-    /// A Redis on a free port, answering PING.
+    /// A Redis on a free port, answering PING. (A port found free can be taken before
+    /// Redis binds it: then Redis exits, and another port is tried.)
     pub async fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Redis { port, child: None };
-        redis.restart().await;
-        redis
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut redis = Redis { port, child: None };
+            if redis.try_start().await {
+                return redis;
+            }
+        }
+        panic!("redis-server never started on a free port");
     }
 
     /// Starts it again on the same port (empty: nothing is saved).
     pub async fn restart(&mut self) {
+        assert!(self.try_start().await, "redis-server did not start again");
+    }
+
+    /// Starts redis-server on `self.port`; `false` when it exits (the port is taken).
+    async fn try_start(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
@@ -43,12 +53,18 @@ impl Redis {
         self.child = Some(child);
         let deadline = tokio::time::Instant::now() + DEADLINE;
         while self.command("PING").await.as_deref() != Some("+PONG") {
+            let exited = self.child.as_mut().map(|c| c.try_wait());
+            if matches!(exited, Some(Ok(Some(_)))) {
+                self.child = None;
+                return false;
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "redis-server never answered"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        true
     }
 
     pub fn url(&self) -> String {
