@@ -433,3 +433,61 @@ async fn a_cluster_that_is_even_while_no_instance_is_migrates_nothing() {
         r.shutdown(Duration::from_secs(2)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rediss_url_reports_over_tls_verified_against_the_system_s_roots() {
+    // A CA and a certificate for 127.0.0.1 made for this test; the instance that trusts
+    // the CA (as its system's roots, through SSL_CERT_FILE) reports, the other cannot.
+    let dir = tempfile::tempdir().unwrap();
+    let at = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    std::fs::write(at("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    for args in [
+        "req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=ballast-test-ca -keyout ca.key -out ca.pem",
+        "req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout key.pem -out leaf.csr",
+        "x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -out cert.pem -extfile san.ext",
+    ] {
+        let made = std::process::Command::new("openssl")
+            .args(args.split(' '))
+            .current_dir(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl runs (Debian: apt-get install openssl)");
+        assert!(made.success(), "openssl {args}");
+    }
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let tls_port = dead_addr().await.port();
+    let redis = Redis::start_tls(tls_port, &cert, &key).await;
+    let backend = Backend::greeter("a").await;
+    let toml = |instance: &str| {
+        format!(
+            "[admin]\nbind = \"127.0.0.1:0\"\n\n[cluster]\nredis = \"rediss://127.0.0.1:{tls_port}/0\"\ninstance = \"{instance}\"\nreport_interval = \"200ms\"\n\n[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n{}",
+            backends_toml(&[("a", backend.addr, 1)])
+        )
+    };
+    let (trusting, doubting) = (
+        dir.path().join("trusting.toml"),
+        dir.path().join("doubting.toml"),
+    );
+    std::fs::write(&trusting, toml("trusting")).unwrap();
+    std::fs::write(&doubting, toml("doubting")).unwrap();
+    let ca_file = at("ca.pem");
+    let trusts = Proc::run(&trusting, &[("SSL_CERT_FILE", ca_file.as_str())], 1).await;
+    let empty = dir.path().join("none.pem");
+    std::fs::write(&empty, "").unwrap();
+    let doubts = Proc::run(&doubting, &[("SSL_CERT_FILE", empty.to_str().unwrap())], 1).await;
+    wait_for_metric(trusts.admin, "ballast_cluster_up", &[], |v| v == 1.0).await;
+    // Its report is in Redis (read over Redis's plain port).
+    let report = redis
+        .command("GET ballast:instance:trusting")
+        .await
+        .unwrap();
+    assert!(report.contains("\"listeners\""), "{report}");
+    wait_for_metric(doubts.admin, "ballast_cluster_up", &[], |v| v == 0.0).await;
+    assert_eq!(
+        redis
+            .command("EXISTS ballast:instance:doubting")
+            .await
+            .as_deref(),
+        Some(":0")
+    );
+}

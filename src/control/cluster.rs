@@ -115,6 +115,8 @@ impl ClusterView {
 
 /// Runs until `stopped` turns true; then takes this instance's report out of Redis.
 pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
+    // rediss:// URLs: rustls needs its cryptography chosen once per process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let token = process_token();
     let mut link: Option<Link> = None;
     let mut outage = false;

@@ -16,19 +16,45 @@ use super::{connect_and_greet, DEADLINE};
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
+    /// Extra arguments (TLS).
+    args: Vec<String>,
 }
 
 impl Redis {
     /// A Redis on a free port, answering PING. (A port found free can be taken before
     /// Redis binds it: then Redis exits, and another port is tried.)
     pub async fn start() -> Redis {
+        Redis::start_with(Vec::new()).await
+    }
+
+    /// A Redis that also takes TLS on `tls_port`, with this certificate and key.
+    pub async fn start_tls(tls_port: u16, cert: &std::path::Path, key: &std::path::Path) -> Redis {
+        let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+        Redis::start_with(vec![
+            "--tls-port".into(),
+            tls_port.to_string(),
+            "--tls-cert-file".into(),
+            path(cert),
+            "--tls-key-file".into(),
+            path(key),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ])
+        .await
+    }
+
+    async fn start_with(args: Vec<String>) -> Redis {
         for _ in 0..5 {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
                 .unwrap()
                 .port();
-            let mut redis = Redis { port, child: None };
+            let mut redis = Redis {
+                port,
+                child: None,
+                args: args.clone(),
+            };
             if redis.try_start().await {
                 return redis;
             }
@@ -46,6 +72,7 @@ impl Redis {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
