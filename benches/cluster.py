@@ -57,18 +57,6 @@ def main():
     backends = [c.free_port() for _ in range(3)]
     procs = []
 
-    def nginx_backend(port):
-        name = f"nginx-{port}"
-        temp = " ".join(f"{k}_temp_path {bench.tmp}/{k}-{port};" for k in
-                        ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        conf = bench.write(f"{name}.conf", bench.nginx_head(name, 1) +
-                           f"http {{ access_log off; {temp}\n  server {{ listen 127.0.0.1:{port} backlog=65535;\n"
-                           f"    location / {{ return 200 \"hello\\n\"; }} }} }}\n")
-        p = c.Proc(name, [bench.tool("nginx"), "-e", f"{bench.tmp}/{name}.err", "-c", conf, "-p", bench.tmp],
-                   bench.tmp)
-        procs.append(p)
-        c.wait_port(port, p)
-
     def start(variant):
         port = c.free_port()
         cluster = (f"[cluster]\nredis = \"redis://127.0.0.1:{redis_port}/0\"\ninstance = \"bench\"\n\n"
@@ -85,7 +73,7 @@ def main():
     results = {v: [] for v in VARIANTS}
     try:
         for port in backends:
-            nginx_backend(port)
+            procs.append(c.nginx_hello(bench, f"nginx-{port}", port))
         redis = c.Proc("redis", [bench.tool("redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1",
                                  "--save", "", "--appendonly", "no"], bench.tmp)
         procs.append(redis)
@@ -104,16 +92,13 @@ def main():
                     r["round_trips_per_s"] = (rt1 - rt0) / took
                 finally:
                     b.stop()
-                if r.get("errors"):
-                    print(f"{variant} rep {rep}: errors: {r['errors']}", file=sys.stderr)
-                print(f"{variant} rep {rep}: {r}", file=sys.stderr, flush=True)
-                results[variant].append(r)
+                c.note_rep(results, variant, rep, r)
     finally:
         for p in procs:
             p.stop()
 
     def per_conn(v):
-        return statistics.median(r["cpu"] / r["units"] * 1e6 for r in results[v])
+        return c.cpu_us_per_unit(results[v])
 
     base = per_conn("off")
     print("| [cluster] | connections/s | ballast CPU us per connection | / off | Redis round trips/s | Redis commands/s |")

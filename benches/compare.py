@@ -273,6 +273,33 @@ class Bench:
 SERVICE = {"http": "http", "connect": "http", "redis": "redis", "idle": "http"}
 
 
+def nginx_hello(bench, name, port, proxy_protocol=False):
+    """An nginx (one worker) answering 200 "hello" on 127.0.0.1:`port`, with the PROXY
+    protocol when asked; started and listening."""
+    listen = f"127.0.0.1:{port} backlog=65535" + (" proxy_protocol" if proxy_protocol else "")
+    temp = " ".join(f"{k}_temp_path {bench.tmp}/{k}-{port};" for k in
+                    ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = bench.write(f"{name}.conf", bench.nginx_head(name, 1) +
+                       f"http {{ access_log off; {temp}\n  server {{ listen {listen};\n"
+                       f"    location / {{ return 200 \"hello\\n\"; }} }} }}\n")
+    p = Proc(name, [bench.tool("nginx"), "-e", f"{bench.tmp}/{name}.err", "-c", conf, "-p", bench.tmp], bench.tmp)
+    wait_port(port, p)
+    return p
+
+
+def note_rep(results, variant, rep, r):
+    """Keeps one repetition's result of `variant`, saying it (and its errors) on stderr."""
+    if r.get("errors"):
+        print(f"{variant} rep {rep}: errors: {r['errors']}", file=sys.stderr)
+    print(f"{variant} rep {rep}: {r}", file=sys.stderr, flush=True)
+    results[variant].append(r)
+
+
+def cpu_us_per_unit(runs):
+    """The median over `runs` of CPU microseconds per unit (connection, request)."""
+    return statistics.median(r["cpu"] / r["units"] * 1e6 for r in runs)
+
+
 def service_of(scenario):
     return "bulk" if scenario.startswith("bulk") else SERVICE[scenario]
 

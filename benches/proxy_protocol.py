@@ -36,18 +36,6 @@ def main():
     plain_port, pp_port = c.free_port(), c.free_port()
     procs = []
 
-    def nginx_backend(name, port, proxy_protocol):
-        listen = f"127.0.0.1:{port} backlog=65535" + (" proxy_protocol" if proxy_protocol else "")
-        temp = " ".join(f"{k}_temp_path {bench.tmp}/{k}-{port};" for k in
-                        ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        conf = bench.write(f"{name}.conf", bench.nginx_head(name, 1) +
-                           f"http {{ access_log off; {temp}\n  server {{ listen {listen};\n"
-                           f"    location / {{ return 200 \"hello\\n\"; }} }} }}\n")
-        p = c.Proc(name, [bench.tool("nginx"), "-e", f"{bench.tmp}/{name}.err", "-c", conf, "-p", bench.tmp],
-                   bench.tmp)
-        procs.append(p)
-        c.wait_port(port, p)
-
     def start(variant):
         """HAProxy in front of ballast for `variant`: (front port, ballast's Proc)."""
         front, middle = c.free_port(), c.free_port()
@@ -71,8 +59,8 @@ def main():
 
     results = {v: [] for v in VARIANTS}
     try:
-        nginx_backend("nginx-plain", plain_port, False)
-        nginx_backend("nginx-pp", pp_port, True)
+        procs.append(c.nginx_hello(bench, "nginx-plain", plain_port))
+        procs.append(c.nginx_hello(bench, "nginx-pp", pp_port, proxy_protocol=True))
         for rep in range(args.reps):
             for variant in VARIANTS:
                 front, b, h = start(variant)
@@ -83,16 +71,13 @@ def main():
                 finally:
                     h.stop()
                     b.stop()
-                if r.get("errors"):
-                    print(f"{variant} rep {rep}: errors: {r['errors']}", file=sys.stderr)
-                print(f"{variant} rep {rep}: {r}", file=sys.stderr, flush=True)
-                results[variant].append(r)
+                c.note_rep(results, variant, rep, r)
     finally:
         for p in procs:
             p.stop()
 
     def per_conn(v):
-        return statistics.median(r["cpu"] / r["units"] * 1e6 for r in results[v])
+        return c.cpu_us_per_unit(results[v])
 
     base = per_conn("plain")
     print("| variant | connections/s | ballast CPU us per connection | / plain |")

@@ -39,16 +39,11 @@ async fn greeters(names: &[&str]) -> Vec<Backend> {
 
 /// The cluster-wide live count of each backend of listener "web", as `ballast` shows it.
 fn cluster_counts(ballast: &ballast::Ballast) -> Vec<(String, u64)> {
-    let status = ballast.status();
-    status["listeners"][0]["backends"]
-        .as_array()
-        .unwrap()
+    status_backends(ballast)
         .iter()
         .map(|b| {
-            (
-                b["name"].as_str().unwrap().to_string(),
-                b["cluster_active"].as_u64().expect("cluster_active"),
-            )
+            let name = b["name"].as_str().unwrap().to_string();
+            (name, b["cluster_active"].as_u64().expect("cluster_active"))
         })
         .collect()
 }

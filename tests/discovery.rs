@@ -8,32 +8,17 @@ use std::time::Duration;
 
 use common::dns_server::{Answer, Dns};
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
 }
 
-/// The backends of listener "web" as the status lists them: (name, state, active).
-fn backends(ballast: &ballast::Ballast) -> Vec<(String, String, u64)> {
-    let status = ballast.status();
-    status["listeners"][0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| {
-            (
-                b["name"].as_str().unwrap().to_string(),
-                b["state"].as_str().unwrap().to_string(),
-                b["active"].as_u64().unwrap(),
-            )
-        })
-        .collect()
-}
-
 fn names(ballast: &ballast::Ballast) -> Vec<String> {
-    let mut names: Vec<String> = backends(ballast).into_iter().map(|b| b.0).collect();
+    let mut names: Vec<String> = status_backends(ballast)
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
     names.sort();
     names
 }
@@ -56,18 +41,6 @@ async fn three_hosts() -> (u16, Vec<Backend>) {
         }
     }
     panic!("no port free on 127.0.0.2-4");
-}
-
-/// Whether `stream` still relays: one line out and back.
-async fn relays(stream: &mut TcpStream) -> bool {
-    if stream.write_all(b"ping\n").await.is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 5];
-    matches!(
-        tokio::time::timeout(DEADLINE, stream.read_exact(&mut buf)).await,
-        Ok(Ok(_)) if &buf == b"ping\n"
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,10 +90,7 @@ async fn addresses_that_appear_get_connections_ones_that_go_drain_and_a_failed_a
     }
     assert_eq!(on(&held, "c"), 2, "the new backend gets connections");
     let weight_of = |name: &str| {
-        let status = ballast.ballast.status();
-        status["listeners"][0]["backends"]
-            .as_array()
-            .unwrap()
+        status_backends(&ballast.ballast)
             .iter()
             .find(|b| b["name"] == name)
             .map(|b| b["effective_weight"].as_f64().unwrap())
@@ -156,7 +126,7 @@ async fn addresses_that_appear_get_connections_ones_that_go_drain_and_a_failed_a
     }
     for stream in &mut on_c {
         assert!(
-            relays(stream).await,
+            still_open(stream).await,
             "a dropped backend's connection lives on"
         );
     }
@@ -201,7 +171,7 @@ async fn addresses_that_appear_get_connections_ones_that_go_drain_and_a_failed_a
     .await;
     assert_eq!(names(&ballast.ballast), ["app@127.0.0.2", "app@127.0.0.3"]);
     for stream in &mut others {
-        assert!(relays(stream).await);
+        assert!(still_open(stream).await);
     }
     let (_, backend) = connect_and_greet(web).await;
     assert!(backend == "a" || backend == "b", "{backend}");

@@ -182,6 +182,27 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Echo through a held connection: proves it is still open end to end.
+pub async fn still_open(stream: &mut TcpStream) -> bool {
+    if stream.write_all(b"ping\n").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 5];
+    matches!(
+        tokio::time::timeout(DEADLINE, stream.read_exact(&mut buf)).await,
+        Ok(Ok(_)) if &buf == b"ping\n"
+    )
+}
+
+/// The backends of the first listener in `ballast`'s status (`/api/v1/status`), as
+/// JSON objects.
+pub fn status_backends(ballast: &ballast::Ballast) -> Vec<serde_json::Value> {
+    ballast.status()["listeners"][0]["backends"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// Asserts that the peer closes `stream` (EOF or reset) within the deadline.
 pub async fn assert_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin)) {
     let mut buf = [0u8; 64];
