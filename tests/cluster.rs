@@ -146,9 +146,17 @@ async fn two_instances_balance_least_conn_on_cluster_wide_counts_and_pick_names_
     .await;
     assert_eq!(pick(admin1).await, "c");
     assert_eq!(pick(admin2).await, "c");
+    // A graceful stop takes the instance's report out of Redis at once.
+    two.shutdown(Duration::from_secs(2)).await;
+    assert_eq!(
+        redis
+            .command("EXISTS ballast:instance:edge-2")
+            .await
+            .as_deref(),
+        Some(":0")
+    );
     drop((held, through_two));
     one.shutdown(Duration::from_secs(2)).await;
-    two.shutdown(Duration::from_secs(2)).await;
 }
 
 /// The sum over `admins` of metric `name` for listener "web".
@@ -415,6 +423,17 @@ async fn a_cluster_that_is_even_while_no_instance_is_migrates_nothing() {
     }
     // Ten rebalance intervals, five report rounds.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        total_of(&admins, "ballast_rebalance_migrations_total").await,
+        0.0
+    );
+    // Redis goes: own counts alone would say each instance is uneven. Rebalance waits.
+    let mut redis = redis;
+    redis.kill();
+    for admin in &admins {
+        wait_for_metric(*admin, "ballast_cluster_peers", &[], |v| v == 0.0).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         total_of(&admins, "ballast_rebalance_migrations_total").await,
         0.0

@@ -170,6 +170,18 @@ async fn addresses_that_appear_get_connections_ones_that_go_drain_and_a_failed_a
     )
     .await;
     assert_eq!(names(&ballast.ballast), ["app@127.0.0.2", "app@127.0.0.3"]);
+    // A answered (with one address less) but AAAA failed: a failed answer too, not
+    // one that drains 127.0.0.3.
+    let failed = failures(&scrape(admin).await);
+    dns.set("app.test", Answer::ServFailAaaa(vec![ip("127.0.0.2")]));
+    wait_for_metric(
+        admin,
+        "ballast_discovery_resolutions_total",
+        &[("listener", "web"), ("result", "failure")],
+        |n| n >= failed + 2.0,
+    )
+    .await;
+    assert_eq!(names(&ballast.ballast), ["app@127.0.0.2", "app@127.0.0.3"]);
     for stream in &mut others {
         assert!(still_open(stream).await);
     }

@@ -19,6 +19,8 @@ pub enum Answer {
     /// (priority, weight, port, target name) per record.
     Srv(Vec<(u16, u16, u16, String)>),
     ServFail,
+    /// These A records, and SERVFAIL to an AAAA query (one family's query failing).
+    ServFailAaaa(Vec<IpAddr>),
 }
 
 pub struct Dns {
@@ -77,6 +79,16 @@ fn answer(query: &Message, zone: &HashMap<String, Answer>) -> Message {
     match zone.get(key) {
         None => response.metadata.response_code = ResponseCode::NXDomain,
         Some(Answer::ServFail) => response.metadata.response_code = ResponseCode::ServFail,
+        Some(Answer::ServFailAaaa(_)) if q.query_type() == RecordType::AAAA => {
+            response.metadata.response_code = ResponseCode::ServFail
+        }
+        Some(Answer::ServFailAaaa(ips)) => {
+            for ip in ips.iter().filter(|_| q.query_type() == RecordType::A) {
+                if let IpAddr::V4(v4) = ip {
+                    response.add_answer(Record::from_rdata(name.clone(), 0, RData::A(A(*v4))));
+                }
+            }
+        }
         Some(Answer::Addresses(ips)) => {
             for ip in ips {
                 let data = match (ip, q.query_type()) {
