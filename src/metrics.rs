@@ -52,8 +52,8 @@ pub struct Metrics {
     pub config_last_reload_success: Gauge,
     /// Log lines that stderr could not take (see `crate::logging`).
     pub log_lines_dropped: IntCounter,
-    /// Answers to `discover` entries, by listener and result (`success`, `failure`: an
-    /// error, no answer in time, or an answer with no address).
+    /// DNS answers for `discover` entries and backends' host names, by listener and
+    /// result (`success`, `failure`: an error, no answer in time, or no usable address).
     pub discovery_resolutions: IntCounterVec,
     /// `ballast_cluster_up` and `ballast_cluster_peers`, registered once `[cluster]` is
     /// first in use, so that an instance without one shows no cluster down.
@@ -264,7 +264,7 @@ impl Metrics {
             ),
             discovery_resolutions: counter_vec(
                 "ballast_discovery_resolutions_total",
-                "Answers to discover entries, by result (success, failure).",
+                "DNS answers for discover entries and backends' host names, by result (success, failure).",
                 &["listener", "result"],
             ),
             cluster: std::sync::Arc::default(),

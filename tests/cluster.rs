@@ -373,7 +373,8 @@ async fn an_instance_killed_with_sigkill_is_gone_from_the_others_view_within_pee
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_that_is_even_while_no_instance_is_migrates_nothing() {
+async fn an_even_cluster_migrates_nothing_with_or_without_redis_and_a_drain_still_moves_what_must_go(
+) {
     // Each instance holds 20 clients, all on a backend of its own: each is as uneven as
     // can be by its own counts, the cluster is even. Balancing on own counts would move
     // 40 clients; on the cluster's, none.
@@ -438,8 +439,18 @@ async fn a_cluster_that_is_even_while_no_instance_is_migrates_nothing() {
         total_of(&admins, "ballast_rebalance_migrations_total").await,
         0.0
     );
+    // What must go still goes: a backend drained on instance 1 sheds its 20 there.
+    post(admins[0], "/api/v1/listeners/web/backends/a/drain").await;
+    wait_until("instance 1's clients off a", || {
+        clients[0].on("a") == 0 && clients[0].live() == 20
+    })
+    .await;
+    assert_eq!(
+        total_of(&admins, "ballast_rebalance_migrations_total").await,
+        20.0
+    );
     let connects: usize = clients.iter().map(|c| c.connects()).sum();
-    assert_eq!(connects, 60);
+    assert_eq!(connects, 80, "the 20 migrated came back once each");
     for c in clients {
         assert!(c.stop().await.is_empty());
     }
@@ -503,5 +514,43 @@ async fn a_rediss_url_reports_over_tls_verified_against_the_system_s_roots() {
             .await
             .as_deref(),
         Some(":0")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_instance_takes_its_report_out_of_redis_before_it_exits() {
+    let redis = Redis::start().await;
+    let backend = Backend::greeter("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edge-9.toml");
+    std::fs::write(&path, instance_toml(&redis, "edge-9", &[&backend], "")).unwrap();
+    let proc = Proc::run(&path, &[], 1).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while redis
+        .command("EXISTS ballast:instance:edge-9")
+        .await
+        .as_deref()
+        != Some(":1")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never reported");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SIGTERM, and the process has exited: its report is gone, not left to peer_ttl.
+    let (status, log) = proc.stop().await;
+    assert!(status.success(), "{log}");
+    assert_eq!(
+        redis
+            .command("EXISTS ballast:instance:edge-9")
+            .await
+            .as_deref(),
+        Some(":0"),
+        "{log}"
+    );
+    assert_eq!(
+        redis
+            .command("ZSCORE ballast:instances edge-9")
+            .await
+            .as_deref(),
+        Some("$-1")
     );
 }

@@ -68,13 +68,14 @@ async fn addresses_that_appear_get_connections_ones_that_go_drain_and_a_failed_a
     let on = |held: &[(TcpStream, String)], b: &str| held.iter().filter(|h| h.1 == b).count();
     assert_eq!((on(&held, "a"), on(&held, "b")), (2, 2));
 
-    // A weight set at run time outlives DNS changes (it lasts until the next reload).
+    // A weight set at run time outlives DNS changes (it lasts until the next reload):
+    // 0, so a takes nothing new from here on.
     let (status, body) = http_with_body(
         admin,
         "POST",
         "/api/v1/listeners/web/backends/app@127.0.0.2/weight",
         "",
-        "{\"weight\":1}",
+        "{\"weight\":0}",
     )
     .await;
     assert_eq!(status, 200, "{body}");
@@ -95,7 +96,7 @@ async fn addresses_that_appear_get_connections_ones_that_go_drain_and_a_failed_a
             .find(|b| b["name"] == name)
             .map(|b| b["effective_weight"].as_f64().unwrap())
     };
-    assert_eq!(weight_of("app@127.0.0.2"), Some(1.0));
+    assert_eq!(weight_of("app@127.0.0.2"), Some(0.0));
 
     // Back to two: the dropped one drains, its connections live until drain_timeout.
     dns.set(

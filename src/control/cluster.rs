@@ -38,7 +38,7 @@ const INDEX_KEY: &str = "ballast:instances";
 const MAX_ROUND: Duration = Duration::from_secs(2);
 
 /// The longest taking this instance's report out may take.
-const WITHDRAW_WAIT: Duration = Duration::from_millis(500);
+pub const WITHDRAW_WAIT: Duration = Duration::from_millis(500);
 
 /// How long after a migration a listener counts as settling: its clients are still
 /// reconnecting, so its counts understate the total.
@@ -113,11 +113,24 @@ impl ClusterView {
     }
 }
 
-/// Runs until `stopped` turns true; then takes this instance's report out of Redis.
+/// Where a shutting-down instance is in taking its report out of Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leave {
+    Staying,
+    /// Shutdown is done with connections: the report goes now (see [`Ballast::shutdown`]).
+    Asked,
+    /// The report is gone, or could not be taken out within [`WITHDRAW_WAIT`].
+    Done,
+}
+
+/// Runs until `stopped` turns true, or shutdown asks it to leave; then takes this
+/// instance's report out of Redis, so that peers stop counting connections that are gone
+/// without waiting for `peer_ttl`.
 pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
     // rediss:// URLs: rustls needs its cryptography chosen once per process.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let token = process_token();
+    let mut leave = ballast.leave_signal();
     let mut link: Option<Link> = None;
     let mut outage = false;
     // The name and Redis this instance last reported as, and how many rounds in a row
@@ -135,7 +148,7 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
                 reporting_as = Some((url, instance));
             } else {
                 // Left the cluster, or renamed: the old report goes now, not at its TTL.
-                withdraw(&mut link, &instance).await;
+                withdraw(&mut link, &instance, &token).await;
                 link = None;
             }
         }
@@ -148,6 +161,7 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
             drop(routing);
             tokio::select! {
                 _ = stopped.wait_for(|s| *s) => break,
+                _ = leave.wait_for(|l| *l != Leave::Staying) => break,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             continue;
@@ -156,6 +170,7 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
         let limit = MAX_ROUND.min(config.report_interval);
         let result = tokio::select! {
             _ = stopped.wait_for(|s| *s) => break,
+            _ = leave.wait_for(|l| *l != Leave::Staying) => break,
             answer = tokio::time::timeout(limit, round(&mut link, &config, &routing, &ballast, &token)) => {
                 answer.unwrap_or_else(|_| Err(format!("Redis did not answer within {limit:?}")))
             }
@@ -205,31 +220,43 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
         drop(routing);
         tokio::select! {
             _ = stopped.wait_for(|s| *s) => break,
+            _ = leave.wait_for(|l| *l != Leave::Staying) => break,
             _ = tokio::time::sleep_until(started + config.report_interval) => {}
         }
     }
     if let Some((_, instance)) = reporting_as {
-        withdraw(&mut link, &instance).await;
+        withdraw(&mut link, &instance, &token).await;
     }
+    ballast.left();
 }
 
-/// Takes `instance`'s report out of Redis (bounded; a Redis that does not answer lets
-/// it expire by itself).
-async fn withdraw(link: &mut Option<Link>, instance: &str) {
+/// Takes `instance`'s report out of Redis if this process wrote it (another process
+/// under the same name, such as the new one of an upgrade, keeps its own). Bounded: a
+/// Redis that does not answer lets it expire by itself.
+async fn withdraw(link: &mut Option<Link>, instance: &str, token: &str) {
     let Some(link) = link.as_mut() else {
         return;
     };
-    let mut pipe = redis::pipe();
-    pipe.cmd("DEL")
-        .arg(format!("{KEY_PREFIX}{instance}"))
-        .ignore()
-        .cmd("ZREM")
-        .arg(INDEX_KEY)
-        .arg(instance)
-        .ignore();
-    let remove = pipe.query_async::<()>(&mut link.connection);
+    let script = Script::new(WITHDRAW);
+    let mut call = script.prepare_invoke();
+    call.key(format!("{KEY_PREFIX}{instance}"))
+        .key(INDEX_KEY)
+        .arg(format!("\"token\":\"{token}\""))
+        .arg(instance);
+    let remove = call.invoke_async::<i64>(&mut link.connection);
     let _ = tokio::time::timeout(WITHDRAW_WAIT, remove).await;
 }
+
+/// Deletes the report in KEYS[1] and its index entry if it holds ARGV[1] (the token).
+const WITHDRAW: &str = r#"
+local report = redis.call('GET', KEYS[1])
+if report and string.find(report, ARGV[1], 1, true) then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"#;
 
 /// How old a peer's report may be and still count: a live peer's is at most about a
 /// report interval old; one older than `peer_ttl - report_interval` is not counted, so
@@ -320,7 +347,8 @@ async fn round(
         .filter_map(|peer| {
             let written: u64 = peer[1].parse::<f64>().ok()? as u64;
             let age = Duration::from_millis(now.saturating_sub(written));
-            if age > fresh_for {
+            // Too old, or this process's own (under a name it had before a rename).
+            if age > fresh_for || report_token(&peer[2]).as_deref() == Some(token) {
                 return None;
             }
             Some(Peer {

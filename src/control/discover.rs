@@ -48,20 +48,31 @@ const MAX_NAP: Duration = Duration::from_secs(1);
 /// Bounded: when DNS does not answer, serving starts with what is known.
 pub async fn first_pass(ballast: &Ballast) {
     let routing = ballast.routing();
+    let listeners: Vec<&ListenerConfig> = routing.config.listeners.iter().collect();
+    let answers = ask_within(ballast, &routing.config, &listeners).await;
+    apply(ballast, routing.generation, answers, Health::Up);
+}
+
+/// The answers for `listeners` that arrive within [`MAX_FIRST_PASS`]: a name that does
+/// not answer costs the others nothing (it is asked again by the loop).
+async fn ask_within(
+    ballast: &Ballast,
+    config: &Config,
+    listeners: &[&ListenerConfig],
+) -> Vec<Answer> {
     let mut dns = Dns::default();
+    let mut answers = Vec::new();
     let pass = async {
-        let mut answers = Vec::new();
-        for l in &routing.config.listeners {
-            answers.extend(dns.ask(ballast, &routing.config, l).await);
+        for l in listeners {
+            for answer in dns.ask(ballast, config, l).await {
+                answers.push(answer);
+            }
         }
-        answers
     };
-    match tokio::time::timeout(MAX_FIRST_PASS, pass).await {
-        Ok(answers) => apply(ballast, routing.generation, answers, Health::Up),
-        Err(_) => warn!(
-            "DNS did not answer within {MAX_FIRST_PASS:?}: serving with the backends known; asked again every resolve_interval"
-        ),
+    if tokio::time::timeout(MAX_FIRST_PASS, pass).await.is_err() {
+        warn!("DNS did not answer within {MAX_FIRST_PASS:?}: going on with the answers that came");
     }
+    answers
 }
 
 /// Resolves the `discover` entries that `config` (about to be applied by a reload) adds
@@ -96,17 +107,8 @@ pub(crate) fn resolve_new_entries(ballast: &Ballast, config: &Config) {
                 .enable_all()
                 .build()
                 .ok()?;
-            runtime.block_on(async {
-                let mut dns = Dns::default();
-                let pass = async {
-                    let mut answers = Vec::new();
-                    for l in &new {
-                        answers.extend(dns.ask(ballast, config, l).await);
-                    }
-                    answers
-                };
-                tokio::time::timeout(MAX_FIRST_PASS, pass).await.ok()
-            })
+            let listeners: Vec<&ListenerConfig> = new.iter().collect();
+            Some(runtime.block_on(ask_within(ballast, config, &listeners)))
         });
         asked.join().ok().flatten()
     });
@@ -126,8 +128,9 @@ pub(crate) fn resolve_new_entries(ballast: &Ballast, config: &Config) {
 pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
     let mut dns = Dns::default();
     let mut due: HashMap<String, Instant> = HashMap::new();
-    // A reload asked for every name at once.
-    let mut asked = false;
+    // A reload asked for every name at once; so does a start (its first pass may have
+    // run out of time with names unanswered).
+    let mut asked = true;
     loop {
         let routing = ballast.routing();
         let now = Instant::now();
@@ -286,7 +289,16 @@ impl Dns {
             let Some((host, port)) = host_name(&b.addr_text) else {
                 continue;
             };
-            let answer = within(MAX_WAIT, addresses(&resolver, host)).await;
+            let answer = within(MAX_WAIT, addresses(&resolver, host))
+                .await
+                .map(|ips| {
+                    // As at load: no address that cannot be a backend.
+                    let can_be = |ip: &IpAddr| {
+                        let addr = SocketAddr::new(*ip, port);
+                        crate::config::unreachable(addr).is_none() && !config.loops_back(addr)
+                    };
+                    ips.into_iter().filter(can_be).collect::<Vec<_>>()
+                });
             let Some(ips) = self.answered(ballast, l, &b.addr_text, answer) else {
                 continue;
             };

@@ -74,6 +74,8 @@ struct Inner {
     resolve_now: tokio::sync::Notify,
     /// The cluster as the latest report round saw it; `None` without `[cluster]`.
     cluster: Mutex<Option<cluster::ClusterView>>,
+    /// Shutdown asks the cluster's task to take this instance's report out of Redis.
+    leave: watch::Sender<cluster::Leave>,
     /// Turns true when shutdown is complete; background loops (admin, health) end then.
     stopped: watch::Sender<bool>,
 }
@@ -138,6 +140,7 @@ impl Ballast {
                 routing_swapped: tokio::sync::Notify::new(),
                 resolve_now: tokio::sync::Notify::new(),
                 cluster: Mutex::new(None),
+                leave: watch::channel(cluster::Leave::Staying).0,
                 stopped: watch::channel(false).0,
             }),
         }
@@ -184,6 +187,16 @@ impl Ballast {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Turns from `Staying` when shutdown asks the cluster's task to leave.
+    pub(crate) fn leave_signal(&self) -> watch::Receiver<cluster::Leave> {
+        self.inner.leave.subscribe()
+    }
+
+    /// The cluster's task has taken this instance's report out (or given up).
+    pub(crate) fn left(&self) {
+        self.inner.leave.send_replace(cluster::Leave::Done);
     }
 
     pub(crate) fn set_cluster_view(&self, view: Option<cluster::ClusterView>) {
@@ -432,6 +445,14 @@ impl Ballast {
                 self.conns().close_share(share, EndReason::Shutdown);
             }
             tokio::time::sleep(SHUTDOWN_TICK.min(cut_at.saturating_duration_since(now))).await;
+        }
+        // Peers stop counting this instance's connections now, not at peer_ttl: its
+        // report goes before the process can end.
+        if self.routing().config.cluster.is_some() {
+            self.inner.leave.send_replace(cluster::Leave::Asked);
+            let mut left = self.inner.leave.subscribe();
+            let done = left.wait_for(|l| *l == cluster::Leave::Done);
+            let _ = tokio::time::timeout(cluster::WITHDRAW_WAIT * 2, done).await;
         }
         self.inner.stopped.send_replace(true);
     }

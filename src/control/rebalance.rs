@@ -170,14 +170,18 @@ pub async fn run(ballast: Ballast, mut stopped: watch::Receiver<bool>) {
             if at <= now {
                 let me = routing.config.cluster.as_ref().map(|c| c.instance.as_str());
                 let view = ballast.cluster_view();
+                let conns = ballast.conns();
                 match (me, view.as_ref()) {
-                    (None, _) => rebalance(ballast.conns(), listener, config, None, None),
+                    (None, _) => rebalance(conns, listener, config, None, None, Moves::All),
                     (Some(me), Some(view)) if view.up => {
-                        rebalance(ballast.conns(), listener, config, Some(view), Some(me))
+                        rebalance(conns, listener, config, Some(view), Some(me), Moves::All)
                     }
                     // Redis does not answer: own counts alone could move the clients of
-                    // a cluster that is even; wait until it answers.
-                    (Some(_), _) => {}
+                    // a cluster that is even. Only what must go goes: connections on
+                    // backends that are draining or down (their share is 0 anyway).
+                    (Some(_), _) => {
+                        rebalance(conns, listener, config, None, None, Moves::OffUnavailable)
+                    }
                 }
                 at = now + config.interval;
             }
@@ -219,6 +223,14 @@ fn settled(listener: &ListenerRoute, cluster: Option<&ClusterView>) -> bool {
     })
 }
 
+/// Which migrations an interval makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moves {
+    All,
+    /// Only away from backends that are not available (draining, down).
+    OffUnavailable,
+}
+
 /// One interval of one listener. `cluster`: the peers' latest reports, when Redis
 /// answers; `me`: this instance's name among them.
 fn rebalance(
@@ -227,6 +239,7 @@ fn rebalance(
     config: &RebalanceConfig,
     cluster: Option<&ClusterView>,
     me: Option<&str>,
+    moves: Moves,
 ) {
     // While migrated connections are still ending, their clients have not reconnected:
     // the counts would understate the total and the plan would overshoot. Wait.
@@ -262,13 +275,9 @@ fn rebalance(
             }
         })
         .collect();
-    for (backend, n) in
-        listener
-            .backends
-            .iter()
-            .zip(plan(&loads, config.precision, config.step_size))
-    {
-        if n == 0 {
+    let planned = plan(&loads, config.precision, config.step_size);
+    for ((backend, load), n) in listener.backends.iter().zip(&loads).zip(planned) {
+        if n == 0 || (moves == Moves::OffUnavailable && load.available) {
             continue;
         }
         let migrated = conns.close_backend(&backend.state, n as usize, true, EndReason::Migrated);
