@@ -144,45 +144,23 @@ async fn addresses_that_appear_get_connections_ones_that_go_drain_and_a_failed_a
         "closed after {lived:?}, drain_timeout is 1.5s"
     );
 
-    // SERVFAIL: nothing changes, and it is counted.
-    let failures = |text: &str| {
-        sample(
-            text,
-            "ballast_discovery_resolutions_total",
-            &[("listener", "web"), ("result", "failure")],
-        )
-        .unwrap_or(0.0)
-    };
-    dns.set("app.test", Answer::ServFail);
-    wait_for_metric(
-        admin,
-        "ballast_discovery_resolutions_total",
-        &[("listener", "web"), ("result", "failure")],
-        |n| n >= 3.0,
-    )
-    .await;
-    let failed = failures(&scrape(admin).await);
-    dns.set("app.test", Answer::Addresses(Vec::new()));
-    wait_for_metric(
-        admin,
-        "ballast_discovery_resolutions_total",
-        &[("listener", "web"), ("result", "failure")],
-        |n| n >= failed + 2.0,
-    )
-    .await;
-    assert_eq!(names(&ballast.ballast), ["app@127.0.0.2", "app@127.0.0.3"]);
-    // A answered (with one address less) but AAAA failed: a failed answer too, not
-    // one that drains 127.0.0.3.
-    let failed = failures(&scrape(admin).await);
-    dns.set("app.test", Answer::ServFailAaaa(vec![ip("127.0.0.2")]));
-    wait_for_metric(
-        admin,
-        "ballast_discovery_resolutions_total",
-        &[("listener", "web"), ("result", "failure")],
-        |n| n >= failed + 2.0,
-    )
-    .await;
-    assert_eq!(names(&ballast.ballast), ["app@127.0.0.2", "app@127.0.0.3"]);
+    // Answers that fail change nothing, and each is counted: SERVFAIL; no address; and
+    // A answering (with one address less) while AAAA fails, which must not drain
+    // 127.0.0.3.
+    for answer in [
+        Answer::ServFail,
+        Answer::Addresses(Vec::new()),
+        Answer::ServFailAaaa(vec![ip("127.0.0.2")]),
+    ] {
+        let failures = [("listener", "web"), ("result", "failure")];
+        let text = scrape(admin).await;
+        let before = sample(&text, "ballast_discovery_resolutions_total", &failures);
+        let before = before.unwrap_or(0.0);
+        dns.set("app.test", answer);
+        let metric = "ballast_discovery_resolutions_total";
+        wait_for_metric(admin, metric, &failures, |n| n >= before + 2.0).await;
+        assert_eq!(names(&ballast.ballast), ["app@127.0.0.2", "app@127.0.0.3"]);
+    }
     for stream in &mut others {
         assert!(still_open(stream).await);
     }
