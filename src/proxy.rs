@@ -218,7 +218,7 @@ fn admit(
     on_worker: OnWorker,
 ) {
     let routing = plane.routing();
-    let Some(route) = routing.listener(name).cloned() else {
+    let Some(mut route) = routing.listener(name).cloned() else {
         // The listener left the config; its accept loop is being stopped.
         return;
     };
@@ -228,7 +228,7 @@ fn admit(
     // Borrowed from the accept loop: no handle is cloned per connection.
     let handle = spread.handle(on_worker.worker());
     let Some(stage) = route.stage.clone() else {
-        match pick_first(&route, &conn) {
+        match pick_newest(plane, &mut route, &conn) {
             Ok(picked) => {
                 let pressure = Arc::clone(&plane.pressure);
                 handle.spawn(async move {
@@ -248,7 +248,9 @@ fn admit(
         return end(&route, &conn, &turned_away(&route, stage.refusal()));
     }
     let pressure = Arc::clone(&plane.pressure);
+    let plane = plane.clone();
     handle.spawn(async move {
+        let mut route = route;
         let _on_worker = on_worker;
         let Some(client) = registered(client, &route, &conn) else {
             return;
@@ -273,7 +275,7 @@ fn admit(
                 return end(&route, &conn, &ended);
             }
         };
-        match pick_first(&route, &conn) {
+        match pick_newest(&plane, &mut route, &conn) {
             Ok(picked) => {
                 proxy(&pressure, &route, conn, accepted, client, Some(hello), picked).await
             }
@@ -297,6 +299,37 @@ fn registered(client: Accepted, route: &ListenerRoute, conn: &Conn) -> Option<Tc
             None
         }
     }
+}
+
+/// [`pick_first`] on `route`, or, when it has no backend left, on the listener's route in
+/// the newest routing snapshot, which then becomes the connection's. A reload or a DNS
+/// change that replaced every backend swapped it in after this connection loaded its
+/// own, and took the old backends out of service: the connection goes to the new ones
+/// instead of being refused.
+fn pick_newest(
+    plane: &DataPlane,
+    route: &mut Arc<ListenerRoute>,
+    conn: &Conn,
+) -> Result<Picked, Ended> {
+    let ended = match pick_first(route, conn) {
+        Err(ended) if ended.reason == EndReason::NoBackend => ended,
+        picked => return picked,
+    };
+    let newest = plane.routing().listener(&route.config.name).cloned();
+    let again = match newest {
+        Some(newer) if !Arc::ptr_eq(&newer, route) => {
+            *route = newer;
+            pick_first(route, conn)
+        }
+        _ => Err(ended),
+    };
+    if let Err(ended) = &again {
+        if ended.reason == EndReason::NoBackend {
+            route.state.record_rejected(RejectReason::NoBackend);
+            warn!(listener = %route.config.name, client = %conn.client(), "refused: no backend available");
+        }
+    }
+    again
 }
 
 /// A connection that passed the listener's rules and limits, and the backend first
@@ -338,8 +371,6 @@ fn pick_first(route: &ListenerRoute, conn: &Conn) -> Result<Picked, Ended> {
         return Err(Ended::refused(EndReason::Limit));
     }
     let Some((first, guard)) = route.pick_and_acquire(client, &[]) else {
-        route.state.record_rejected(RejectReason::NoBackend);
-        warn!(listener = %route.config.name, client = %conn.client(), "refused: no backend available");
         return Err(Ended::refused(EndReason::NoBackend));
     };
     conn.set_backend(guard.backend());

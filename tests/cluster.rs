@@ -248,11 +248,12 @@ async fn three_instances_rebalance_90_clients_piled_on_one_backend_with_near_min
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let migrations = total_of(&admins, "ballast_rebalance_migrations_total").await;
-    eprintln!("even after {migrations} migrations (minimum 60)");
-    // At least 60 must move (90 on a, 30 is its share); within 10% of that.
+    eprintln!("even after {migrations} migrations (minimum 58)");
+    // At least 58 must move for a to come within precision (2) of its share of 30;
+    // within 10% of that.
     assert!(
-        (60.0..=66.0).contains(&migrations),
-        "{migrations} migrations for a minimum of 60"
+        (58.0..=63.0).contains(&migrations),
+        "{migrations} migrations for a minimum of 58"
     );
     // None after: several rebalance intervals and report rounds later, nothing moved.
     tokio::time::sleep(Duration::from_millis(1500)).await;

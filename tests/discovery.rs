@@ -256,3 +256,41 @@ async fn a_reload_that_changes_the_name_asked_refuses_no_connection() {
     assert_eq!(backend, "c");
     ballast.shutdown(Duration::from_secs(2)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_caught_by_a_change_of_every_backend_goes_to_the_new_ones() {
+    // A connection loads the routing when it is accepted; behind a PROXY header it picks
+    // only once the header is in. If DNS replaced every backend meanwhile, the old ones
+    // are out of service: the pick is made on the new ones, not refused.
+    use tokio::io::AsyncWriteExt;
+    let (port, _hosts) = three_hosts().await;
+    let dns = Dns::start().await;
+    dns.set("app.test", Answer::Addresses(vec![ip("127.0.0.2")]));
+    let ballast = start(&format!(
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\naccept_proxy = \"v1\"\ntrusted_proxies = [\"127.0.0.0/8\"]\nresolve_interval = \"200ms\"\nresolver = \"{}\"\n\n  [[listeners.backends]]\n  name = \"app\"\n  discover = \"dns:app.test:{port}\"\n",
+        dns.addr
+    ))
+    .await;
+    let mut client = TcpStream::connect(ballast.listener_addr("web"))
+        .await
+        .unwrap();
+    dns.set("app.test", Answer::Addresses(vec![ip("127.0.0.3")]));
+    wait_until("every backend replaced", || {
+        names(&ballast.ballast) == ["app@127.0.0.3"]
+    })
+    .await;
+    client
+        .write_all(b"PROXY TCP4 127.0.0.9 127.0.0.1 4000 80\r\n")
+        .await
+        .unwrap();
+    let mut greeting = [0u8; 2];
+    tokio::time::timeout(
+        DEADLINE,
+        tokio::io::AsyncReadExt::read_exact(&mut client, &mut greeting),
+    )
+    .await
+    .expect("an answer in time")
+    .expect("greeted, not refused");
+    assert_eq!(&greeting, b"b\n");
+    ballast.shutdown(Duration::from_secs(2)).await;
+}
