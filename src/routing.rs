@@ -467,7 +467,7 @@ mod tests {
     }
 
     #[test]
-    fn a_backend_whose_host_moved_keeps_its_state_at_its_new_address_until_a_reload() {
+    fn a_backend_whose_host_moved_keeps_its_state_at_its_new_address() {
         let registry = Registry::default();
         let config = listener(&["a", "b"]);
         let before = ListenerRoute::build(config.clone(), &registry, Health::Up);

@@ -980,12 +980,11 @@ impl Registry {
         before != addr
     }
 
-    /// Forgets every address resolved since the last load: a reload resolves afresh.
-    pub fn clear_resolved(&self) {
-        self.resolved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+    /// Keeps only the addresses resolved since the last load for which `keep(listener,
+    /// backend, address)` holds (a reload keeps those its host names still have).
+    pub fn retain_resolved(&self, keep: impl Fn(&str, &str, SocketAddr) -> bool) {
+        let mut map = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|(listener, backend), addr| keep(listener, backend, *addr));
     }
 
     /// Forgets what entries no longer in the config found.

@@ -16,6 +16,7 @@
 //! - no established connection is closed by a reload.
 
 use std::collections::HashSet;
+use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,7 +129,15 @@ impl Ballast {
                 .listener(listener)
                 .is_some_and(|l| l.discover.iter().any(|d| &d.target == target))
         });
-        self.registry().clear_resolved();
+        // A backend whose host name moved at run time stays where it is while the name
+        // still has that address (records rotate; the load took the first).
+        self.registry().retain_resolved(|listener, backend, addr| {
+            config
+                .listener(listener)
+                .and_then(|l| l.backends.iter().find(|b| b.name == backend))
+                .and_then(|b| b.addr_text.to_socket_addrs().ok())
+                .is_some_and(|mut addrs| addrs.any(|a| a == addr))
+        });
         super::discover::resolve_new_entries(self, &config);
         let routing = Routing::build(config, generation, self.registry());
         let names: HashSet<String> = routing
