@@ -25,6 +25,7 @@ pub mod config;
 pub mod conn;
 pub mod control;
 pub mod demo;
+pub mod handover;
 pub mod listen;
 pub mod logging;
 pub mod metrics;

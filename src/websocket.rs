@@ -144,6 +144,31 @@ pub struct FrameCursor {
 }
 
 impl FrameCursor {
+    /// Where it stands, as plain data: the current frame's header bytes seen so far and
+    /// the payload bytes still to pass (to carry it to another process).
+    pub fn parts(&self) -> (&[u8], u64) {
+        (&self.header[..self.header_len], self.payload_left)
+    }
+
+    /// A cursor standing where [`FrameCursor::parts`] said; `None` for parts no stream
+    /// can leave it at (a header that is already whole, or a header begun inside a
+    /// payload).
+    pub fn from_parts(header: &[u8], payload_left: u64) -> Option<FrameCursor> {
+        let possible = header.len() < 14
+            && (header.is_empty() || payload_left == 0)
+            && (header.is_empty() || parse_header(header).is_none());
+        if !possible {
+            return None;
+        }
+        let mut cursor = FrameCursor {
+            payload_left,
+            ..FrameCursor::default()
+        };
+        cursor.header[..header.len()].copy_from_slice(header);
+        cursor.header_len = header.len();
+        Some(cursor)
+    }
+
     /// Between two frames.
     pub fn at_boundary(&self) -> bool {
         self.header_len == 0 && self.payload_left == 0
