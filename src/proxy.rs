@@ -316,8 +316,14 @@ fn pick_newest(
         picked => return picked,
     };
     let newest = plane.routing().listener(&route.config.name).cloned();
+    // The same listener, read the same way before the pick: the connection already went
+    // through its stage (or none), whose rules the newer route must share.
+    let alike = |newer: &ListenerRoute| {
+        Arc::ptr_eq(&newer.state, &route.state)
+            && newer.config.accept_proxy == route.config.accept_proxy
+    };
     let again = match newest {
-        Some(newer) if !Arc::ptr_eq(&newer, route) => {
+        Some(newer) if !Arc::ptr_eq(&newer, route) && alike(&newer) => {
             *route = newer;
             pick_first(route, conn)
         }

@@ -980,11 +980,11 @@ impl Registry {
         before != addr
     }
 
-    /// Keeps only the addresses resolved since the last load for which `keep(listener,
-    /// backend, address)` holds (a reload keeps those its host names still have).
-    pub fn retain_resolved(&self, keep: impl Fn(&str, &str, SocketAddr) -> bool) {
+    /// Keeps only the addresses resolved since the last load of the backends for which
+    /// `keep(listener, backend)` holds.
+    pub fn retain_resolved(&self, keep: impl Fn(&str, &str) -> bool) {
         let mut map = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|(listener, backend), addr| keep(listener, backend, *addr));
+        map.retain(|(listener, backend), _| keep(listener, backend));
     }
 
     /// Forgets what entries no longer in the config found.

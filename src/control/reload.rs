@@ -16,7 +16,6 @@
 //! - no established connection is closed by a reload.
 
 use std::collections::HashSet;
-use std::net::ToSocketAddrs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -122,21 +121,17 @@ impl Ballast {
 
         // 2. Swap the routing snapshot; note what left it. What discover entries found
         //    stays (they are resolved again at once); entries that left are forgotten.
-        //    Host names were resolved afresh by the load.
         let generation = old.generation + 1;
         self.registry().keep_discovered(|listener, target| {
             config
                 .listener(listener)
                 .is_some_and(|l| l.discover.iter().any(|d| &d.target == target))
         });
-        // A backend whose host name moved at run time stays where it is while the name
-        // still has that address (records rotate; the load took the first).
-        self.registry().retain_resolved(|listener, backend, addr| {
-            config
-                .listener(listener)
-                .and_then(|l| l.backends.iter().find(|b| b.name == backend))
-                .and_then(|b| b.addr_text.to_socket_addrs().ok())
-                .is_some_and(|mut addrs| addrs.any(|a| a == addr))
+        // A backend whose host name moved at run time stays where it is while it is
+        // written and asked the same way; the pass this reload asks for checks it again
+        // (records rotate: the load took the first).
+        self.registry().retain_resolved(|listener, backend| {
+            asked_alike(&old.config, &config, listener, backend)
         });
         super::discover::resolve_new_entries(self, &config);
         let routing = Routing::build(config, generation, self.registry());
@@ -180,6 +175,7 @@ impl Ballast {
                     .map(|b| (l.config.name.as_str(), b.config.name.as_str()))
             })
             .collect();
+        let mut gone = Vec::new();
         {
             let mut removed = self.removed();
             // A backend or listener that comes back before its connections ended is the
@@ -193,7 +189,7 @@ impl Ballast {
             for l in &old.listeners {
                 for b in &l.backends {
                     if !kept.contains(&(l.config.name.as_str(), b.config.name.as_str())) {
-                        b.state.set_removed(true);
+                        gone.push(Arc::clone(&b.state));
                         removed.backends.push(RemovedBackend {
                             state: Arc::clone(&b.state),
                             drain_timeout: l.config.drain_timeout,
@@ -206,7 +202,24 @@ impl Ballast {
             }
         }
         self.swap_routing(routing);
+        // Out of service only once the new snapshot is in place: a connection that finds
+        // nothing left in the old one then always finds the new one (see
+        // `proxy::pick_newest`).
+        for state in gone {
+            state.set_removed(true);
+        }
     }
+}
+
+/// Whether backend `backend` of `listener` is written with the same address and asked of
+/// the same DNS server in `old` and `new`.
+fn asked_alike(old: &Config, new: &Config, listener: &str, backend: &str) -> bool {
+    let find = |config: &Config| {
+        let l = config.listener(listener)?;
+        let b = l.backends.iter().find(|b| b.name == backend)?;
+        Some((b.addr_text.clone(), l.resolver))
+    };
+    find(old).is_some_and(|was| find(new) == Some(was))
 }
 
 /// What a reload changes, in an operator's words, one line per change: listeners added,
@@ -508,11 +521,52 @@ fn rewatch(watcher: &mut impl notify::Watcher, watched: &mut Vec<PathBuf>, path:
 
 #[cfg(test)]
 mod tests {
-    use super::changes;
+    use super::{asked_alike, changes, redacted};
     use crate::config::Config;
 
     fn config(listeners: &str) -> Config {
         Config::parse(listeners, "test.toml").expect("valid")
+    }
+
+    #[test]
+    fn a_moved_host_stays_put_across_a_reload_only_while_written_and_asked_alike() {
+        let file = |addr: &str, resolver: &str| {
+            config(&format!(
+                "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\n{resolver}\n[[listeners.backends]]\nname = \"a\"\naddr = \"{addr}\"\n"
+            ))
+        };
+        let before = file("localhost:3001", "");
+        assert!(asked_alike(
+            &before,
+            &file("localhost:3001", ""),
+            "web",
+            "a"
+        ));
+        assert!(!asked_alike(
+            &before,
+            &file("localhost:3002", ""),
+            "web",
+            "a"
+        ));
+        assert!(!asked_alike(
+            &before,
+            &file("localhost:3001", "resolver = \"127.0.0.1:5353\""),
+            "web",
+            "a"
+        ));
+        assert!(
+            !asked_alike(&before, &before, "web", "b"),
+            "no such backend"
+        );
+    }
+
+    #[test]
+    fn a_redis_url_is_logged_without_its_password() {
+        assert_eq!(
+            redacted("redis://user:secret@10.0.0.5:6379/0"),
+            "redis://***@10.0.0.5:6379/0"
+        );
+        assert_eq!(redacted("redis://10.0.0.5/0"), "redis://10.0.0.5/0");
     }
 
     #[cfg(unix)]
