@@ -275,6 +275,11 @@ fn admit(
                 return end(&route, &conn, &ended);
             }
         };
+        // The stage may have waited seconds for its bytes: the pick is made on the routing
+        // in place now, as for a connection accepted now.
+        if let Some(newer) = newest_alike(&plane, &route) {
+            route = newer;
+        }
         match pick_newest(&plane, &mut route, &conn) {
             Ok(picked) => {
                 proxy(&pressure, &route, conn, accepted, client, Some(hello), picked).await
@@ -315,19 +320,12 @@ fn pick_newest(
         Err(ended) if ended.reason == EndReason::NoBackend => ended,
         picked => return picked,
     };
-    let newest = plane.routing().listener(&route.config.name).cloned();
-    // The same listener, read the same way before the pick: the connection already went
-    // through its stage (or none), whose rules the newer route must share.
-    let alike = |newer: &ListenerRoute| {
-        Arc::ptr_eq(&newer.state, &route.state)
-            && newer.config.accept_proxy == route.config.accept_proxy
-    };
-    let again = match newest {
-        Some(newer) if !Arc::ptr_eq(&newer, route) && alike(&newer) => {
+    let again = match newest_alike(plane, route) {
+        Some(newer) => {
             *route = newer;
             pick_first(route, conn)
         }
-        _ => Err(ended),
+        None => Err(ended),
     };
     if let Err(ended) = &again {
         if ended.reason == EndReason::NoBackend {
@@ -336,6 +334,17 @@ fn pick_newest(
         }
     }
     again
+}
+
+/// The listener's route in the newest routing snapshot, when it is a newer one than
+/// `route` and reads connections the same way before the pick: the same listener and the
+/// same stage, which the connection already went through (or none).
+fn newest_alike(plane: &DataPlane, route: &Arc<ListenerRoute>) -> Option<Arc<ListenerRoute>> {
+    let newer = plane.routing().listener(&route.config.name).cloned()?;
+    let alike = !Arc::ptr_eq(&newer, route)
+        && Arc::ptr_eq(&newer.state, &route.state)
+        && newer.config.accept_proxy == route.config.accept_proxy;
+    alike.then_some(newer)
 }
 
 /// A connection that passed the listener's rules and limits, and the backend first

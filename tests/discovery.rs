@@ -260,8 +260,9 @@ async fn a_reload_that_changes_the_name_asked_refuses_no_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_caught_by_a_change_of_every_backend_goes_to_the_new_ones() {
     // A connection loads the routing when it is accepted; behind a PROXY header it picks
-    // only once the header is in. If DNS replaced every backend meanwhile, the old ones
-    // are out of service: the pick is made on the new ones, not refused.
+    // only once the header is in. If DNS replaced every backend meanwhile, the pick is
+    // made on the routing in place then: the new backend, not the old one, and not
+    // refused.
     use tokio::io::AsyncWriteExt;
     let (port, _hosts) = three_hosts().await;
     let dns = Dns::start().await;

@@ -457,3 +457,36 @@ async fn renaming_a_listener_hands_its_socket_on_and_refuses_no_connection() {
     }
     assert!(still_open(&mut held).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_waiting_for_its_proxy_header_picks_on_the_config_in_place_then() {
+    // Behind accept_proxy a connection is accepted (and loads the routing) well before it
+    // picks. A reload that moves backend "a" to another server in between: the pick
+    // follows the reload, as it would for a connection accepted after it.
+    use tokio::io::AsyncWriteExt;
+    let [old, new] = [Backend::greeter("old").await, Backend::greeter("new").await];
+    let header = "accept_proxy = \"v1\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ballast.toml");
+    std::fs::write(&path, config(header, &[("a", old.addr, 1)])).unwrap();
+    let ballast = start_file(&path).await;
+    let mut client = TcpStream::connect(ballast.listener_addr("web"))
+        .await
+        .unwrap();
+    wait_until("the connection is accepted", || {
+        ballast.ballast.status()["listeners"][0]["active"] == 1
+    })
+    .await;
+    std::fs::write(&path, config(header, &[("a", new.addr, 1)])).unwrap();
+    ballast.ballast.reload().unwrap();
+    client
+        .write_all(b"PROXY TCP4 127.0.0.9 127.0.0.1 4000 80\r\n")
+        .await
+        .unwrap();
+    let mut greeting = [0u8; 4];
+    tokio::time::timeout(DEADLINE, client.read_exact(&mut greeting))
+        .await
+        .expect("an answer in time")
+        .expect("greeted, not refused");
+    assert_eq!(&greeting, b"new\n");
+}
