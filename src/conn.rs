@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use arc_swap::ArcSwapOption;
@@ -27,6 +27,7 @@ use std::task::{Context, Poll, Waker};
 use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
+use crate::handover::{Outbox, Parked};
 use crate::state::{BackendState, ListenerState};
 
 /// Why a connection ended: the `reason` of the access log and of
@@ -106,12 +107,18 @@ pub enum Ask {
     Close(EndReason),
     /// End it now, no grace (the operator's second SIGTERM, a shutdown deadline).
     Abort(EndReason),
+    /// Stop relaying at the next safe point and hand the connection over to a new
+    /// process (an upgrade). A connection not relaying yet parks once it is; a close or
+    /// an abort asked later replaces it, and a connection taken back resumes as if
+    /// nothing had been asked ([`Entry::resume`]).
+    Park,
 }
 
 impl Ask {
     pub fn reason(self) -> EndReason {
         match self {
             Ask::Close(r) | Ask::Abort(r) => r,
+            Ask::Park => EndReason::Handover,
         }
     }
 
@@ -119,10 +126,14 @@ impl Ask {
         match self {
             Ask::Close(r) => r as u8,
             Ask::Abort(r) => r as u8 | ABORT,
+            Ask::Park => PARK,
         }
     }
 
     fn decode(v: u8) -> Option<Ask> {
+        if v == PARK {
+            return Some(Ask::Park);
+        }
         let reason = EndReason::from_u8(v & !ABORT)?;
         Some(if v & ABORT != 0 {
             Ask::Abort(reason)
@@ -134,6 +145,8 @@ impl Ask {
 
 /// The bit of an encoded [`Ask`] that says "abort".
 const ABORT: u8 = 0x80;
+/// An encoded [`Ask::Park`]: no reason has this value.
+const PARK: u8 = 0x40;
 
 /// Shards of the table; a power of two.
 const SHARDS: usize = 16;
@@ -153,6 +166,8 @@ pub struct Entry {
     /// An encoded [`Ask`], 0 while nobody asked. A later ask may only turn a close into
     /// an abort.
     ask: AtomicU8,
+    /// Taken back from an upgrade's hand-over: not asked to park again.
+    kept: AtomicBool,
     wake: Notify,
 }
 
@@ -180,16 +195,17 @@ impl Entry {
         Ask::decode(self.ask.load(Ordering::Acquire))
     }
 
-    /// Asks the connection to end; `false` when it had been asked already (an abort
-    /// still upgrades an earlier close).
+    /// Asks the connection to end (or park); `false` when it had been asked already (an
+    /// abort still upgrades an earlier close, and a close or an abort replaces a park).
     fn ask(&self, ask: Ask) -> bool {
         let mut current = self.ask.load(Ordering::Acquire);
         loop {
-            let upgrade = matches!(ask, Ask::Abort(_)) && current & ABORT == 0;
-            if current != 0 && !upgrade {
+            let replace = current == PARK && ask != Ask::Park;
+            let upgrade = matches!(ask, Ask::Abort(_)) && current != PARK && current & ABORT == 0;
+            if current != 0 && !replace && !upgrade {
                 return false;
             }
-            let next = if current == 0 {
+            let next = if current == 0 || replace {
                 ask.encode()
             } else {
                 current | ABORT
@@ -201,9 +217,36 @@ impl Entry {
                 Ok(_) => {
                     // Every waiter: the relay's stop and the watch for an abort.
                     self.wake.notify_waiters();
-                    return current == 0;
+                    return current == 0 || replace;
                 }
                 Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// A connection asked to park and taken back (no hand-over going on, the new
+    /// process refused it or failed) is as if never asked, and is not asked to park
+    /// again; `false` when something else was asked meanwhile.
+    pub fn take_back(&self) -> bool {
+        self.kept.store(true, Ordering::Relaxed);
+        self.ask
+            .compare_exchange(PARK, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Whether it was taken back from a hand-over.
+    pub fn is_kept(&self) -> bool {
+        self.kept.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when the connection is asked to end (a close or an abort; not a park,
+    /// which waits for the relay). Cancel-safe.
+    pub async fn wait_end(&self) -> Ask {
+        let mut seen = None;
+        loop {
+            match self.wait_ask(seen).await {
+                Ask::Park => seen = Some(Ask::Park),
+                ask => return ask,
             }
         }
     }
@@ -273,6 +316,8 @@ impl Future for WaitAsk<'_> {
 pub struct Conns {
     shards: [Mutex<HashMap<u64, Arc<Entry>>>; SHARDS],
     next_id: AtomicU64,
+    /// Where parked connections go while an upgrade hands them over.
+    outbox: Mutex<Option<Outbox>>,
 }
 
 impl Default for Conns {
@@ -280,8 +325,21 @@ impl Default for Conns {
         Conns {
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             next_id: AtomicU64::new(1),
+            outbox: Mutex::new(None),
         }
     }
+}
+
+/// What became of a parked connection given to the hand-over.
+#[derive(Debug)]
+pub enum Handoff {
+    /// The new process has it; this one keeps nothing of it.
+    Sent,
+    /// Taken back (no hand-over going on, the new process refused it or is gone):
+    /// resume it.
+    Back(Parked),
+    /// Lost on the way: its sockets were closed.
+    Lost,
 }
 
 /// A connection's place in the table; it leaves the table when this is dropped.
@@ -309,6 +367,25 @@ impl Conn {
     pub fn set_client(&self, client: SocketAddr) {
         let _ = self.entry.named.set(client);
     }
+
+    /// Gives a parked connection to the hand-over going on, and waits for what became
+    /// of it.
+    pub async fn park(&self, parked: Parked) -> Handoff {
+        let outbox = self
+            .table
+            .outbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(outbox) = outbox else {
+            return Handoff::Back(parked);
+        };
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        if let Err(refused) = outbox.send((parked, answer)) {
+            return Handoff::Back(refused.0 .0);
+        }
+        answered.await.unwrap_or(Handoff::Lost)
+    }
 }
 
 impl Drop for Conn {
@@ -326,15 +403,25 @@ impl Conns {
 
     /// Registers a connection just accepted.
     pub fn open(self: &Arc<Self>, listener: &Arc<ListenerState>, client: SocketAddr) -> Conn {
+        self.open_at(listener, client, Instant::now())
+    }
+
+    fn open_at(
+        self: &Arc<Self>,
+        listener: &Arc<ListenerState>,
+        client: SocketAddr,
+        started: Instant,
+    ) -> Conn {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(Entry {
             id,
             listener: Arc::clone(listener),
             peer: client,
             named: OnceLock::new(),
-            started: Instant::now(),
+            started,
             backend: ArcSwapOption::empty(),
             ask: AtomicU8::new(0),
+            kept: AtomicBool::new(false),
             wake: Notify::new(),
         });
         self.shard(id).insert(id, Arc::clone(&entry));
@@ -342,6 +429,23 @@ impl Conns {
             table: Arc::clone(self),
             entry,
         }
+    }
+
+    /// Where parked connections go from now on (`None`: nowhere, they are taken back
+    /// at once).
+    pub(crate) fn set_outbox(&self, outbox: Option<Outbox>) {
+        *self.outbox.lock().unwrap_or_else(|e| e.into_inner()) = outbox;
+    }
+
+    /// Registers a connection another process accepted `age` ago (an upgrade's hand-over).
+    pub fn open_handed(
+        self: &Arc<Self>,
+        listener: &Arc<ListenerState>,
+        client: SocketAddr,
+        age: std::time::Duration,
+    ) -> Conn {
+        let now = Instant::now();
+        self.open_at(listener, client, now.checked_sub(age).unwrap_or(now))
     }
 
     /// Open connections.
@@ -388,6 +492,14 @@ impl Conns {
             Box::new(open.iter().take(n))
         };
         chosen.filter(|e| e.ask(Ask::Close(reason))).count()
+    }
+
+    /// Asks every connection not asked anything yet to park; returns how many.
+    pub fn park_all(&self) -> usize {
+        self.select(|e| e.asked().is_none() && !e.is_kept())
+            .iter()
+            .filter(|e| e.ask(Ask::Park))
+            .count()
     }
 
     /// Asks every connection `ask`; returns how many had not been asked before.

@@ -16,9 +16,20 @@
 //! direction, client to backend first: finished (0/1), bytes delivered (u64), the
 //! WebSocket frame cursor (0 none, or 1, the header bytes seen (u8 length) and the
 //! payload left (u64)), and the pending bytes (u32 length).
+#![allow(unsafe_code)]
 
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use nix::sys::socket;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::conn::Handoff;
 
 use crate::relay::{DirectionState, Protocol, RelayState, Side, MAX_HEAD};
 use crate::websocket::FrameCursor;
@@ -261,6 +272,208 @@ impl<'a> Reader<'a> {
             delivered,
         })
     }
+}
+
+// ---------------------------------------------------------------------------
+// The wire between the two processes.
+//
+// The old process connects to the new one's Unix socket ([`inbox_path`]) and sends
+// batches. A batch is a 16-byte head (`BHB1`, the number of connections n as u32, the
+// payload's length as u64) that carries 2n descriptors with `SCM_RIGHTS` (each
+// connection's client socket, then its backend socket), then the payload: each
+// connection's [`encode`]d state with a u32 length before it. The new process registers
+// what it can and answers `BHA1`, n, then one byte per connection (1 taken, 0 refused).
+// The old process then writes one byte, `C`: only from then on does the new process
+// relay, and only once it was written does the old one let go of its copies. So a new
+// process that dies before the commit relayed nothing, and the old one takes back every
+// connection of the batch and resumes it where it stood; the window in which both could
+// lose a connection is the one between the commit's write and its read.
+
+const BATCH_MAGIC: &[u8; 4] = b"BHB1";
+const ANSWER_MAGIC: &[u8; 4] = b"BHA1";
+const COMMIT: u8 = b'C';
+
+/// Connections in one batch: 128 descriptors, well under the kernel's 253 a message.
+pub const BATCH: usize = 64;
+
+/// The most payload bytes one batch carries: more than one connection's most
+/// ([`MAX_PENDING`] each way, two heads, names), so any connection fits a batch.
+pub const MAX_BATCH_BYTES: usize = 48 << 20;
+
+/// How long either side waits for the other's answer, or commit, before it gives up on
+/// the batch (the old process then takes it back).
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// The Unix socket on which a new process takes established connections:
+/// `<upgrade_sock>.conns`.
+pub fn inbox_path(upgrade_sock: &Path) -> PathBuf {
+    let mut path = upgrade_sock.as_os_str().to_owned();
+    path.push(".conns");
+    PathBuf::from(path)
+}
+
+/// A parked connection with its two sockets: what a connection's task gives the
+/// hand-over, and gets back when the new process does not take it.
+pub struct Parked {
+    pub handed: Handed,
+    pub client: TcpStream,
+    pub backend: TcpStream,
+}
+
+impl std::fmt::Debug for Parked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parked").field("handed", &self.handed).finish()
+    }
+}
+
+/// Where connection tasks send what they parked, with where to say what became of it.
+pub type Outbox = mpsc::UnboundedSender<(Parked, oneshot::Sender<Handoff>)>;
+
+/// Whether `handed` can travel whole: each direction's pending bytes fit the format.
+pub fn fits(handed: &Handed) -> bool {
+    handed.relay.to_backend.pending.len() <= MAX_PENDING
+        && handed.relay.to_client.pending.len() <= MAX_PENDING
+}
+
+/// Sends `batch` on `link` and reads which connections the new process took. Blocks,
+/// at most [`ANSWER_WITHIN`] for the answer.
+pub fn send_batch(link: &UnixStream, batch: &[&Parked]) -> io::Result<Vec<bool>> {
+    let mut payload = Vec::new();
+    let mut fds = Vec::with_capacity(batch.len() * 2);
+    for parked in batch {
+        let bytes = encode(&parked.handed);
+        payload.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        payload.extend_from_slice(&bytes);
+        fds.push(parked.client.as_raw_fd());
+        fds.push(parked.backend.as_raw_fd());
+    }
+    let mut head = [0u8; 16];
+    head[..4].copy_from_slice(BATCH_MAGIC);
+    head[4..8].copy_from_slice(&(batch.len() as u32).to_le_bytes());
+    head[8..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    let rights = [socket::ControlMessage::ScmRights(&fds)];
+    let sent = socket::sendmsg::<()>(
+        link.as_raw_fd(),
+        &[io::IoSlice::new(&head)],
+        &rights,
+        socket::MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    let mut writer = link;
+    writer.write_all(&head[sent..])?;
+    writer.write_all(&payload)?;
+    link.set_read_timeout(Some(ANSWER_WITHIN))?;
+    let mut reader = link;
+    let mut answer = [0u8; 8];
+    reader.read_exact(&mut answer)?;
+    let n = u32::from_le_bytes([answer[4], answer[5], answer[6], answer[7]]) as usize;
+    if &answer[..4] != ANSWER_MAGIC || n != batch.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not an answer to this batch"));
+    }
+    let mut taken = vec![0u8; n];
+    reader.read_exact(&mut taken)?;
+    Ok(taken.into_iter().map(|t| t == 1).collect())
+}
+
+/// Tells the new process that it may relay the batch it answered.
+pub fn commit(link: &UnixStream) -> io::Result<()> {
+    let mut writer = link;
+    writer.write_all(&[COMMIT])
+}
+
+/// One received connection: its state (or why it cannot be read) and its sockets.
+pub type Received = (Result<Handed, DecodeError>, OwnedFd, OwnedFd);
+
+/// Reads the next batch from `link`; `None` when the old process closed it after its
+/// last batch. Blocks until a batch comes (the old process sends as connections park).
+pub fn receive_batch(link: &UnixStream) -> io::Result<Option<Vec<Received>>> {
+    // Batches come as connections park: wait as long as the old process is there.
+    link.set_read_timeout(None)?;
+    let mut head = [0u8; 16];
+    let mut space = nix::cmsg_space!([RawFd; 2 * BATCH]);
+    let (got, fds) = {
+        let mut iov = [io::IoSliceMut::new(&mut head)];
+        let msg = socket::recvmsg::<()>(
+            link.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            socket::MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        let mut fds = Vec::new();
+        for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+            if let socket::ControlMessageOwned::ScmRights(received) = cmsg {
+                // SAFETY: each descriptor was just received with SCM_RIGHTS: new in
+                // this process, and owned by nothing else.
+                fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+        let truncated = msg.flags.contains(socket::MsgFlags::MSG_CTRUNC);
+        if truncated {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "more descriptors than a batch has"));
+        }
+        (msg.bytes, fds)
+    };
+    if got == 0 {
+        return Ok(None);
+    }
+    // The rest of a batch comes at once.
+    link.set_read_timeout(Some(ANSWER_WITHIN))?;
+    let mut reader = link;
+    reader.read_exact(&mut head[got..])?;
+    let n = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&head[8..]);
+    let len = u64::from_le_bytes(len);
+    let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_string());
+    if &head[..4] != BATCH_MAGIC {
+        return Err(invalid("not a batch of connections"));
+    }
+    if n == 0 || n > BATCH || fds.len() != 2 * n {
+        return Err(invalid("a batch whose descriptors do not match its connections"));
+    }
+    if len > MAX_BATCH_BYTES as u64 {
+        return Err(invalid("a batch longer than one may be"));
+    }
+    let mut payload = vec![0u8; len as usize];
+    reader.read_exact(&mut payload)?;
+    let mut rest = &payload[..];
+    let mut fds = fds.into_iter();
+    let mut received = Vec::with_capacity(n);
+    for _ in 0..n {
+        let handed = (|| {
+            let mut r = Reader { rest };
+            let len = r.u32()? as usize;
+            let bytes = r.take(len)?;
+            rest = r.rest;
+            decode(bytes)
+        })();
+        let (Some(client), Some(backend)) = (fds.next(), fds.next()) else {
+            return Err(invalid("a batch whose descriptors do not match its connections"));
+        };
+        received.push((handed, client, backend));
+    }
+    Ok(Some(received))
+}
+
+/// Answers a batch: which connections this process took.
+pub fn answer(link: &UnixStream, taken: &[bool]) -> io::Result<()> {
+    let mut out = Vec::with_capacity(8 + taken.len());
+    out.extend_from_slice(ANSWER_MAGIC);
+    out.extend_from_slice(&(taken.len() as u32).to_le_bytes());
+    out.extend(taken.iter().map(|&t| u8::from(t)));
+    let mut writer = link;
+    writer.write_all(&out)
+}
+
+/// Waits for the old process's commit of the batch just answered: `Ok(true)` when it came.
+pub fn committed(link: &UnixStream) -> io::Result<bool> {
+    link.set_read_timeout(Some(ANSWER_WITHIN))?;
+    let mut byte = [0u8; 1];
+    let mut reader = link;
+    reader.read_exact(&mut byte)?;
+    Ok(byte[0] == COMMIT)
 }
 
 #[cfg(test)]

@@ -55,6 +55,7 @@ pub struct Metrics {
     /// DNS answers for `discover` entries and backends' host names, by listener and
     /// result (`success`, `failure`: an error, no answer in time, or no usable address).
     pub discovery_resolutions: IntCounterVec,
+    pub handover: IntCounterVec,
     /// `ballast_cluster_up` and `ballast_cluster_peers`, registered once `[cluster]` is
     /// first in use, so that an instance without one shows no cluster down.
     cluster: std::sync::Arc<std::sync::Mutex<Option<ClusterMetrics>>>,
@@ -266,6 +267,11 @@ impl Metrics {
                 "ballast_discovery_resolutions_total",
                 "DNS answers for discover entries and backends' host names, by result (success, failure).",
                 &["listener", "result"],
+            ),
+            handover: counter_vec(
+                "ballast_handover_connections_total",
+                "Established connections an upgrade handed over, by result: sent (to the new process), received (from the old one), failed (kept by the old process, or lost).",
+                &["result"],
             ),
             cluster: std::sync::Arc::default(),
             registry: r.clone(),

@@ -27,12 +27,13 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::config::SendProxy;
-use crate::conn::{Ask, Conn, Conns, EndReason};
+use crate::conn::{Ask, Conn, Conns, EndReason, Handoff};
 use crate::proxy_protocol;
 use crate::relay::{Relay, RelayEnd, Side, Stop};
 use crate::routing::{ListenerRoute, Routing};
 use crate::stage;
-use crate::state::{BackendGuard, ClientGuard, ListenerGuard, RejectReason};
+use crate::handover::{Handed, Parked};
+use crate::state::{BackendGuard, BackendState, ClientGuard, ListenerGuard, RejectReason};
 use crate::workers::{OnWorker, Spread};
 
 /// TCP keepalive on both sides of every connection: probe after 60 s of silence, every
@@ -257,7 +258,7 @@ fn admit(
         };
         let hello = tokio::select! {
             hello = stage::read(&client, peer, stage.as_ref()) => hello,
-            ask = conn.wait_ask(None) => return end(&route, &conn, &Ended::refused(ask.reason())),
+            ask = conn.wait_end() => return end(&route, &conn, &Ended::refused(ask.reason())),
         };
         let hello = match hello {
             Ok(hello) => {
@@ -414,7 +415,7 @@ struct Ended {
     /// (`denied`, `per_ip_limit`, `proxy_protocol`).
     refusal: Option<RejectReason>,
     /// The backend it was relayed to, once connected.
-    backend: Option<usize>,
+    backend: Option<Via>,
     /// How long the successful connect took.
     connect: Option<Duration>,
     /// Bytes delivered: (to the backend, to the client).
@@ -460,7 +461,7 @@ async fn proxy(
     let connected = Box::pin(async {
         tokio::select! {
             connected = connect(pressure, route, &conn, first, first_guard) => connected,
-            ask = conn.wait_ask(None) => Err(ask.reason()),
+            ask = conn.wait_end() => Err(ask.reason()),
         }
     })
     .await;
@@ -486,7 +487,7 @@ async fn proxy(
         if let Err(e) = send_header(route, &conn, &client, &backend, version, named).await {
             debug!(listener = %route.config.name, client = %conn.client(), backend = %route.backends[index].config.name, error = %e, "cannot write the PROXY header");
             let ended = Ended {
-                backend: Some(index),
+                backend: Some(Via::Route(index)),
                 connect: Some(took),
                 ..Ended::refused(EndReason::BackendClosed)
             };
@@ -499,33 +500,168 @@ async fn proxy(
     // without idle_timeout.
     let _ = backend.set_nodelay(true);
     let _ = socket2::SockRef::from(&backend).set_tcp_keepalive(&KEEPALIVE);
-    let state = guard.backend();
-    let mut relay = Relay::new(client, backend).with_early_bytes(early);
+    let relay = Relay::new(client, backend).with_early_bytes(early);
+    let ended = relay_to_end(route, &conn, Via::Route(index), Some(took), relay, guard.backend()).await;
+    end(route, &conn, &ended);
+    drop(guard);
+    drop(per_ip);
+    drop(accepted);
+}
+
+/// A connection the process before this one handed over, registered here: its place in
+/// the table, and its counts against the listener, its client address and its backend.
+#[derive(Debug)]
+pub(crate) struct Resumed {
+    pub route: Arc<ListenerRoute>,
+    pub conn: Conn,
+    pub accepted: ListenerGuard,
+    pub guard: BackendGuard,
+    pub per_ip: Option<ClientGuard>,
+    pub via: Via,
+    pub connect: Option<Duration>,
+}
+
+/// Relays a [`Resumed`] connection from where it stood until it ends, then accounts for
+/// it as any other. Runs on the worker whose runtime registers the sockets.
+pub(crate) async fn resume(
+    resumed: Resumed,
+    client: std::net::TcpStream,
+    backend: std::net::TcpStream,
+    state: crate::relay::RelayState,
+) {
+    let Resumed {
+        route,
+        conn,
+        accepted,
+        guard,
+        per_ip,
+        via,
+        connect,
+    } = resumed;
+    let registered = (|| Ok::<_, io::Error>((TcpStream::from_std(client)?, TcpStream::from_std(backend)?)))();
+    let ended = match registered {
+        Ok((client, backend)) => {
+            let relay = Relay::from_parts(client, backend, state);
+            relay_to_end(&route, &conn, via, connect, relay, guard.backend()).await
+        }
+        Err(e) => {
+            warn!(listener = %route.config.name, client = %conn.client(), error = %e, "upgrade: cannot serve a connection handed over");
+            Ended {
+                backend: Some(via),
+                connect,
+                ..Ended::refused(EndReason::Error)
+            }
+        }
+    };
+    end(&route, &conn, &ended);
+    drop(guard);
+    drop(per_ip);
+    drop(accepted);
+}
+
+/// A connected connection's backend: in its route, or, for a connection handed over by
+/// the process before this one, a backend this config no longer has (it drains here).
+#[derive(Debug, Clone)]
+pub(crate) enum Via {
+    Route(usize),
+    Gone { name: String, addr: SocketAddr },
+}
+
+impl Via {
+    fn name<'a>(&'a self, route: &'a ListenerRoute) -> &'a str {
+        match self {
+            Via::Route(i) => &route.backends[*i].config.name,
+            Via::Gone { name, .. } => name,
+        }
+    }
+
+    fn addr(&self, route: &ListenerRoute) -> SocketAddr {
+        match self {
+            Via::Route(i) => route.backends[*i].config.addr,
+            Via::Gone { addr, .. } => *addr,
+        }
+    }
+}
+
+/// Relays until the connection ends, and says how it ended. Asked to park (an upgrade),
+/// the relay stops at a safe point and the connection goes to the new process
+/// ([`Conn::park`]); one taken back resumes here where it stood.
+async fn relay_to_end(
+    route: &ListenerRoute,
+    conn: &Conn,
+    via: Via,
+    took: Option<Duration>,
+    relay: Relay,
+    state: &Arc<BackendState>,
+) -> Ended {
+    let index = match via {
+        Via::Route(i) => Some(i),
+        Via::Gone { .. } => None,
+    };
     let to_backend = |n| state.add_sent(n);
-    // Passive ejection: the backend's first byte to its client is a success.
-    let answered = std::sync::atomic::AtomicBool::new(false);
+    // Passive ejection: the backend's first byte to its client is a success (a
+    // connection handed over was answered long ago, or not by this process's backend).
+    let answered = std::sync::atomic::AtomicBool::new(relay.totals().1 > 0 || index.is_none());
     let to_client = |n| {
         state.add_received(n);
         if route.config.outlier.is_some() && !answered.swap(true, Ordering::Relaxed) {
-            route.observe(index, false);
+            if let Some(i) = index {
+                route.observe(i, false);
+            }
         }
     };
-    let stop = async {
-        match conn.wait_ask(None).await {
-            Ask::Close(_) => Stop::Close,
-            Ask::Abort(_) => Stop::Abort,
+    let (end_of_relay, bytes) = {
+        let mut relay = relay;
+        loop {
+            let stop = async {
+                match conn.wait_ask(None).await {
+                    Ask::Close(_) => Stop::Close,
+                    Ask::Abort(_) => Stop::Abort,
+                    Ask::Park => Stop::Park,
+                }
+            };
+            let end_of_relay = tokio::select! {
+                end = relay.run(&to_backend, &to_client, route.config.idle_timeout, stop) => end,
+                // A clean close still finishing when an abort comes: the sockets go now.
+                () = wait_abort(conn) => RelayEnd::Stopped,
+            };
+            let bytes = relay.totals();
+            if !matches!(end_of_relay, RelayEnd::Parked) {
+                break (end_of_relay, bytes);
+            }
+            let (client, backend, relay_state) = relay.into_parts();
+            let parked = Parked {
+                handed: Handed {
+                    listener: route.config.name.clone(),
+                    backend: via.name(route).to_string(),
+                    client: conn.client(),
+                    age: conn.started.elapsed(),
+                    connect: took,
+                    relay: relay_state,
+                },
+                client,
+                backend,
+            };
+            match conn.park(parked).await {
+                Handoff::Sent => break (RelayEnd::Parked, bytes),
+                Handoff::Back(back) => {
+                    conn.take_back();
+                    relay = Relay::from_parts(back.client, back.backend, back.handed.relay);
+                }
+                Handoff::Lost => {
+                    warn!(listener = %route.config.name, client = %conn.client(), "upgrade: connection lost in the hand-over");
+                    break (RelayEnd::Stopped, bytes);
+                }
+            }
         }
-    };
-    let end_of_relay = tokio::select! {
-        end = relay.run(&to_backend, &to_client, route.config.idle_timeout, stop) => end,
-        // A clean close still finishing when an abort comes: the sockets go now.
-        () = wait_abort(&conn) => RelayEnd::Stopped,
     };
     // Passive ejection: a reset before the backend's first byte is a failure.
-    if relay.totals().1 == 0
-        && matches!(&end_of_relay, RelayEnd::Failed { side: Side::Backend, error } if is_reset(error))
-    {
-        route.observe(index, true);
+    if let Some(i) = index {
+        if bytes.1 == 0
+            && matches!(&end_of_relay, RelayEnd::Failed { side: Side::Backend, error } if is_reset(error))
+        {
+            route.observe(i, true);
+        }
     }
     let reason = match end_of_relay {
         RelayEnd::Closed {
@@ -546,18 +682,13 @@ async fn proxy(
         RelayEnd::Stopped => conn.asked().map_or(EndReason::Error, |a| a.reason()),
         RelayEnd::Parked => EndReason::Handover,
     };
-    let ended = Ended {
+    Ended {
         reason,
         refusal: None,
-        backend: Some(index),
-        connect: Some(took),
-        bytes: relay.totals(),
-    };
-    drop(relay);
-    end(route, &conn, &ended);
-    drop(guard);
-    drop(per_ip);
-    drop(accepted);
+        backend: Some(via),
+        connect: took,
+        bytes,
+    }
 }
 
 /// Who the header to a backend names.
@@ -685,7 +816,10 @@ fn end(route: &ListenerRoute, conn: &Conn, ended: &Ended) {
 /// keys, by the log format in use. `bytes_sent` went to the backend, `bytes_received`
 /// came from it; `-` (or null) where there was no backend.
 fn access_line(route: &ListenerRoute, conn: &Conn, ended: &Ended) -> String {
-    let backend = ended.backend.map(|i| &route.backends[i].config);
+    let backend = ended
+        .backend
+        .as_ref()
+        .map(|via| (via.name(route), via.addr(route)));
     let ts = crate::logging::rfc3339(std::time::SystemTime::now());
     let duration_ms = conn.started.elapsed().as_secs_f64() * 1000.0;
     let connect_ms = ended.connect.map(|d| d.as_secs_f64() * 1000.0);
@@ -695,8 +829,8 @@ fn access_line(route: &ListenerRoute, conn: &Conn, ended: &Ended) -> String {
                 "ts": ts,
                 "listener": route.config.name,
                 "client": conn.client().to_string(),
-                "backend": backend.map(|b| b.name.as_str()),
-                "backend_addr": backend.map(|b| b.addr.to_string()),
+                "backend": backend.map(|(name, _)| name),
+                "backend_addr": backend.map(|(_, addr)| addr.to_string()),
                 "connect_ms": connect_ms.map(round3),
                 "duration_ms": round3(duration_ms),
                 "bytes_sent": ended.bytes.0,
@@ -709,8 +843,8 @@ fn access_line(route: &ListenerRoute, conn: &Conn, ended: &Ended) -> String {
             "{ts} {} {} {} {} {} {duration_ms:.3} {} {} {}\n",
             route.config.name,
             conn.client(),
-            backend.map_or("-", |b| b.name.as_str()),
-            backend.map_or_else(|| "-".to_string(), |b| b.addr.to_string()),
+            backend.map_or("-", |(name, _)| name),
+            backend.map_or_else(|| "-".to_string(), |(_, addr)| addr.to_string()),
             connect_ms.map_or_else(|| "-".to_string(), |ms| format!("{ms:.3}")),
             ended.bytes.0,
             ended.bytes.1,

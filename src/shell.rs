@@ -306,11 +306,21 @@ impl ShutdownSignalWatch for Signals {
             info!("ready");
             if self.upgraded {
                 let sock = self.ballast.routing().config.runtime.upgrade_sock.clone();
-                if let Err(e) = upgrade::mark_ready(&sock) {
-                    error!(
+                // Listening for the established connections before saying it serves:
+                // the old process hands them over as soon as it sees the mark.
+                if let Err(e) = crate::control::handover::open_inbox(&self.ballast, &sock) {
+                    warn!(
+                        "upgrade: cannot take established connections on {} ({e}); the old process keeps them until they end",
+                        crate::handover::inbox_path(&sock).display()
+                    );
+                }
+                match upgrade::mark_ready(&sock) {
+                    // systemd follows this process from now on (NotifyAccess=all).
+                    Ok(()) => crate::systemd::notify(&format!("MAINPID={}", std::process::id())),
+                    Err(e) => error!(
                         "upgrade: cannot tell the old process that this one serves ({}: {e}); it goes on serving too until it is sent SIGTERM",
                         upgrade::ready_mark(&sock).display()
-                    );
+                    ),
                 }
             }
         }
@@ -340,7 +350,18 @@ impl ShutdownSignalWatch for Signals {
             Stop::HandedOver => {
                 // The new process answers on the admin address from now on.
                 self.admin_stop.send_replace(true);
-                info!("upgrade: the new process serves; this one stops accepting and exits once its connections have ended");
+                self.ballast.set_replaced();
+                info!("upgrade: the new process serves; this one stops accepting, hands its established connections over and exits");
+                self.ballast.stop_accepting();
+                let sock = self.ballast.routing().config.runtime.upgrade_sock.clone();
+                tokio::select! {
+                    _ = crate::control::handover::send_connections(&self.ballast, &sock) => {}
+                    which = again(&mut term, &mut int) => {
+                        warn!(signal = which, "{which} during the hand-over: closing every connection still here now");
+                        self.ballast.conns().set_outbox(None);
+                        self.ballast.close_all_now();
+                    }
+                }
             }
         }
         tokio::select! {

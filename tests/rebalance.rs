@@ -7,13 +7,12 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ballast::websocket::{self, OP_BINARY, OP_CLOSE};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 fn config(rebalance: &str, backends: &[(&str, SocketAddr, u32)]) -> String {
     format!(
@@ -116,78 +115,6 @@ async fn an_overloaded_backend_sheds_connections_until_shares_are_even_and_then_
             <= 7.0 / 6.0 + 1e-9
     );
     clients.iter().for_each(|c| c.abort());
-}
-
-/// A WebSocket echo backend that records the status code of every Close it receives.
-async fn recording_ws_backend() -> (SocketAddr, Arc<Mutex<Vec<u16>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let closes = Arc::new(Mutex::new(Vec::new()));
-    let record = Arc::clone(&closes);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let record = Arc::clone(&record);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = vec![0u8; 64 * 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let Ok(n) = stream.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                buf.drain(..end);
-                let accept = websocket::accept_key("dGhlIHNhbXBsZSBub25jZQ==");
-                let head = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
-                if stream.write_all(head.as_bytes()).await.is_err() {
-                    return;
-                }
-                loop {
-                    while let Some(h) = websocket::parse_header(&buf) {
-                        let end = h.header_len + h.payload_len as usize;
-                        if buf.len() < end {
-                            break;
-                        }
-                        let mut payload = buf[h.header_len..end].to_vec();
-                        buf.drain(..end);
-                        websocket::apply_mask(
-                            &mut payload,
-                            h.mask.expect("client frames are masked"),
-                        );
-                        if h.opcode == OP_CLOSE {
-                            record
-                                .lock()
-                                .unwrap()
-                                .push(u16::from_be_bytes([payload[0], payload[1]]));
-                            let _ = stream
-                                .write_all(&websocket::encode_frame(OP_CLOSE, &payload))
-                                .await;
-                            return;
-                        }
-                        if stream
-                            .write_all(&websocket::encode_frame(h.opcode, &payload))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
-        }
-    });
-    (addr, closes)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -224,21 +224,14 @@ async fn an_upgrade_under_churn_refuses_no_connection_and_the_old_process_exits_
 
     // The old process no longer accepts, and the churn goes on through the new one.
     churn.wait_for_more(300).await;
-    // The connection opened before the upgrade still works, through the old process,
-    // which waits for it.
-    echo(&mut held, b"still here\n")
-        .await
-        .expect("the held connection works through the old process");
-    assert!(
-        old.running(),
-        "the old process exited with a connection open"
-    );
-
-    // Once its last connection ends, the old process exits, 0.
-    drop(held);
+    // The connection opened before the upgrade was handed over: the old process exits,
+    // 0, and the connection works on through the new one.
     let (status, old_log) = old.exit_within(Duration::from_secs(5)).await;
     assert_eq!(status.code(), Some(0), "{old_log}");
     assert!(!old_log.contains("panicked"), "{old_log}");
+    echo(&mut held, b"still here\n")
+        .await
+        .expect("the held connection works through the new process");
 
     churn.wait_for_more(100).await;
     let (exchanges, failures) = churn.stop().await;
@@ -415,6 +408,7 @@ async fn a_new_process_that_fails_after_taking_the_sockets_leaves_the_old_one_se
     old.wait_for("listener bound").await;
     wait_ready(s.admin).await;
     let (mut held, _) = connect_and_greet(s.web).await;
+    let streams = Streams::start(s.web, 10).await;
 
     // The new config adds a listener on a port that is taken.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -454,8 +448,190 @@ async fn a_new_process_that_fails_after_taking_the_sockets_leaves_the_old_one_se
         .await;
     assert!(line.contains("still serving"), "{line}");
     one_exchange(s.web, 20).await.unwrap();
+    // The streaming connections never stopped, and nothing was altered or reset.
+    streams.stop_and_check().await;
     drop(held);
     old.signal("-TERM");
     let (status, log) = old.exit_within(DEADLINE).await;
     assert_eq!(status.code(), Some(0), "{log}");
+}
+
+/// The byte at position `at` of every stream: a pattern in which a byte lost,
+/// duplicated or altered anywhere shows.
+fn pattern(at: u64) -> u8 {
+    (at.wrapping_mul(31) ^ (at >> 8) ^ (at >> 16)) as u8
+}
+
+/// Clients that each stream chunks of up to 16 KiB through ballast to a greeting echo
+/// backend and check every byte that comes back, until stopped.
+struct Streams {
+    stop: tokio::sync::watch::Sender<bool>,
+    /// Bytes checked so far, per client.
+    progress: Vec<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    tasks: Vec<tokio::task::JoinHandle<Result<u64, String>>>,
+}
+
+impl Streams {
+    async fn start(addr: SocketAddr, n: usize) -> Streams {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut progress = Vec::new();
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let (mut stream, _) = connect_and_greet(addr).await;
+            let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            progress.push(std::sync::Arc::clone(&done));
+            let stopped = stopped.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut at = 0u64;
+                let mut len = 1 + i * 997 % 16384;
+                while !*stopped.borrow() {
+                    let chunk: Vec<u8> = (at..at + len as u64).map(pattern).collect();
+                    let io = async {
+                        stream.write_all(&chunk).await?;
+                        let mut back = vec![0u8; len];
+                        stream.read_exact(&mut back).await?;
+                        Ok::<_, std::io::Error>(back)
+                    };
+                    let back = tokio::time::timeout(DEADLINE, io)
+                        .await
+                        .map_err(|_| format!("client {i}: no echo in time at byte {at}"))?
+                        .map_err(|e| format!("client {i}: {e} at byte {at}"))?;
+                    if back != chunk {
+                        return Err(format!("client {i}: bytes altered after byte {at}"));
+                    }
+                    at += len as u64;
+                    done.store(at, std::sync::atomic::Ordering::Relaxed);
+                    len = 1 + (len * 7919 + 13) % 16384;
+                }
+                Ok(at)
+            }));
+        }
+        let streams = Streams {
+            stop,
+            progress,
+            tasks,
+        };
+        streams.wait_all_moved().await;
+        streams
+    }
+
+    /// Waits until every client has checked more bytes than it had.
+    async fn wait_all_moved(&self) {
+        let before: Vec<u64> = self.progress.iter().map(|p| p.load(std::sync::atomic::Ordering::Relaxed)).collect();
+        wait_until("every stream moves", || {
+            self.progress
+                .iter()
+                .zip(&before)
+                .all(|(p, b)| p.load(std::sync::atomic::Ordering::Relaxed) > *b)
+        })
+        .await;
+    }
+
+    /// Stops every client; each one must have had no error.
+    async fn stop_and_check(self) -> u64 {
+        self.wait_all_moved().await;
+        self.stop.send_replace(true);
+        let mut total = 0;
+        for task in self.tasks {
+            total += task.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
+        }
+        total
+    }
+}
+
+/// The JSON of `/api/v1/status` at `admin`.
+async fn status_of(admin: SocketAddr) -> serde_json::Value {
+    let (code, body) = http(admin, "GET", "/api/v1/status").await;
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_hands_over_50_streaming_connections_with_no_byte_lost_and_the_old_process_goes(
+) {
+    let (a, b) = (Backend::greeter("a").await, Backend::greeter("b").await);
+    let s = setup("30s", &[("a", a.addr, 1), ("b", b.addr, 1)]);
+    std::fs::write(
+        &s.path,
+        std::fs::read_to_string(&s.path)
+            .unwrap()
+            .replace("strategy = \"least_conn\"", "strategy = \"least_conn\"\naccess_log = true"),
+    )
+    .unwrap();
+    let mut old = Run::spawn(&s.path, false);
+    old.wait_for("listener bound").await;
+    wait_ready(s.admin).await;
+    let streams = Streams::start(s.web, 50).await;
+    let churn = Churn::start(s.web);
+    churn.wait_for_more(50).await;
+
+    let mut new = Run::spawn(&s.path, true);
+    new.wait_for("upgrade: waiting for listening sockets on").await;
+    let quit = Instant::now();
+    old.signal("-QUIT");
+    let (status, old_log) = old.exit_within(Duration::from_secs(5)).await;
+    let gone = quit.elapsed();
+    eprintln!("the old process was gone {gone:?} after SIGQUIT");
+    assert_eq!(status.code(), Some(0), "{old_log}");
+    assert!(!old_log.contains("panicked"), "{old_log}");
+    let handed = old_log
+        .lines()
+        .find(|l| l.contains("upgrade: established connections handed over"))
+        .unwrap_or_else(|| panic!("{old_log}"));
+    eprintln!("{handed}");
+    // With the 50 streams, churning connections that were open then went over too (one
+    // whose backend had just closed stays and ends in the old process).
+    let sent: u64 = field(handed, "sent=").parse().unwrap();
+    assert!(sent >= 50, "{handed}");
+    // The access log marks each connection handed over.
+    let marked = access_lines(&old_log, "web")
+        .iter()
+        .filter(|f| f.last() == Some(&"handover"))
+        .count();
+    assert_eq!(marked as u64, sent, "{old_log}");
+
+    // Every stream goes on through the new process, every byte checked.
+    churn.wait_for_more(100).await;
+    let (exchanges, failures) = churn.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{} of {exchanges} exchanges failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    streams.wait_all_moved().await;
+    // The new process counts them: 50 live on the listener, 25 on each backend.
+    let mut counts = (0, 0, 0);
+    let deadline = Instant::now() + DEADLINE;
+    while Instant::now() < deadline {
+        let status = status_of(s.admin).await;
+        let web = &status["listeners"][0];
+        let on = |name: &str| {
+            web["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["name"] == name)
+                .unwrap()["active"]
+                .as_u64()
+                .unwrap()
+        };
+        counts = (web["active"].as_u64().unwrap(), on("a"), on("b"));
+        if counts == (50, 25, 25) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counts, (50, 25, 25));
+    let metrics = scrape(s.admin).await;
+    assert_eq!(
+        sample(&metrics, "ballast_handover_connections_total", &[("result", "received")]),
+        Some(sent as f64)
+    );
+    let total = streams.stop_and_check().await;
+    eprintln!("50 streams: {total} bytes checked, {exchanges} churn exchanges");
+    new.signal("-TERM");
+    let (status, new_log) = new.exit_within(DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "{new_log}");
+    assert!(!new_log.contains("panicked"), "{new_log}");
 }

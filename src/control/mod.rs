@@ -13,6 +13,7 @@ pub mod agent;
 pub mod cluster;
 pub mod discover;
 pub mod drain;
+pub mod handover;
 pub mod health;
 pub mod periodic;
 pub mod rebalance;
@@ -56,6 +57,9 @@ struct Inner {
     ready: AtomicBool,
     /// Graceful shutdown has begun (`/readyz` answers 503).
     shutting_down: AtomicBool,
+    /// A new process serves in this one's place (an upgrade): systemd follows it, and
+    /// this one's shutdown is not the service's.
+    replaced: AtomicBool,
     /// The accept loop of each listener, by name.
     listeners: Mutex<HashMap<String, ListenerHandle>>,
     /// The runtimes that accept loops and connections run on, one loop per runtime per
@@ -132,6 +136,7 @@ impl Ballast {
                 config_path,
                 ready: AtomicBool::new(false),
                 shutting_down: AtomicBool::new(false),
+                replaced: AtomicBool::new(false),
                 listeners: Mutex::new(HashMap::new()),
                 spawner: Mutex::new(None),
                 removed: Mutex::new(Removed::default()),
@@ -262,6 +267,15 @@ impl Ballast {
         *spawner = Some(Arc::new(Spread::new(workers.handles().to_vec())));
     }
 
+    /// The worker runtimes that carry connections, once there are any.
+    pub(crate) fn spread(&self) -> Option<Arc<Spread>> {
+        self.inner
+            .spawner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Live connections on each worker runtime.
     pub fn worker_loads(&self) -> Vec<usize> {
         let spawner = self.inner.spawner.lock().unwrap_or_else(|e| e.into_inner());
@@ -375,6 +389,12 @@ impl Ballast {
         self.inner.ready.load(Ordering::Relaxed) && !self.is_shutting_down()
     }
 
+    /// A new process serves in this one's place: what remains is this process's own
+    /// shutdown, not the service's (no `STOPPING=1` for systemd).
+    pub fn set_replaced(&self) {
+        self.inner.replaced.store(true, Ordering::Relaxed);
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutting_down.load(Ordering::Relaxed)
     }
@@ -399,7 +419,9 @@ impl Ballast {
     /// cut. Returns as soon as the last connection has ended, and within `timeout`.
     pub async fn shutdown(&self, timeout: Duration) {
         self.inner.shutting_down.store(true, Ordering::Relaxed);
-        systemd::notify("STOPPING=1");
+        if !self.inner.replaced.load(Ordering::Relaxed) {
+            systemd::notify("STOPPING=1");
+        }
         self.stop_accepting();
         let open = self.active_connections();
         tracing::info!(
