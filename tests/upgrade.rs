@@ -251,6 +251,7 @@ async fn an_upgrade_under_churn_refuses_no_connection_and_the_old_process_exits_
         .await
         .expect("the new process serves");
     wait_ready(s.admin).await;
+    drop(held);
     new.signal("-TERM");
     let (status, new_log) = new.exit_within(DEADLINE).await;
     assert_eq!(status.code(), Some(0), "{new_log}");
@@ -634,4 +635,149 @@ async fn an_upgrade_hands_over_50_streaming_connections_with_no_byte_lost_and_th
     let (status, new_log) = new.exit_within(DEADLINE).await;
     assert_eq!(status.code(), Some(0), "{new_log}");
     assert!(!new_log.contains("panicked"), "{new_log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websockets_mid_message_go_over_whole_and_rebalance_and_drain_work_on_them_afterwards() {
+    use ballast::websocket::{encode_masked_frame, OP_BINARY, OP_CLOSE};
+    let ((a, a_closes), (b, _)) = (recording_ws_backend().await, recording_ws_backend().await);
+    let s = setup("30s", &[("a", a, 1), ("b", b, 1)]);
+    let plain = std::fs::read_to_string(&s.path).unwrap().replace(
+        "strategy = \"least_conn\"",
+        "strategy = \"least_conn\"\ndrain_timeout = \"500ms\"",
+    );
+    std::fs::write(&s.path, &plain).unwrap();
+    let mut old = Run::spawn(&s.path, false);
+    old.wait_for("listener bound").await;
+    wait_ready(s.admin).await;
+    // Every client on a: b is drained in the old process (a new process starts with
+    // every backend in service).
+    let (code, body) = http(s.admin, "POST", "/api/v1/listeners/web/backends/b/drain").await;
+    assert_eq!(code, 200, "{body}");
+
+    // 20 WebSockets, each with a 1 MiB message half sent.
+    let mut clients = Vec::new();
+    for i in 0..20u8 {
+        let (mut ws, rest) = ws_connect(s.web).await;
+        assert!(rest.is_empty());
+        let payload: Vec<u8> = (0..1u32 << 20).map(|n| (n as u8) ^ i).collect();
+        let frame = encode_masked_frame(OP_BINARY, &payload, [i, 7, 42, 99]);
+        let half = frame.len() / 2;
+        ws.write_all(&frame[..half]).await.unwrap();
+        clients.push((ws, payload, frame, half));
+    }
+
+    let mut new = Run::spawn(&s.path, true);
+    new.wait_for("upgrade: waiting for listening sockets on").await;
+    old.signal("-QUIT");
+    let (status, old_log) = old.exit_within(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(0), "{old_log}");
+    assert!(old_log.contains("sent=20 kept=0"), "{old_log}");
+
+    // The rest of each message goes through the new process, and every echo comes back
+    // whole.
+    let mut bufs = Vec::new();
+    for (ws, payload, frame, half) in &mut clients {
+        ws.write_all(&frame[*half..]).await.unwrap();
+        let mut buf = Vec::new();
+        let (opcode, echoed) = read_frame(ws, &mut buf).await;
+        assert_eq!(opcode, OP_BINARY);
+        assert!(echoed == *payload, "a message arrived altered");
+        bufs.push(buf);
+    }
+
+    // Rebalance: a reload turns it on, and the new process moves about half of them to
+    // b, each with a Close 1012 after whole frames.
+    std::fs::write(
+        &s.path,
+        format!("{plain}\n  [listeners.rebalance]\n  interval = \"100ms\"\n  precision = 1\n  step_size = 2\n"),
+    )
+    .unwrap();
+    new.signal("-HUP");
+    new.wait_for("reload").await;
+    let mut closed = vec![false; clients.len()];
+    let close_code = |payload: &[u8]| u16::from_be_bytes([payload[0], payload[1]]);
+    let deadline = Instant::now() + DEADLINE;
+    while closed.iter().filter(|c| **c).count() < 9 {
+        assert!(Instant::now() < deadline, "rebalance moved too few: {closed:?}");
+        for (i, (ws, ..)) in clients.iter_mut().enumerate() {
+            if closed[i] {
+                continue;
+            }
+            let mut chunk = [0u8; 64];
+            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(5), ws.read(&mut chunk)).await {
+                bufs[i].extend_from_slice(&chunk[..n]);
+                let (opcode, payload) = read_frame(ws, &mut bufs[i]).await;
+                assert_eq!((opcode, close_code(&payload)), (OP_CLOSE, 1012));
+                closed[i] = true;
+                // As a client does: it closes on a Close.
+                let _ = ws.shutdown().await;
+            }
+        }
+    }
+    let migrated = closed.iter().filter(|c| **c).count();
+    assert!((9..=11).contains(&migrated), "{migrated} migrated");
+
+    // Drain: a's remaining ones get their Close 1012 once drain_timeout passed.
+    let (code, body) = http(s.admin, "POST", "/api/v1/listeners/web/backends/a/drain").await;
+    assert_eq!(code, 200, "{body}");
+    for (i, (ws, ..)) in clients.iter_mut().enumerate() {
+        if closed[i] {
+            continue;
+        }
+        let (opcode, payload) = read_frame(ws, &mut bufs[i]).await;
+        assert_eq!((opcode, close_code(&payload)), (OP_CLOSE, 1012));
+        let _ = ws.shutdown().await;
+    }
+    // a saw a Close 1001 for each of the 20 (migrated or drained).
+    wait_until("a sees every Close", || a_closes.lock().unwrap().len() == 20).await;
+    assert!(a_closes.lock().unwrap().iter().all(|c| *c == 1001));
+    new.signal("-TERM");
+    let (status, new_log) = new.exit_within(DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "{new_log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_process_that_dies_in_the_middle_of_the_hand_over_leaves_every_connection_to_the_old_one(
+) {
+    let (a, b) = (Backend::greeter("a").await, Backend::greeter("b").await);
+    let s = setup("30s", &[("a", a.addr, 1), ("b", b.addr, 1)]);
+    let mut old = Run::spawn(&s.path, false);
+    old.wait_for("listener bound").await;
+    wait_ready(s.admin).await;
+    let streams = Streams::start(s.web, 20).await;
+
+    // The new process, played here: it takes the listening sockets, says it serves,
+    // takes the first batch of connections (their descriptors arrive) and dies before
+    // it answers.
+    let sock = s.sock.clone();
+    let new = tokio::task::spawn_blocking(move || {
+        let inherited = ballast::upgrade::receive(&sock).unwrap();
+        let inbox =
+            std::os::unix::net::UnixListener::bind(ballast::handover::inbox_path(&sock)).unwrap();
+        ballast::upgrade::mark_ready(&sock).unwrap();
+        let (link, _) = inbox.accept().unwrap();
+        let batch = ballast::handover::receive_batch(&link).unwrap().unwrap();
+        (inherited, batch.len())
+    });
+    wait_until("the new process waits", || s.sock.exists()).await;
+    old.signal("-QUIT");
+    let (_inherited, taken) = new.await.unwrap();
+    assert!(taken > 0);
+    old.wait_for("upgrade: the new process failed during the hand-over")
+        .await;
+    let summary = old
+        .wait_for("upgrade: established connections handed over")
+        .await;
+    assert!(summary.contains("sent=0 kept=20"), "{summary}");
+
+    // Every connection works on through the old process: nothing lost, nothing reset,
+    // also for those whose descriptors had reached the dead process.
+    let total = streams.stop_and_check().await;
+    eprintln!("{taken} in the batch the new process died with; {total} bytes checked");
+    assert!(old.running());
+    old.signal("-TERM");
+    let (status, log) = old.exit_within(DEADLINE).await;
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
 }
