@@ -337,7 +337,7 @@ pub enum Handoff {
     Sent,
     /// Taken back (no hand-over going on, the new process refused it or is gone):
     /// resume it.
-    Back(Parked),
+    Back(Box<Parked>),
     /// Lost on the way: its sockets were closed.
     Lost,
 }
@@ -378,11 +378,11 @@ impl Conn {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let Some(outbox) = outbox else {
-            return Handoff::Back(parked);
+            return Handoff::Back(Box::new(parked));
         };
         let (answer, answered) = tokio::sync::oneshot::channel();
         if let Err(refused) = outbox.send((parked, answer)) {
-            return Handoff::Back(refused.0 .0);
+            return Handoff::Back(Box::new(refused.0 .0));
         }
         answered.await.unwrap_or(Handoff::Lost)
     }

@@ -322,7 +322,9 @@ pub struct Parked {
 
 impl std::fmt::Debug for Parked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Parked").field("handed", &self.handed).finish()
+        f.debug_struct("Parked")
+            .field("handed", &self.handed)
+            .finish()
     }
 }
 
@@ -369,7 +371,10 @@ pub fn send_batch(link: &UnixStream, batch: &[&Parked]) -> io::Result<Vec<bool>>
     reader.read_exact(&mut answer)?;
     let n = u32::from_le_bytes([answer[4], answer[5], answer[6], answer[7]]) as usize;
     if &answer[..4] != ANSWER_MAGIC || n != batch.len() {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "not an answer to this batch"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not an answer to this batch",
+        ));
     }
     let mut taken = vec![0u8; n];
     reader.read_exact(&mut taken)?;
@@ -406,12 +411,19 @@ pub fn receive_batch(link: &UnixStream) -> io::Result<Option<Vec<Received>>> {
             if let socket::ControlMessageOwned::ScmRights(received) = cmsg {
                 // SAFETY: each descriptor was just received with SCM_RIGHTS: new in
                 // this process, and owned by nothing else.
-                fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                fds.extend(
+                    received
+                        .into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
             }
         }
         let truncated = msg.flags.contains(socket::MsgFlags::MSG_CTRUNC);
         if truncated {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "more descriptors than a batch has"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "more descriptors than a batch has",
+            ));
         }
         (msg.bytes, fds)
     };
@@ -431,7 +443,9 @@ pub fn receive_batch(link: &UnixStream) -> io::Result<Option<Vec<Received>>> {
         return Err(invalid("not a batch of connections"));
     }
     if n == 0 || n > BATCH || fds.len() != 2 * n {
-        return Err(invalid("a batch whose descriptors do not match its connections"));
+        return Err(invalid(
+            "a batch whose descriptors do not match its connections",
+        ));
     }
     if len > MAX_BATCH_BYTES as u64 {
         return Err(invalid("a batch longer than one may be"));
@@ -450,7 +464,9 @@ pub fn receive_batch(link: &UnixStream) -> io::Result<Option<Vec<Received>>> {
             decode(bytes)
         })();
         let (Some(client), Some(backend)) = (fds.next(), fds.next()) else {
-            return Err(invalid("a batch whose descriptors do not match its connections"));
+            return Err(invalid(
+                "a batch whose descriptors do not match its connections",
+            ));
         };
         received.push((handed, client, backend));
     }

@@ -19,8 +19,10 @@ macro_rules! report {
 const AFTER_HELP: &str = "\
 Signals (run): SIGHUP reloads the config (an invalid file is refused, the old config
 keeps serving); SIGTERM or SIGINT stop gracefully, and a second one during that closes
-every connection at once; SIGQUIT hands the listening sockets to a `ballast run
---upgrade` waiting on runtime.upgrade_sock, then stops gracefully.
+every connection at once; SIGQUIT hands the listening sockets and the established
+connections to a `ballast run --upgrade` waiting on runtime.upgrade_sock, then exits;
+SIGUSR2 starts that new process itself (the binary at the path this one was started
+from, with the same arguments) and does the same: the way to upgrade under systemd.
 
 Exit codes: 0 clean shutdown, 1 bad config or usage, 2 a failure at start.
 

@@ -28,11 +28,11 @@ use tracing::{debug, info, warn};
 
 use crate::config::SendProxy;
 use crate::conn::{Ask, Conn, Conns, EndReason, Handoff};
+use crate::handover::{Handed, Parked};
 use crate::proxy_protocol;
 use crate::relay::{Relay, RelayEnd, Side, Stop};
 use crate::routing::{ListenerRoute, Routing};
 use crate::stage;
-use crate::handover::{Handed, Parked};
 use crate::state::{BackendGuard, BackendState, ClientGuard, ListenerGuard, RejectReason};
 use crate::workers::{OnWorker, Spread};
 
@@ -501,7 +501,15 @@ async fn proxy(
     let _ = backend.set_nodelay(true);
     let _ = socket2::SockRef::from(&backend).set_tcp_keepalive(&KEEPALIVE);
     let relay = Relay::new(client, backend).with_early_bytes(early);
-    let ended = relay_to_end(route, &conn, Via::Route(index), Some(took), relay, guard.backend()).await;
+    let ended = relay_to_end(
+        route,
+        &conn,
+        Via::Route(index),
+        Some(took),
+        relay,
+        guard.backend(),
+    )
+    .await;
     end(route, &conn, &ended);
     drop(guard);
     drop(per_ip);
@@ -538,7 +546,8 @@ pub(crate) async fn resume(
         via,
         connect,
     } = resumed;
-    let registered = (|| Ok::<_, io::Error>((TcpStream::from_std(client)?, TcpStream::from_std(backend)?)))();
+    let registered =
+        (|| Ok::<_, io::Error>((TcpStream::from_std(client)?, TcpStream::from_std(backend)?)))();
     let ended = match registered {
         Ok((client, backend)) => {
             let relay = Relay::from_parts(client, backend, state);

@@ -281,16 +281,20 @@ impl ShutdownSignalWatch for Signals {
     async fn recv(&self) -> ShutdownSignal {
         // Handlers first: a signal sent as soon as ballast says it is ready (to systemd,
         // on /readyz) must find them, not the default action that ends the process.
-        let signals = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-            signal(SignalKind::quit()),
-        );
-        let (mut term, mut int, mut hup, mut quit) = match signals {
-            (Ok(term), Ok(int), Ok(hup), Ok(quit)) => (term, int, hup, quit),
-            (Err(e), _, _, _) | (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) => {
-                error!(error = %e, "cannot install signal handlers; shutting down");
+        let signals = [
+            SignalKind::terminate(),
+            SignalKind::interrupt(),
+            SignalKind::hangup(),
+            SignalKind::quit(),
+            SignalKind::user_defined2(),
+        ]
+        .map(signal);
+        let [mut term, mut int, mut hup, mut quit, mut usr2] = match signals {
+            [Ok(term), Ok(int), Ok(hup), Ok(quit), Ok(usr2)] => [term, int, hup, quit, usr2],
+            signals => {
+                if let Some(Err(e)) = signals.into_iter().find(Result::is_err) {
+                    error!(error = %e, "cannot install signal handlers; shutting down");
+                }
                 return ShutdownSignal::FastShutdown;
             }
         };
@@ -338,6 +342,14 @@ impl ShutdownSignalWatch for Signals {
                     // SIGINT still stop this one meanwhile.
                     tokio::select! {
                         handed = self.hand_over() => if handed {
+                            break Stop::HandedOver;
+                        },
+                        which = again(&mut term, &mut int) => break Stop::Shutdown(which),
+                    }
+                }
+                _ = usr2.recv() => {
+                    tokio::select! {
+                        handed = self.start_new_binary() => if handed {
                             break Stop::HandedOver;
                         },
                         which = again(&mut term, &mut int) => break Stop::Shutdown(which),
@@ -396,6 +408,73 @@ async fn again(term: &mut Signal, int: &mut Signal) -> &'static str {
 }
 
 impl Signals {
+    /// SIGUSR2 (nginx's signal for it): starts the binary this process was started as
+    /// (its path as given, so a package's new binary at that path), with this process's
+    /// arguments and `--upgrade`, as a child (so that under systemd it runs in the
+    /// service's cgroup and may send `MAINPID=`), waits until it waits on
+    /// `runtime.upgrade_sock`, then hands everything over as SIGQUIT does. `false`,
+    /// logged, when the new binary did not start or exited: this one goes on serving.
+    async fn start_new_binary(&self) -> bool {
+        let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        if args.is_empty() {
+            error!(
+                signal = "SIGUSR2",
+                "upgrade: cannot tell which binary this is; still serving"
+            );
+            return false;
+        }
+        let exe = args.remove(0);
+        if !args.iter().any(|a| a == "--upgrade") {
+            args.push("--upgrade".into());
+        }
+        let sock = self.ballast.routing().config.runtime.upgrade_sock.clone();
+        // A socket file nobody waits on, left by an upgrade that failed, would be taken
+        // for the new process's.
+        if std::fs::symlink_metadata(&sock).is_ok()
+            && std::os::unix::net::UnixStream::connect(&sock).is_err()
+        {
+            let _ = std::fs::remove_file(&sock);
+        }
+        info!(signal = "SIGUSR2", binary = %exe.to_string_lossy(), "upgrade: starting the new binary");
+        let child = std::process::Command::new(&exe)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .spawn();
+        let mut child = match child {
+            Ok(child) => child,
+            Err(e) => {
+                error!(
+                    "upgrade: cannot start {} ({e}); still serving",
+                    exe.to_string_lossy()
+                );
+                return false;
+            }
+        };
+        let pid = child.id();
+        // The new process creates the socket when it waits on it.
+        let deadline = tokio::time::Instant::now() + upgrade::TAKEN_WITHIN;
+        let waiting = loop {
+            if std::fs::symlink_metadata(&sock).is_ok() {
+                break true;
+            }
+            if matches!(child.try_wait(), Ok(Some(_))) || tokio::time::Instant::now() >= deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // Reaped whenever it exits, while this process lives.
+        std::thread::spawn(move || child.wait());
+        if !waiting {
+            error!(
+                pid,
+                "upgrade: the new binary did not wait on {} (see its log above); still serving",
+                sock.display()
+            );
+            return false;
+        }
+        self.hand_over().await
+    }
+
     /// SIGQUIT: sends every listening socket to the process waiting on
     /// `runtime.upgrade_sock` (as the config reads now: a reload of the file applies) and
     /// waits until it has taken them. `false`, logged, when there is no such process or

@@ -50,6 +50,10 @@ struct Run {
 
 impl Run {
     fn spawn(config: &Path, upgrade: bool) -> Run {
+        Run::spawn_with(config, upgrade, &[])
+    }
+
+    fn spawn_with(config: &Path, upgrade: bool, envs: &[(&str, &Path)]) -> Run {
         use std::io::BufRead;
         let mut command = Command::new(env!("CARGO_BIN_EXE_ballast"));
         command
@@ -62,6 +66,7 @@ impl Run {
         if upgrade {
             command.arg("--upgrade");
         }
+        command.envs(envs.iter().copied());
         let mut child = KillOnDrop(command.spawn().unwrap());
         let stderr = std::io::BufReader::new(child.0.stderr.take().unwrap());
         let (tx, lines) = mpsc::unbounded_channel();
@@ -128,8 +133,11 @@ impl Run {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
-        // The pipe closes with the process: the rest of the log is there to read.
-        while let Some(line) = self.lines.recv().await {
+        // The pipe closes with the process (or, where a new process it started shares
+        // it, goes quiet): the rest of the log is there to read.
+        while let Ok(Some(line)) =
+            tokio::time::timeout(Duration::from_millis(500), self.lines.recv()).await
+        {
             self.log.push(line);
         }
         (status, self.log.join("\n"))
@@ -518,7 +526,11 @@ impl Streams {
 
     /// Waits until every client has checked more bytes than it had.
     async fn wait_all_moved(&self) {
-        let before: Vec<u64> = self.progress.iter().map(|p| p.load(std::sync::atomic::Ordering::Relaxed)).collect();
+        let before: Vec<u64> = self
+            .progress
+            .iter()
+            .map(|p| p.load(std::sync::atomic::Ordering::Relaxed))
+            .collect();
         wait_until("every stream moves", || {
             self.progress
                 .iter()
@@ -548,15 +560,16 @@ async fn status_of(admin: SocketAddr) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_upgrade_hands_over_50_streaming_connections_with_no_byte_lost_and_the_old_process_goes(
-) {
+async fn an_upgrade_hands_over_50_streaming_connections_with_no_byte_lost_and_the_old_process_goes()
+{
     let (a, b) = (Backend::greeter("a").await, Backend::greeter("b").await);
     let s = setup("30s", &[("a", a.addr, 1), ("b", b.addr, 1)]);
     std::fs::write(
         &s.path,
-        std::fs::read_to_string(&s.path)
-            .unwrap()
-            .replace("strategy = \"least_conn\"", "strategy = \"least_conn\"\naccess_log = true"),
+        std::fs::read_to_string(&s.path).unwrap().replace(
+            "strategy = \"least_conn\"",
+            "strategy = \"least_conn\"\naccess_log = true",
+        ),
     )
     .unwrap();
     let mut old = Run::spawn(&s.path, false);
@@ -567,7 +580,8 @@ async fn an_upgrade_hands_over_50_streaming_connections_with_no_byte_lost_and_th
     churn.wait_for_more(50).await;
 
     let mut new = Run::spawn(&s.path, true);
-    new.wait_for("upgrade: waiting for listening sockets on").await;
+    new.wait_for("upgrade: waiting for listening sockets on")
+        .await;
     let quit = Instant::now();
     old.signal("-QUIT");
     let (status, old_log) = old.exit_within(Duration::from_secs(5)).await;
@@ -626,7 +640,11 @@ async fn an_upgrade_hands_over_50_streaming_connections_with_no_byte_lost_and_th
     assert_eq!(counts, (50, 25, 25));
     let metrics = scrape(s.admin).await;
     assert_eq!(
-        sample(&metrics, "ballast_handover_connections_total", &[("result", "received")]),
+        sample(
+            &metrics,
+            "ballast_handover_connections_total",
+            &[("result", "received")]
+        ),
         Some(sent as f64)
     );
     let total = streams.stop_and_check().await;
@@ -668,7 +686,8 @@ async fn websockets_mid_message_go_over_whole_and_rebalance_and_drain_work_on_th
     }
 
     let mut new = Run::spawn(&s.path, true);
-    new.wait_for("upgrade: waiting for listening sockets on").await;
+    new.wait_for("upgrade: waiting for listening sockets on")
+        .await;
     old.signal("-QUIT");
     let (status, old_log) = old.exit_within(Duration::from_secs(5)).await;
     assert_eq!(status.code(), Some(0), "{old_log}");
@@ -699,13 +718,18 @@ async fn websockets_mid_message_go_over_whole_and_rebalance_and_drain_work_on_th
     let close_code = |payload: &[u8]| u16::from_be_bytes([payload[0], payload[1]]);
     let deadline = Instant::now() + DEADLINE;
     while closed.iter().filter(|c| **c).count() < 9 {
-        assert!(Instant::now() < deadline, "rebalance moved too few: {closed:?}");
+        assert!(
+            Instant::now() < deadline,
+            "rebalance moved too few: {closed:?}"
+        );
         for (i, (ws, ..)) in clients.iter_mut().enumerate() {
             if closed[i] {
                 continue;
             }
             let mut chunk = [0u8; 64];
-            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(5), ws.read(&mut chunk)).await {
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(5), ws.read(&mut chunk)).await
+            {
                 bufs[i].extend_from_slice(&chunk[..n]);
                 let (opcode, payload) = read_frame(ws, &mut bufs[i]).await;
                 assert_eq!((opcode, close_code(&payload)), (OP_CLOSE, 1012));
@@ -730,7 +754,10 @@ async fn websockets_mid_message_go_over_whole_and_rebalance_and_drain_work_on_th
         let _ = ws.shutdown().await;
     }
     // a saw a Close 1001 for each of the 20 (migrated or drained).
-    wait_until("a sees every Close", || a_closes.lock().unwrap().len() == 20).await;
+    wait_until("a sees every Close", || {
+        a_closes.lock().unwrap().len() == 20
+    })
+    .await;
     assert!(a_closes.lock().unwrap().iter().all(|c| *c == 1001));
     new.signal("-TERM");
     let (status, new_log) = new.exit_within(DEADLINE).await;
@@ -780,4 +807,67 @@ async fn a_new_process_that_dies_in_the_middle_of_the_hand_over_leaves_every_con
     let (status, log) = old.exit_within(DEADLINE).await;
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Whether process `pid` runs (not gone, not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_starts_the_new_binary_and_systemd_follows_it_through_mainpid() {
+    let a = Backend::greeter("a").await;
+    let s = setup("30s", &[("a", a.addr, 1)]);
+    let notify_path = s.path.with_file_name("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(DEADLINE)).unwrap();
+    let receive = || {
+        let mut buf = [0u8; 512];
+        let n = notify.recv(&mut buf).expect("a notification in time");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let mut old = Run::spawn_with(&s.path, false, &[("NOTIFY_SOCKET", &notify_path)]);
+    assert_eq!(receive(), "READY=1");
+    let (mut held, _) = connect_and_greet(s.web).await;
+
+    // The unit's upgrade path: SIGUSR2 to the main process.
+    old.signal("-USR2");
+    let mut heard = Vec::new();
+    let new_pid: u32 = loop {
+        let message = receive();
+        heard.push(message.clone());
+        if let Some(pid) = message.lines().find_map(|l| l.strip_prefix("MAINPID=")) {
+            break pid.parse().unwrap();
+        }
+    };
+    assert!(!heard.iter().any(|m| m.contains("STOPPING=1")), "{heard:?}");
+    assert_ne!(new_pid, old.child.0.id());
+    let (status, log) = old.exit_within(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(0), "{log}");
+    // The old process leaves without telling systemd the service stops.
+    notify
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let after = notify
+        .recv(&mut buf)
+        .map(|n| String::from_utf8_lossy(&buf[..n]).to_string());
+    assert!(after.is_err(), "heard {after:?} after the upgrade");
+    notify.set_read_timeout(Some(DEADLINE)).unwrap();
+
+    // The new process serves, the held connection with it.
+    assert!(alive(new_pid));
+    echo(&mut held, b"still here\n").await.unwrap();
+    one_exchange(s.web, 0).await.unwrap();
+    drop(held);
+    send_signal(new_pid, "-TERM");
+    assert_eq!(receive(), "STOPPING=1");
+    wait_until("the new process exits", || !alive(new_pid)).await;
 }

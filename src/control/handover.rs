@@ -32,8 +32,8 @@ use tracing::{error, info, warn};
 use crate::conn::Handoff;
 use crate::control::RemovedBackend;
 use crate::handover::{
-    self, answer, commit, committed, fits, inbox_path, receive_batch, send_batch, Handed,
-    Parked, BATCH, MAX_BATCH_BYTES,
+    self, answer, commit, committed, fits, inbox_path, receive_batch, send_batch, Handed, Parked,
+    BATCH, MAX_BATCH_BYTES,
 };
 use crate::proxy::{Resumed, Via};
 use crate::routing::ListenerRoute;
@@ -72,7 +72,12 @@ pub async fn send_connections(ballast: &Ballast, upgrade_sock: &Path) -> Sent {
         let path = path.clone();
         tokio::task::spawn_blocking(move || UnixStream::connect(path)).await
     };
-    let link = match link.map(|l| l.and_then(|l| l.set_write_timeout(Some(handover::ANSWER_WITHIN)).map(|()| l))) {
+    let link = match link.map(|l| {
+        l.and_then(|l| {
+            l.set_write_timeout(Some(handover::ANSWER_WITHIN))
+                .map(|()| l)
+        })
+    }) {
         Ok(Ok(link)) => link,
         Ok(Err(e)) => {
             warn!("upgrade: the new process takes no established connections ({shown}: {e}); they stay here until they end");
@@ -158,11 +163,12 @@ fn drive(
             bytes += more;
             batch.push(item);
         }
-        let (travel, stay): (Vec<_>, Vec<_>) = batch.into_iter().partition(|(p, _)| fits(&p.handed));
+        let (travel, stay): (Vec<_>, Vec<_>) =
+            batch.into_iter().partition(|(p, _)| fits(&p.handed));
         for (parked, told) in stay {
             warn!(listener = %parked.handed.listener, client = %parked.handed.client, "upgrade: a connection holds more unsent bytes than a hand-over carries; it stays here");
             total.kept += 1;
-            let _ = told.send(Handoff::Back(parked));
+            let _ = told.send(Handoff::Back(Box::new(parked)));
         }
         if travel.is_empty() {
             continue;
@@ -185,7 +191,7 @@ fn drive(
                 let _ = told.send(Handoff::Sent);
             } else {
                 total.kept += 1;
-                let _ = told.send(Handoff::Back(parked));
+                let _ = told.send(Handoff::Back(Box::new(parked)));
             }
         }
     }
@@ -195,7 +201,10 @@ fn drive(
 }
 
 /// One batch: sent, answered, committed. Which connections the new process took.
-fn exchange(link: &UnixStream, batch: &[(Parked, oneshot::Sender<Handoff>)]) -> std::io::Result<Vec<bool>> {
+fn exchange(
+    link: &UnixStream,
+    batch: &[(Parked, oneshot::Sender<Handoff>)],
+) -> std::io::Result<Vec<bool>> {
     let parked: Vec<&Parked> = batch.iter().map(|(p, _)| p).collect();
     let taken = send_batch(link, &parked)?;
     commit(link)?;
@@ -393,7 +402,11 @@ fn gone_backend(ballast: &Ballast, route: &ListenerRoute, name: &str) -> Arc<Bac
         .registry()
         .backend(&route.config.name, name, Health::Up);
     let mut removed = ballast.removed();
-    if !removed.backends.iter().any(|r| Arc::ptr_eq(&r.state, &state)) {
+    if !removed
+        .backends
+        .iter()
+        .any(|r| Arc::ptr_eq(&r.state, &state))
+    {
         info!(listener = %route.config.name, backend = %name, "upgrade: a connection handed over goes to a backend this config does not have; it drains");
         state.set_removed(true);
         removed.backends.push(RemovedBackend {

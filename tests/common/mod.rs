@@ -748,7 +748,10 @@ pub async fn recording_ws_backend() -> (SocketAddr, Arc<std::sync::Mutex<Vec<u16
                                 .unwrap()
                                 .push(u16::from_be_bytes([payload[0], payload[1]]));
                             let _ = stream
-                                .write_all(&ballast::websocket::encode_frame(ballast::websocket::OP_CLOSE, &payload))
+                                .write_all(&ballast::websocket::encode_frame(
+                                    ballast::websocket::OP_CLOSE,
+                                    &payload,
+                                ))
                                 .await;
                             return;
                         }
