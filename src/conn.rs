@@ -558,6 +558,54 @@ mod tests {
     }
 
     #[test]
+    fn a_park_gives_way_to_a_close_and_one_taken_back_is_not_parked_again() {
+        let table = Arc::new(Conns::default());
+        let l = listener();
+        let (a, b, c) = (
+            table.open(&l, client()),
+            table.open(&l, client()),
+            table.open(&l, client()),
+        );
+        assert!(a.ask(Ask::Close(EndReason::Drain)));
+        // Only those asked nothing yet park.
+        assert_eq!(table.park_all(), 2);
+        assert_eq!((b.asked(), c.asked()), (Some(Ask::Park), Some(Ask::Park)));
+        assert_eq!(a.asked(), Some(Ask::Close(EndReason::Drain)));
+        // A close replaces a park; a park never replaces anything.
+        assert!(b.ask(Ask::Close(EndReason::Shutdown)));
+        assert_eq!(b.asked(), Some(Ask::Close(EndReason::Shutdown)));
+        assert!(!b.ask(Ask::Park));
+        assert!(!b.take_back(), "b was asked to close meanwhile");
+        // Taken back: as if never asked, and left alone by the next round.
+        assert!(c.take_back());
+        assert_eq!(c.asked(), None);
+        assert_eq!(table.park_all(), 0);
+        // An abort replaces a park as a close does.
+        let d = table.open(&l, client());
+        assert_eq!(table.park_all(), 1);
+        assert!(d.ask(Ask::Abort(EndReason::Shutdown)));
+        assert_eq!(d.asked(), Some(Ask::Abort(EndReason::Shutdown)));
+    }
+
+    #[tokio::test]
+    async fn waiting_for_an_end_passes_over_a_park() {
+        let table = Arc::new(Conns::default());
+        let c = table.open(&listener(), client());
+        assert_eq!(table.park_all(), 1);
+        let early = tokio::time::timeout(std::time::Duration::from_millis(50), c.wait_end()).await;
+        assert!(early.is_err(), "a park is no end");
+        assert!(c.ask(Ask::Close(EndReason::Shutdown)));
+        assert_eq!(c.wait_end().await, Ask::Close(EndReason::Shutdown));
+    }
+
+    #[test]
+    fn a_connection_handed_over_keeps_its_age() {
+        let table = Arc::new(Conns::default());
+        let c = table.open_handed(&listener(), client(), std::time::Duration::from_secs(5));
+        assert!(c.started.elapsed() >= std::time::Duration::from_secs(5));
+    }
+
+    #[test]
     fn a_backend_s_connections_close_oldest_or_newest_first_and_once() {
         let registry = crate::state::Registry::default();
         let a = registry.backend("web", "a", crate::state::Health::Up);

@@ -638,4 +638,94 @@ mod tests {
             Some(DecodeError::TooLong("the client's head"))
         );
     }
+
+    /// A connected pair of TCP sockets on loopback: (client end, server end).
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_carries_each_connection_s_sockets_and_state_and_the_answer_says_which_were_taken(
+    ) {
+        let (link, far) = UnixStream::pair().unwrap();
+        let mut parked = Vec::new();
+        let mut peers = Vec::new();
+        for i in 0..3u8 {
+            let (client_peer, client) = tcp_pair().await;
+            let (backend, backend_peer) = tcp_pair().await;
+            let mut relay = RelayState::default();
+            relay.to_client.pending = vec![i; 100 * usize::from(i)];
+            relay.to_backend.delivered = u64::from(i) * 1000;
+            peers.push((
+                client_peer.local_addr().unwrap(),
+                backend_peer.local_addr().unwrap(),
+            ));
+            parked.push(Parked {
+                handed: Handed {
+                    listener: "web".into(),
+                    backend: format!("b{i}"),
+                    client: client_peer.local_addr().unwrap(),
+                    age: Duration::from_millis(1500),
+                    connect: None,
+                    relay,
+                },
+                client,
+                backend,
+            });
+            // The test's ends stay open while the batch travels.
+            std::mem::forget((client_peer, backend_peer));
+        }
+        let receiver = std::thread::spawn(move || {
+            let batch = receive_batch(&far).unwrap().unwrap();
+            let seen: Vec<_> = batch
+                .into_iter()
+                .map(|(handed, client, backend)| {
+                    let handed = handed.unwrap();
+                    let client = std::net::TcpStream::from(client);
+                    let backend = std::net::TcpStream::from(backend);
+                    (
+                        handed,
+                        client.peer_addr().unwrap(),
+                        backend.peer_addr().unwrap(),
+                    )
+                })
+                .collect();
+            answer(&far, &[true, false, true]).unwrap();
+            let committed = committed(&far).unwrap();
+            // The old process closed the link: no more batches.
+            let end = receive_batch(&far).unwrap();
+            (seen, committed, end.is_none())
+        });
+        let refs: Vec<&Parked> = parked.iter().collect();
+        let taken = tokio::task::block_in_place(|| send_batch(&link, &refs)).unwrap();
+        assert_eq!(taken, [true, false, true]);
+        commit(&link).unwrap();
+        drop(link);
+        let (seen, committed, ended) = receiver.join().unwrap();
+        assert!(committed && ended);
+        for (i, (handed, client, backend)) in seen.iter().enumerate() {
+            assert_eq!(handed.backend, format!("b{i}"));
+            assert_eq!(handed.relay.to_client.pending, vec![i as u8; 100 * i]);
+            assert_eq!(handed.relay.to_backend.delivered, i as u64 * 1000);
+            assert_eq!((*client, *backend), peers[i]);
+        }
+    }
+
+    #[test]
+    fn a_batch_whose_descriptors_do_not_match_is_refused() {
+        let (link, far) = UnixStream::pair().unwrap();
+        // A head that says two connections, with no descriptors.
+        let mut head = [0u8; 16];
+        head[..4].copy_from_slice(BATCH_MAGIC);
+        head[4..8].copy_from_slice(&2u32.to_le_bytes());
+        let mut writer = &link;
+        writer.write_all(&head).unwrap();
+        let err = receive_batch(&far).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
 }

@@ -516,6 +516,50 @@ async fn proxy(
     drop(accepted);
 }
 
+/// What became of a parked relay given to an upgrade's hand-over.
+enum Parking {
+    Sent,
+    /// Taken back: relay on.
+    Back(Relay),
+    Lost,
+}
+
+/// Gives a parked relay and what the connection path knows of its connection to the
+/// hand-over ([`Conn::park`]).
+async fn hand_off(
+    route: &ListenerRoute,
+    conn: &Conn,
+    via: &Via,
+    took: Option<Duration>,
+    relay: Relay,
+) -> Parking {
+    let (client, backend, state) = relay.into_parts();
+    let parked = Parked {
+        handed: Handed {
+            listener: route.config.name.clone(),
+            backend: via.name(route).to_string(),
+            client: conn.client(),
+            age: conn.started.elapsed(),
+            connect: took,
+            relay: state,
+        },
+        client,
+        backend,
+    };
+    match conn.park(parked).await {
+        Handoff::Sent => Parking::Sent,
+        Handoff::Back(back) => {
+            conn.take_back();
+            Parking::Back(Relay::from_parts(
+                back.client,
+                back.backend,
+                back.handed.relay,
+            ))
+        }
+        Handoff::Lost => Parking::Lost,
+    }
+}
+
 /// A connection the process before this one handed over, registered here: its place in
 /// the table, and its counts against the listener, its client address and its backend.
 #[derive(Debug)]
@@ -638,26 +682,12 @@ async fn relay_to_end(
             if !matches!(end_of_relay, RelayEnd::Parked) {
                 break (end_of_relay, bytes);
             }
-            let (client, backend, relay_state) = relay.into_parts();
-            let parked = Parked {
-                handed: Handed {
-                    listener: route.config.name.clone(),
-                    backend: via.name(route).to_string(),
-                    client: conn.client(),
-                    age: conn.started.elapsed(),
-                    connect: took,
-                    relay: relay_state,
-                },
-                client,
-                backend,
-            };
-            match conn.park(parked).await {
-                Handoff::Sent => break (RelayEnd::Parked, bytes),
-                Handoff::Back(back) => {
-                    conn.take_back();
-                    relay = Relay::from_parts(back.client, back.backend, back.handed.relay);
-                }
-                Handoff::Lost => {
+            // Boxed: what parking holds is allocated only while a connection parks, not
+            // carried in every connection's future.
+            match Box::pin(hand_off(route, conn, &via, took, relay)).await {
+                Parking::Sent => break (RelayEnd::Parked, bytes),
+                Parking::Back(back) => relay = back,
+                Parking::Lost => {
                     warn!(listener = %route.config.name, client = %conn.client(), "upgrade: connection lost in the hand-over");
                     break (RelayEnd::Stopped, bytes);
                 }
