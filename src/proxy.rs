@@ -520,7 +520,7 @@ async fn proxy(
 enum Parking {
     Sent,
     /// Taken back: relay on.
-    Back(Relay),
+    Back(Box<Relay>),
     Lost,
 }
 
@@ -550,11 +550,12 @@ async fn hand_off(
         Handoff::Sent => Parking::Sent,
         Handoff::Back(back) => {
             conn.take_back();
-            Parking::Back(Relay::from_parts(
-                back.client,
-                back.backend,
-                back.handed.relay,
-            ))
+            let Parked {
+                handed,
+                client,
+                backend,
+            } = *back;
+            Parking::Back(Box::new(Relay::from_parts(client, backend, handed.relay)))
         }
         Handoff::Lost => Parking::Lost,
     }
@@ -686,7 +687,7 @@ async fn relay_to_end(
             // carried in every connection's future.
             match Box::pin(hand_off(route, conn, &via, took, relay)).await {
                 Parking::Sent => break (RelayEnd::Parked, bytes),
-                Parking::Back(back) => relay = back,
+                Parking::Back(back) => relay = *back,
                 Parking::Lost => {
                     warn!(listener = %route.config.name, client = %conn.client(), "upgrade: connection lost in the hand-over");
                     break (RelayEnd::Stopped, bytes);
