@@ -460,15 +460,27 @@ impl Conns {
         self.len() == 0
     }
 
-    /// The entries that `keep` selects, oldest first.
+    /// The entries that `keep` selects, oldest first (by when the connection was
+    /// accepted: one handed over by an upgrade keeps its age).
     pub fn select(&self, keep: impl Fn(&Entry) -> bool) -> Vec<Arc<Entry>> {
         let mut chosen: Vec<Arc<Entry>> = Vec::new();
         for shard in &self.shards {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             chosen.extend(shard.values().filter(|e| keep(e)).cloned());
         }
-        chosen.sort_unstable_by_key(|e| e.id);
+        chosen.sort_unstable_by_key(|e| (e.started, e.id));
         chosen
+    }
+
+    /// How many entries `keep` selects.
+    pub fn count(&self, keep: impl Fn(&Entry) -> bool) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                let shard = s.lock().unwrap_or_else(|e| e.into_inner());
+                shard.values().filter(|e| keep(e)).count()
+            })
+            .sum()
     }
 
     /// Connections of `backend` not asked to end yet, oldest first.
@@ -500,6 +512,14 @@ impl Conns {
             .iter()
             .filter(|e| e.ask(Ask::Park))
             .count()
+    }
+
+    /// Connections still asked to park once a hand-over is over (they never reached
+    /// their relay in time) are as if never asked, and stay.
+    pub fn unpark_all(&self) {
+        for entry in self.select(|e| e.asked() == Some(Ask::Park)) {
+            entry.take_back();
+        }
     }
 
     /// Asks every connection `ask`; returns how many had not been asked before.
@@ -599,10 +619,26 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_handed_over_keeps_its_age() {
+    fn a_connection_handed_over_keeps_its_age_and_counts_as_older_than_those_opened_here() {
         let table = Arc::new(Conns::default());
-        let c = table.open_handed(&listener(), client(), std::time::Duration::from_secs(5));
-        assert!(c.started.elapsed() >= std::time::Duration::from_secs(5));
+        let l = listener();
+        let here = table.open(&l, client());
+        let handed = table.open_handed(&l, client(), std::time::Duration::from_secs(5));
+        assert!(handed.started.elapsed() >= std::time::Duration::from_secs(5));
+        let oldest_first: Vec<u64> = table.select(|_| true).iter().map(|e| e.id).collect();
+        assert_eq!(oldest_first, [handed.id, here.id]);
+    }
+
+    #[test]
+    fn connections_still_asked_to_park_after_a_hand_over_stay_and_are_left_alone() {
+        let table = Arc::new(Conns::default());
+        let c = table.open(&listener(), client());
+        assert_eq!(table.park_all(), 1);
+        table.unpark_all();
+        assert_eq!(c.asked(), None);
+        assert!(c.is_kept());
+        assert_eq!(table.park_all(), 0);
+        assert_eq!(table.count(|e| e.asked().is_none()), 1);
     }
 
     #[test]

@@ -354,14 +354,19 @@ pub fn send_batch(link: &UnixStream, batch: &[&Parked]) -> io::Result<Vec<bool>>
     head[4..8].copy_from_slice(&(batch.len() as u32).to_le_bytes());
     head[8..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
     let rights = [socket::ControlMessage::ScmRights(&fds)];
-    let sent = socket::sendmsg::<()>(
-        link.as_raw_fd(),
-        &[io::IoSlice::new(&head)],
-        &rights,
-        socket::MsgFlags::MSG_NOSIGNAL,
-        None,
-    )
-    .map_err(io::Error::from)?;
+    let sent = loop {
+        match socket::sendmsg::<()>(
+            link.as_raw_fd(),
+            &[io::IoSlice::new(&head)],
+            &rights,
+            socket::MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            // A signal (a reload) during the call: nothing was sent.
+            Err(nix::errno::Errno::EINTR) => continue,
+            sent => break sent.map_err(io::Error::from)?,
+        }
+    };
     let mut writer = link;
     writer.write_all(&head[sent..])?;
     writer.write_all(&payload)?;
@@ -399,13 +404,18 @@ pub fn receive_batch(link: &UnixStream) -> io::Result<Option<Vec<Received>>> {
     let mut space = nix::cmsg_space!([RawFd; 2 * BATCH]);
     let (got, fds) = {
         let mut iov = [io::IoSliceMut::new(&mut head)];
-        let msg = socket::recvmsg::<()>(
-            link.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            socket::MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(io::Error::from)?;
+        let msg = loop {
+            match socket::recvmsg::<()>(
+                link.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                socket::MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                // A signal during the call: nothing was received.
+                Err(nix::errno::Errno::EINTR) => continue,
+                msg => break msg.map_err(io::Error::from)?,
+            }
+        };
         let mut fds = Vec::new();
         for cmsg in msg.cmsgs().map_err(io::Error::from)? {
             if let socket::ControlMessageOwned::ScmRights(received) = cmsg {

@@ -664,6 +664,7 @@ async fn relay_to_end(
             }
         }
     };
+    let mut lost = false;
     let (end_of_relay, bytes) = {
         let mut relay = relay;
         loop {
@@ -690,6 +691,7 @@ async fn relay_to_end(
                 Parking::Back(back) => relay = *back,
                 Parking::Lost => {
                     warn!(listener = %route.config.name, client = %conn.client(), "upgrade: connection lost in the hand-over");
+                    lost = true;
                     break (RelayEnd::Stopped, bytes);
                 }
             }
@@ -719,6 +721,7 @@ async fn relay_to_end(
             }
         }
         RelayEnd::Idle => EndReason::IdleTimeout,
+        RelayEnd::Stopped if lost => EndReason::Error,
         RelayEnd::Stopped => conn.asked().map_or(EndReason::Error, |a| a.reason()),
         RelayEnd::Parked => EndReason::Handover,
     };

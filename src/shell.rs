@@ -46,6 +46,9 @@ use crate::{upgrade, Ballast, Bound};
 /// `upgraded`: the sockets were taken over from a running ballast, which waits for this
 /// process to say it serves ([`upgrade::mark_ready`]).
 pub fn run(config: Config, path: PathBuf, bound: Bound, upgraded: bool) -> bool {
+    if upgraded {
+        crate::systemd::wait_to_be_main();
+    }
     let threads = match config.runtime.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -319,8 +322,8 @@ impl ShutdownSignalWatch for Signals {
                     );
                 }
                 match upgrade::mark_ready(&sock) {
-                    // systemd follows this process from now on (NotifyAccess=all).
-                    Ok(()) => crate::systemd::notify(&format!("MAINPID={}", std::process::id())),
+                    // The old process hands over from now on: systemd follows this one.
+                    Ok(()) => crate::systemd::become_main(),
                     Err(e) => error!(
                         "upgrade: cannot tell the old process that this one serves ({}: {e}); it goes on serving too until it is sent SIGTERM",
                         upgrade::ready_mark(&sock).display()
@@ -362,7 +365,8 @@ impl ShutdownSignalWatch for Signals {
             Stop::HandedOver => {
                 // The new process answers on the admin address from now on.
                 self.admin_stop.send_replace(true);
-                self.ballast.set_replaced();
+                // What remains is this process's own shutdown, not the service's.
+                crate::systemd::step_down();
                 info!("upgrade: the new process serves; this one stops accepting, hands its established connections over and exits");
                 self.ballast.stop_accepting();
                 let sock = self.ballast.routing().config.runtime.upgrade_sock.clone();
@@ -399,6 +403,38 @@ impl ShutdownSignalWatch for Signals {
     }
 }
 
+/// The new process SIGUSR2 started: killed (and reaped) if the upgrade does not go
+/// through, whichever way this process stops waiting for it; kept once it serves, and
+/// reaped whenever it exits while this process lives.
+struct NewProcess(Option<std::process::Child>);
+
+impl NewProcess {
+    fn exited(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
+    fn keep(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            std::thread::spawn(move || child.wait());
+        }
+    }
+}
+
+impl Drop for NewProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            // Nothing was handed over to it: nothing is lost with it.
+            let _ = child.kill();
+            std::thread::spawn(move || child.wait());
+            // Had it told systemd it took over (its mark came too late), this process is
+            // the main one again.
+            crate::systemd::notify(&format!("MAINPID={}", std::process::id()));
+        }
+    }
+}
+
 /// Resolves with the signal's name on the next SIGTERM or SIGINT. Cancel-safe.
 async fn again(term: &mut Signal, int: &mut Signal) -> &'static str {
     tokio::select! {
@@ -428,12 +464,13 @@ impl Signals {
             args.push("--upgrade".into());
         }
         let sock = self.ballast.routing().config.runtime.upgrade_sock.clone();
-        // A socket file nobody waits on, left by an upgrade that failed, would be taken
-        // for the new process's.
-        if std::fs::symlink_metadata(&sock).is_ok()
-            && std::os::unix::net::UnixStream::connect(&sock).is_err()
-        {
-            let _ = std::fs::remove_file(&sock);
+        if std::fs::symlink_metadata(&sock).is_ok() {
+            error!(
+                signal = "SIGUSR2",
+                "upgrade: {} exists: another `run --upgrade` waits there (send SIGQUIT instead), or one that died left it (remove it); still serving",
+                sock.display()
+            );
+            return false;
         }
         info!(signal = "SIGUSR2", binary = %exe.to_string_lossy(), "upgrade: starting the new binary");
         let child = std::process::Command::new(&exe)
@@ -441,7 +478,7 @@ impl Signals {
             .stdin(std::process::Stdio::null())
             .spawn();
         let mut child = match child {
-            Ok(child) => child,
+            Ok(child) => NewProcess(Some(child)),
             Err(e) => {
                 error!(
                     "upgrade: cannot start {} ({e}); still serving",
@@ -450,29 +487,29 @@ impl Signals {
                 return false;
             }
         };
-        let pid = child.id();
         // The new process creates the socket when it waits on it.
         let deadline = tokio::time::Instant::now() + upgrade::TAKEN_WITHIN;
         let waiting = loop {
             if std::fs::symlink_metadata(&sock).is_ok() {
                 break true;
             }
-            if matches!(child.try_wait(), Ok(Some(_))) || tokio::time::Instant::now() >= deadline {
+            if child.exited() || tokio::time::Instant::now() >= deadline {
                 break false;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        // Reaped whenever it exits, while this process lives.
-        std::thread::spawn(move || child.wait());
         if !waiting {
             error!(
-                pid,
                 "upgrade: the new binary did not wait on {} (see its log above); still serving",
                 sock.display()
             );
             return false;
         }
-        self.hand_over().await
+        let handed = self.hand_over().await;
+        if handed {
+            child.keep();
+        }
+        handed
     }
 
     /// SIGQUIT: sends every listening socket to the process waiting on

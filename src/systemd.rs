@@ -7,9 +7,38 @@
 #![allow(unsafe_code)]
 
 use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Sends `state` to `$NOTIFY_SOCKET`, if set. Failures are logged, never fatal.
+/// Whether this process is the one systemd follows, and so the one that speaks: a new
+/// process started for an upgrade is silent until it takes over ([`become_main`]), and
+/// the old one from the moment it has handed over ([`step_down`]). Otherwise a process
+/// that is not the main one (a failed upgrade's, the replaced one) could tell systemd
+/// that the service stops.
+static MAIN: AtomicBool = AtomicBool::new(true);
+
+/// A process started for an upgrade: silent until [`become_main`].
+pub fn wait_to_be_main() {
+    MAIN.store(false, Ordering::Relaxed);
+}
+
+/// This process serves in the old one's place: systemd follows it from now on
+/// (`MAINPID=`; the unit has `NotifyAccess=all`).
+pub fn become_main() {
+    MAIN.store(true, Ordering::Relaxed);
+    notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+}
+
+/// A new process serves in this one's place: nothing more to say.
+pub fn step_down() {
+    MAIN.store(false, Ordering::Relaxed);
+}
+
+/// Sends `state` to `$NOTIFY_SOCKET`, if set and this process is the main one. Failures
+/// are logged, never fatal.
 pub fn notify(state: &str) {
+    if !MAIN.load(Ordering::Relaxed) {
+        return;
+    }
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };

@@ -857,7 +857,10 @@ async fn sigusr2_starts_the_new_binary_and_systemd_follows_it_through_mainpid() 
             break pid.parse().unwrap();
         }
     };
-    assert!(!heard.iter().any(|m| m.contains("STOPPING=1")), "{heard:?}");
+    // Nothing else before: the new process is silent until it takes over, and then says
+    // MAINPID= and READY=1 at once; the old one says nothing.
+    assert_eq!(heard.len(), 1, "{heard:?}");
+    assert!(heard[0].lines().any(|l| l == "READY=1"), "{heard:?}");
     assert_ne!(new_pid, old.child.0.id());
     let (status, log) = old.exit_within(Duration::from_secs(5)).await;
     assert_eq!(status.code(), Some(0), "{log}");

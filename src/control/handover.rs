@@ -29,7 +29,7 @@ use prometheus::IntCounterVec;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::conn::Handoff;
+use crate::conn::{Ask, Handoff};
 use crate::control::RemovedBackend;
 use crate::handover::{
     self, answer, commit, committed, fits, inbox_path, receive_batch, send_batch, Handed, Parked,
@@ -37,7 +37,7 @@ use crate::handover::{
 };
 use crate::proxy::{Resumed, Via};
 use crate::routing::ListenerRoute;
-use crate::state::{BackendState, Health};
+use crate::state::{BackendGuard, Health};
 use crate::Ballast;
 
 /// How long the old process goes on handing connections over (those still connecting
@@ -114,15 +114,18 @@ pub async fn send_connections(ballast: &Ballast, upgrade_sock: &Path) -> Sent {
     let deadline = started + HANDOVER_WITHIN;
     loop {
         conns.park_all();
-        let waiting = conns.select(|e| !e.is_kept()).len();
-        if waiting == 0 || broken.load(Ordering::Relaxed) || Instant::now() >= deadline {
+        // Those closing anyway (drain, rebalance) are not waited for.
+        let parking = conns.count(|e| e.asked() == Some(Ask::Park));
+        if parking == 0 || broken.load(Ordering::Relaxed) || Instant::now() >= deadline {
             break;
         }
         tokio::time::sleep(ROUND).await;
     }
     // Whatever parks from now on is taken back at once; the driver ends once it has
-    // answered every connection given to it.
+    // answered every connection given to it. Those that never reached their relay
+    // stay, for the graceful shutdown that follows.
     conns.set_outbox(None);
+    conns.unpark_all();
     let sent = tokio::task::spawn_blocking(move || driver.join())
         .await
         .ok()
@@ -351,6 +354,11 @@ fn register(
             .map_err(|e| format!("a socket: {e}"))?;
     }
     let conn = ballast.conns().open_handed(&route.state, peer, handed.age);
+    // In the table first, then the look: a shutdown that began before either sees this
+    // entry (and waits for it) or is seen here.
+    if ballast.is_shutting_down() {
+        return Err("this process is shutting down".into());
+    }
     if handed.client != peer {
         conn.set_client(handed.client);
     }
@@ -370,7 +378,7 @@ fn register(
                 name: handed.backend.clone(),
                 addr: backend_addr,
             },
-            gone_backend(ballast, &route, &handed.backend).acquire(),
+            gone_backend(ballast, &route, &handed.backend),
         ),
     };
     conn.set_backend(guard.backend());
@@ -395,9 +403,9 @@ fn register(
     Ok(go)
 }
 
-/// The state of a backend the old process relayed to and this config does not have: it
-/// drains here as if a reload had removed it.
-fn gone_backend(ballast: &Ballast, route: &ListenerRoute, name: &str) -> Arc<BackendState> {
+/// A connection's count against a backend the old process relayed to and this config
+/// does not have: it drains here as if a reload had removed it.
+fn gone_backend(ballast: &Ballast, route: &ListenerRoute, name: &str) -> BackendGuard {
     let state = ballast
         .registry()
         .backend(&route.config.name, name, Health::Up);
@@ -414,5 +422,7 @@ fn gone_backend(ballast: &Ballast, route: &ListenerRoute, name: &str) -> Arc<Bac
             drain_timeout: route.config.drain_timeout,
         });
     }
-    state
+    // Counted before the lock goes: the drain supervisor forgets a removed backend with
+    // no connection.
+    state.acquire()
 }

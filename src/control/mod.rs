@@ -57,9 +57,6 @@ struct Inner {
     ready: AtomicBool,
     /// Graceful shutdown has begun (`/readyz` answers 503).
     shutting_down: AtomicBool,
-    /// A new process serves in this one's place (an upgrade): systemd follows it, and
-    /// this one's shutdown is not the service's.
-    replaced: AtomicBool,
     /// The accept loop of each listener, by name.
     listeners: Mutex<HashMap<String, ListenerHandle>>,
     /// The runtimes that accept loops and connections run on, one loop per runtime per
@@ -136,7 +133,6 @@ impl Ballast {
                 config_path,
                 ready: AtomicBool::new(false),
                 shutting_down: AtomicBool::new(false),
-                replaced: AtomicBool::new(false),
                 listeners: Mutex::new(HashMap::new()),
                 spawner: Mutex::new(None),
                 removed: Mutex::new(Removed::default()),
@@ -389,12 +385,6 @@ impl Ballast {
         self.inner.ready.load(Ordering::Relaxed) && !self.is_shutting_down()
     }
 
-    /// A new process serves in this one's place: what remains is this process's own
-    /// shutdown, not the service's (no `STOPPING=1` for systemd).
-    pub fn set_replaced(&self) {
-        self.inner.replaced.store(true, Ordering::Relaxed);
-    }
-
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutting_down.load(Ordering::Relaxed)
     }
@@ -419,9 +409,7 @@ impl Ballast {
     /// cut. Returns as soon as the last connection has ended, and within `timeout`.
     pub async fn shutdown(&self, timeout: Duration) {
         self.inner.shutting_down.store(true, Ordering::Relaxed);
-        if !self.inner.replaced.load(Ordering::Relaxed) {
-            systemd::notify("STOPPING=1");
-        }
+        systemd::notify("STOPPING=1");
         self.stop_accepting();
         let open = self.active_connections();
         tracing::info!(
