@@ -777,9 +777,10 @@ async fn websockets_mid_message_go_over_whole_and_rebalance_and_drain_work_on_th
     new.terminate_cleanly().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_new_process_that_dies_in_the_middle_of_the_hand_over_leaves_every_connection_to_the_old_one(
-) {
+/// The new process, played by the test: it takes the listening sockets, says it
+/// serves, takes the first batch of connections (their descriptors arrive), then dies
+/// before it answers, or (`hangs`) holds the link without answering for 7 s first.
+async fn a_failed_hand_over_leaves_every_connection_to_the_old_process(hangs: bool) {
     let (a, b) = (Backend::greeter("a").await, Backend::greeter("b").await);
     let s = setup("30s", &[("a", a.addr, 1), ("b", b.addr, 1)]);
     let mut old = Run::spawn(&s.path, false);
@@ -787,9 +788,6 @@ async fn a_new_process_that_dies_in_the_middle_of_the_hand_over_leaves_every_con
     wait_ready(s.admin).await;
     let streams = Streams::start(s.web, 20).await;
 
-    // The new process, played here: it takes the listening sockets, says it serves,
-    // takes the first batch of connections (their descriptors arrive) and dies before
-    // it answers.
     let sock = s.sock.clone();
     let new = tokio::task::spawn_blocking(move || {
         let inherited = ballast::upgrade::receive(&sock).unwrap();
@@ -798,24 +796,63 @@ async fn a_new_process_that_dies_in_the_middle_of_the_hand_over_leaves_every_con
         ballast::upgrade::mark_ready(&sock).unwrap();
         let (link, _) = inbox.accept().unwrap();
         let batch = ballast::handover::receive_batch(&link).unwrap().unwrap();
+        if hangs {
+            std::thread::sleep(Duration::from_secs(7));
+        }
         (inherited, batch.len())
     });
     wait_until("the new process waits", || s.sock.exists()).await;
     old.signal("-QUIT");
-    let (_inherited, taken) = new.await.unwrap();
-    assert!(taken > 0);
-    old.wait_for("upgrade: the new process failed during the hand-over")
+    let failed = old
+        .wait_for("upgrade: the new process failed during the hand-over")
         .await;
     let summary = old
         .wait_for("upgrade: established connections handed over")
         .await;
     assert!(summary.contains("sent=0 kept=20"), "{summary}");
+    if hangs {
+        assert!(
+            failed.contains("timed out") || failed.contains("temporarily unavailable"),
+            "{failed}"
+        );
+    }
+    let (_inherited, taken) = new.await.unwrap();
+    assert!(taken > 0);
 
     // Every connection works on through the old process: nothing lost, nothing reset,
-    // also for those whose descriptors had reached the dead process.
+    // also for those whose descriptors had reached the new process.
     let total = streams.stop_and_check().await;
-    eprintln!("{taken} in the batch the new process died with; {total} bytes checked");
+    eprintln!("{taken} in the batch the new process failed with; {total} bytes checked");
     assert!(old.running());
+    old.terminate_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_process_that_dies_in_the_middle_of_the_hand_over_leaves_every_connection_to_the_old_one(
+) {
+    a_failed_hand_over_leaves_every_connection_to_the_old_process(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_process_that_does_not_answer_within_5s_leaves_every_connection_to_the_old_one() {
+    a_failed_hand_over_leaves_every_connection_to_the_old_process(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_with_a_config_the_new_binary_refuses_keeps_the_old_process_serving() {
+    let a = Backend::greeter("a").await;
+    let s = setup("30s", &[("a", a.addr, 1)]);
+    let mut old = Run::spawn(&s.path, false);
+    old.wait_for("listener bound").await;
+    wait_ready(s.admin).await;
+    let streams = Streams::start(s.web, 5).await;
+    std::fs::write(&s.path, "[[listeners]]\nname = 1\n").unwrap();
+    old.signal("-USR2");
+    old.wait_for("upgrade: the new binary did not wait on")
+        .await;
+    one_exchange(s.web, 0).await.unwrap();
+    wait_ready(s.admin).await;
+    streams.stop_and_check().await;
     old.terminate_cleanly().await;
 }
 
