@@ -152,6 +152,22 @@ impl Run {
     }
 }
 
+/// Starts `run --upgrade` on `config`, sends `old` SIGQUIT once it waits, and waits
+/// `within` for the old process to exit cleanly (0, no panic): the new process, how
+/// long the old one took from SIGQUIT, and the old one's log.
+async fn upgrade(old: &mut Run, config: &Path, within: Duration) -> (Run, Duration, String) {
+    let mut new = Run::spawn(config, true);
+    new.wait_for("upgrade: waiting for listening sockets on")
+        .await;
+    let quit = Instant::now();
+    old.signal("-QUIT");
+    let (status, log) = old.exit_within(within).await;
+    let took = quit.elapsed();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    (new, took, log)
+}
+
 /// Waits until `/readyz` at `admin` answers 200.
 async fn wait_ready(admin: SocketAddr) {
     let deadline = Instant::now() + DEADLINE;
@@ -590,16 +606,8 @@ async fn an_upgrade_hands_over_50_streaming_connections_with_no_byte_lost_and_th
     let churn = Churn::start(s.web);
     churn.wait_for_more(50).await;
 
-    let mut new = Run::spawn(&s.path, true);
-    new.wait_for("upgrade: waiting for listening sockets on")
-        .await;
-    let quit = Instant::now();
-    old.signal("-QUIT");
-    let (status, old_log) = old.exit_within(Duration::from_secs(5)).await;
-    let gone = quit.elapsed();
+    let (new, gone, old_log) = upgrade(&mut old, &s.path, Duration::from_secs(5)).await;
     eprintln!("the old process was gone {gone:?} after SIGQUIT");
-    assert_eq!(status.code(), Some(0), "{old_log}");
-    assert!(!old_log.contains("panicked"), "{old_log}");
     let handed = old_log
         .lines()
         .find(|l| l.contains("upgrade: established connections handed over"))
@@ -686,12 +694,7 @@ async fn websockets_mid_message_go_over_whole_and_rebalance_and_drain_work_on_th
         clients.push((ws, payload, frame, half));
     }
 
-    let mut new = Run::spawn(&s.path, true);
-    new.wait_for("upgrade: waiting for listening sockets on")
-        .await;
-    old.signal("-QUIT");
-    let (status, old_log) = old.exit_within(Duration::from_secs(5)).await;
-    assert_eq!(status.code(), Some(0), "{old_log}");
+    let (mut new, _, old_log) = upgrade(&mut old, &s.path, Duration::from_secs(5)).await;
     assert!(old_log.contains("sent=20 kept=0"), "{old_log}");
 
     // The rest of each message goes through the new process, and every echo comes back
@@ -1071,14 +1074,7 @@ async fn measure_an_upgrade_of_idle_connections() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     // Through the upgrade: from the new process's start on.
     split.set(Instant::now()).unwrap();
-    let mut new = Run::spawn(&s.path, true);
-    new.wait_for("upgrade: waiting for listening sockets on")
-        .await;
-    let quit = Instant::now();
-    old.signal("-QUIT");
-    let (status, log) = old.exit_within(Duration::from_secs(60)).await;
-    let upgrade = quit.elapsed();
-    assert_eq!(status.code(), Some(0), "{log}");
+    let (new, took, log) = upgrade(&mut old, &s.path, Duration::from_secs(60)).await;
     let handed = log
         .lines()
         .find(|l| l.contains("upgrade: established connections handed over"))
@@ -1100,7 +1096,7 @@ async fn measure_an_upgrade_of_idle_connections() {
     };
     eprintln!(
         "IDLE-UPGRADE conns={n} sigquit_to_old_gone_ms={} handover: {} | longest wait per connection, ms: baseline {} | through the upgrade {}",
-        upgrade.as_millis(),
+        took.as_millis(),
         handed.split("handed over").nth(1).unwrap_or("").trim(),
         quantiles(longest.iter().map(|l| l.0).collect()),
         quantiles(longest.iter().map(|l| l.1).collect()),
