@@ -15,6 +15,7 @@
 //! connections. The task starts on the worker that accepted the connection, or on the
 //! least loaded one when that worker is ahead ([`crate::workers`]); it stays there.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -640,34 +641,38 @@ impl Via {
 /// Relays until the connection ends, and says how it ended. Asked to park (an upgrade),
 /// the relay stops at a safe point and the connection goes to the new process
 /// ([`Conn::park`]); one taken back resumes here where it stood.
-async fn relay_to_end(
-    route: &ListenerRoute,
-    conn: &Conn,
+///
+/// Not an `async fn`: one of those keeps its arguments apart from the locals it moves
+/// them into, and every open connection would carry its relay twice. This future holds
+/// the one it is given, in place.
+#[allow(clippy::manual_async_fn)]
+fn relay_to_end<'a>(
+    route: &'a ListenerRoute,
+    conn: &'a Conn,
     via: Via,
     took: Option<Duration>,
-    relay: Relay,
-    state: &Arc<BackendState>,
-) -> Ended {
-    let index = match via {
-        Via::Route(i) => Some(i),
-        Via::Gone { .. } => None,
-    };
-    let to_backend = |n| state.add_sent(n);
-    // Passive ejection: the backend's first byte to its client is a success (a
-    // connection handed over was answered long ago, or not by this process's backend).
-    let answered = std::sync::atomic::AtomicBool::new(relay.totals().1 > 0 || index.is_none());
-    let to_client = |n| {
-        state.add_received(n);
-        if route.config.outlier.is_some() && !answered.swap(true, Ordering::Relaxed) {
-            if let Some(i) = index {
-                route.observe(i, false);
+    mut relay: Relay,
+    state: &'a Arc<BackendState>,
+) -> impl Future<Output = Ended> + 'a {
+    async move {
+        let index = match via {
+            Via::Route(i) => Some(i),
+            Via::Gone { .. } => None,
+        };
+        let to_backend = |n| state.add_sent(n);
+        // Passive ejection: the backend's first byte to its client is a success (a
+        // connection handed over was answered long ago, or not by this process's backend).
+        let answered = std::sync::atomic::AtomicBool::new(relay.totals().1 > 0 || index.is_none());
+        let to_client = |n| {
+            state.add_received(n);
+            if route.config.outlier.is_some() && !answered.swap(true, Ordering::Relaxed) {
+                if let Some(i) = index {
+                    route.observe(i, false);
+                }
             }
-        }
-    };
-    let mut lost = false;
-    let (end_of_relay, bytes) = {
-        let mut relay = relay;
-        loop {
+        };
+        let mut lost = false;
+        let (end_of_relay, bytes) = loop {
             let stop = async {
                 match conn.wait_ask(None).await {
                     Ask::Close(_) => Stop::Close,
@@ -695,42 +700,42 @@ async fn relay_to_end(
                     break (RelayEnd::Stopped, bytes);
                 }
             }
-        }
-    };
-    // Passive ejection: a reset before the backend's first byte is a failure.
-    if let Some(i) = index {
-        if bytes.1 == 0
-            && matches!(&end_of_relay, RelayEnd::Failed { side: Side::Backend, error } if is_reset(error))
-        {
-            route.observe(i, true);
-        }
-    }
-    let reason = match end_of_relay {
-        RelayEnd::Closed {
-            first: Side::Client,
-        } => EndReason::ClientClosed,
-        RelayEnd::Closed {
-            first: Side::Backend,
-        } => EndReason::BackendClosed,
-        RelayEnd::Failed { side, error } => {
-            debug!(listener = %route.config.name, client = %conn.client(), ?side, %error, "closed on error");
-            match side {
-                _ if is_local_exhaustion(&error) => EndReason::Error,
-                Side::Client => EndReason::ClientClosed,
-                Side::Backend => EndReason::BackendClosed,
+        };
+        // Passive ejection: a reset before the backend's first byte is a failure.
+        if let Some(i) = index {
+            if bytes.1 == 0
+                && matches!(&end_of_relay, RelayEnd::Failed { side: Side::Backend, error } if is_reset(error))
+            {
+                route.observe(i, true);
             }
         }
-        RelayEnd::Idle => EndReason::IdleTimeout,
-        RelayEnd::Stopped if lost => EndReason::Error,
-        RelayEnd::Stopped => conn.asked().map_or(EndReason::Error, |a| a.reason()),
-        RelayEnd::Parked => EndReason::Handover,
-    };
-    Ended {
-        reason,
-        refusal: None,
-        backend: Some(via),
-        connect: took,
-        bytes,
+        let reason = match end_of_relay {
+            RelayEnd::Closed {
+                first: Side::Client,
+            } => EndReason::ClientClosed,
+            RelayEnd::Closed {
+                first: Side::Backend,
+            } => EndReason::BackendClosed,
+            RelayEnd::Failed { side, error } => {
+                debug!(listener = %route.config.name, client = %conn.client(), ?side, %error, "closed on error");
+                match side {
+                    _ if is_local_exhaustion(&error) => EndReason::Error,
+                    Side::Client => EndReason::ClientClosed,
+                    Side::Backend => EndReason::BackendClosed,
+                }
+            }
+            RelayEnd::Idle => EndReason::IdleTimeout,
+            RelayEnd::Stopped if lost => EndReason::Error,
+            RelayEnd::Stopped => conn.asked().map_or(EndReason::Error, |a| a.reason()),
+            RelayEnd::Parked => EndReason::Handover,
+        };
+        Ended {
+            reason,
+            refusal: None,
+            backend: Some(via),
+            connect: took,
+            bytes,
+        }
     }
 }
 
