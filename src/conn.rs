@@ -110,7 +110,7 @@ pub enum Ask {
     /// Stop relaying at the next safe point and hand the connection over to a new
     /// process (an upgrade). A connection not relaying yet parks once it is; a close or
     /// an abort asked later replaces it, and a connection taken back resumes as if
-    /// nothing had been asked ([`Entry::resume`]).
+    /// nothing had been asked ([`Entry::take_back`]).
     Park,
 }
 
@@ -237,6 +237,12 @@ impl Entry {
     /// Whether it was taken back from a hand-over.
     pub fn is_kept(&self) -> bool {
         self.kept.load(Ordering::Relaxed)
+    }
+
+    /// Whether it was asked to end (a close or an abort; a park is no end, and a close
+    /// replaces it).
+    pub fn is_ending(&self) -> bool {
+        matches!(self.asked(), Some(Ask::Close(_) | Ask::Abort(_)))
     }
 
     /// Resolves when the connection is asked to end (a close or an abort; not a park,
@@ -485,7 +491,7 @@ impl Conns {
 
     /// Connections of `backend` not asked to end yet, oldest first.
     fn of_backend(&self, backend: &Arc<BackendState>) -> Vec<Arc<Entry>> {
-        self.select(|e| e.asked().is_none() && e.is_on(backend))
+        self.select(|e| !e.is_ending() && e.is_on(backend))
     }
 
     /// Asks up to `n` connections of `backend` to close cleanly with `reason`, the
@@ -514,14 +520,6 @@ impl Conns {
             .count()
     }
 
-    /// Connections still asked to park once a hand-over is over (they never reached
-    /// their relay in time) are as if never asked, and stay.
-    pub fn unpark_all(&self) {
-        for entry in self.select(|e| e.asked() == Some(Ask::Park)) {
-            entry.take_back();
-        }
-    }
-
     /// Asks every connection `ask`; returns how many had not been asked before.
     pub fn ask_all(&self, ask: Ask) -> usize {
         self.select(|_| true).iter().filter(|e| e.ask(ask)).count()
@@ -530,7 +528,7 @@ impl Conns {
     /// Asks the oldest connections not asked yet to close with `reason`: as many as
     /// `share` says of how many are left; one scan of the table.
     pub fn close_share(&self, share: impl FnOnce(usize) -> usize, reason: EndReason) -> usize {
-        let left = self.select(|e| e.asked().is_none());
+        let left = self.select(|e| !e.is_ending());
         let n = share(left.len());
         left.iter()
             .take(n)
@@ -630,15 +628,16 @@ mod tests {
     }
 
     #[test]
-    fn connections_still_asked_to_park_after_a_hand_over_stay_and_are_left_alone() {
+    fn connections_still_asked_to_park_after_a_hand_over_can_still_be_closed() {
         let table = Arc::new(Conns::default());
-        let c = table.open(&listener(), client());
+        let l = listener();
+        let c = table.open(&l, client());
         assert_eq!(table.park_all(), 1);
-        table.unpark_all();
-        assert_eq!(c.asked(), None);
-        assert!(c.is_kept());
-        assert_eq!(table.park_all(), 0);
-        assert_eq!(table.count(|e| e.asked().is_none()), 1);
+        // A shutdown's close (or a drain's) finds it, and replaces the park.
+        assert_eq!(table.close_share(|left| left, EndReason::Shutdown), 1);
+        assert_eq!(c.asked(), Some(Ask::Close(EndReason::Shutdown)));
+        assert!(c.is_ending());
+        assert_eq!(table.close_share(|left| left, EndReason::Shutdown), 0);
     }
 
     #[test]

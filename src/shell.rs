@@ -365,8 +365,14 @@ impl ShutdownSignalWatch for Signals {
             Stop::HandedOver => {
                 // The new process answers on the admin address from now on.
                 self.admin_stop.send_replace(true);
-                // What remains is this process's own shutdown, not the service's.
-                crate::systemd::step_down();
+                // What remains is this process's own shutdown, not the service's. Not in
+                // the middle of a reload, whose READY=1 would never come.
+                let ballast = self.ballast.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _reloads = ballast.lock_reload();
+                    crate::systemd::step_down();
+                })
+                .await;
                 info!("upgrade: the new process serves; this one stops accepting, hands its established connections over and exits");
                 self.ballast.stop_accepting();
                 let sock = self.ballast.routing().config.runtime.upgrade_sock.clone();
@@ -403,36 +409,61 @@ impl ShutdownSignalWatch for Signals {
     }
 }
 
-/// The new process SIGUSR2 started: killed (and reaped) if the upgrade does not go
-/// through, whichever way this process stops waiting for it; kept once it serves, and
-/// reaped whenever it exits while this process lives.
-struct NewProcess(Option<std::process::Child>);
+/// The new process SIGUSR2 started: asked to stop (SIGTERM: it closes what it may have
+/// accepted gracefully, and says nothing to systemd) if the upgrade does not go through,
+/// whichever way this process stops waiting for it; kept once it serves. Reaped
+/// whenever it exits while this process lives.
+struct NewProcess {
+    child: Option<std::process::Child>,
+    /// `runtime.upgrade_sock`: what a stopped one may leave behind is removed.
+    sock: PathBuf,
+}
 
 impl NewProcess {
     fn exited(&mut self) -> bool {
-        self.0
+        self.child
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
 
     fn keep(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            std::thread::spawn(move || child.wait());
+        if let Some(child) = self.child.take() {
+            reap(child, || {});
         }
     }
 }
 
 impl Drop for NewProcess {
     fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            // Nothing was handed over to it: nothing is lost with it.
-            let _ = child.kill();
-            std::thread::spawn(move || child.wait());
-            // Had it told systemd it took over (its mark came too late), this process is
-            // the main one again.
+        let Some(child) = self.child.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let sock = self.sock.clone();
+        reap(child, move || {
+            // A socket it waited on, the connections' socket, its mark: a later
+            // upgrade must not take them for another process's.
+            let mark = upgrade::ready_mark(&sock);
+            for path in [crate::handover::inbox_path(&sock), mark, sock] {
+                let _ = std::fs::remove_file(path);
+            }
+            // Had it told systemd it took over (its mark came too late), this process
+            // is the main one again.
             crate::systemd::notify(&format!("MAINPID={}", std::process::id()));
-        }
+        });
     }
+}
+
+/// Waits for `child` on a thread of its own, then runs `then`. Without a thread to be had
+/// (a limit on threads), the child is left to be reaped by whoever inherits it.
+fn reap(mut child: std::process::Child, then: impl FnOnce() + Send + 'static) {
+    let _ = std::thread::Builder::new()
+        .name("ballast-reaper".into())
+        .spawn(move || {
+            let _ = child.wait();
+            then();
+        });
 }
 
 /// Resolves with the signal's name on the next SIGTERM or SIGINT. Cancel-safe.
@@ -478,7 +509,10 @@ impl Signals {
             .stdin(std::process::Stdio::null())
             .spawn();
         let mut child = match child {
-            Ok(child) => NewProcess(Some(child)),
+            Ok(child) => NewProcess {
+                child: Some(child),
+                sock: sock.clone(),
+            },
             Err(e) => {
                 error!(
                     "upgrade: cannot start {} ({e}); still serving",

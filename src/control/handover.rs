@@ -123,9 +123,9 @@ pub async fn send_connections(ballast: &Ballast, upgrade_sock: &Path) -> Sent {
     }
     // Whatever parks from now on is taken back at once; the driver ends once it has
     // answered every connection given to it. Those that never reached their relay
-    // stay, for the graceful shutdown that follows.
+    // stay, asked to park until they do (and are taken back then): the graceful
+    // shutdown that follows closes them as any other, a close replacing the park.
     conns.set_outbox(None);
-    conns.unpark_all();
     let sent = tokio::task::spawn_blocking(move || driver.join())
         .await
         .ok()
@@ -267,6 +267,8 @@ fn take_connections(ballast: &Ballast, listener: &UnixListener, path: &PathBuf) 
         };
         let mut taken = Vec::with_capacity(batch.len());
         let mut waiting = Vec::with_capacity(batch.len());
+        // No reload between a connection's look at the routing and its count.
+        let reloads = ballast.lock_reload();
         for (handed, client, backend) in batch {
             let registered = handed
                 .map_err(|e| format!("its state cannot be read: {e}"))
@@ -283,6 +285,7 @@ fn take_connections(ballast: &Ballast, listener: &UnixListener, path: &PathBuf) 
                 }
             }
         }
+        drop(reloads);
         // Dropped without a go, the connections registered here let go of their
         // sockets: the old process relays them on.
         if answer(&link, &taken).is_err() || !committed(&link).unwrap_or(false) {
@@ -406,10 +409,11 @@ fn register(
 /// A connection's count against a backend the old process relayed to and this config
 /// does not have: it drains here as if a reload had removed it.
 fn gone_backend(ballast: &Ballast, route: &ListenerRoute, name: &str) -> BackendGuard {
+    // The drain supervisor's order: the removed list, then the registry.
+    let mut removed = ballast.removed();
     let state = ballast
         .registry()
         .backend(&route.config.name, name, Health::Up);
-    let mut removed = ballast.removed();
     if !removed
         .backends
         .iter()
