@@ -616,24 +616,33 @@ pub(crate) async fn resume(
 
 /// A connected connection's backend: in its route, or, for a connection handed over by
 /// the process before this one, a backend this config no longer has (it drains here).
+/// Boxed where it is rare, so that every connection carries two words.
 #[derive(Debug, Clone)]
 pub(crate) enum Via {
     Route(usize),
-    Gone { name: String, addr: SocketAddr },
+    Gone(Box<(String, SocketAddr)>),
 }
 
 impl Via {
+    /// The backend's index in the route, where it has one.
+    fn index(&self) -> Option<usize> {
+        match self {
+            Via::Route(i) => Some(*i),
+            Via::Gone(_) => None,
+        }
+    }
+
     fn name<'a>(&'a self, route: &'a ListenerRoute) -> &'a str {
         match self {
             Via::Route(i) => &route.backends[*i].config.name,
-            Via::Gone { name, .. } => name,
+            Via::Gone(gone) => &gone.0,
         }
     }
 
     fn addr(&self, route: &ListenerRoute) -> SocketAddr {
         match self {
             Via::Route(i) => route.backends[*i].config.addr,
-            Via::Gone { addr, .. } => *addr,
+            Via::Gone(gone) => gone.1,
         }
     }
 }
@@ -655,18 +664,15 @@ fn relay_to_end<'a>(
     state: &'a Arc<BackendState>,
 ) -> impl Future<Output = Ended> + 'a {
     async move {
-        let index = match via {
-            Via::Route(i) => Some(i),
-            Via::Gone { .. } => None,
-        };
         let to_backend = |n| state.add_sent(n);
         // Passive ejection: the backend's first byte to its client is a success (a
         // connection handed over was answered long ago, or not by this process's backend).
-        let answered = std::sync::atomic::AtomicBool::new(relay.totals().1 > 0 || index.is_none());
+        let answered =
+            std::sync::atomic::AtomicBool::new(relay.totals().1 > 0 || via.index().is_none());
         let to_client = |n| {
             state.add_received(n);
             if route.config.outlier.is_some() && !answered.swap(true, Ordering::Relaxed) {
-                if let Some(i) = index {
+                if let Some(i) = via.index() {
                     route.observe(i, false);
                 }
             }
@@ -702,7 +708,7 @@ fn relay_to_end<'a>(
             }
         };
         // Passive ejection: a reset before the backend's first byte is a failure.
-        if let Some(i) = index {
+        if let Some(i) = via.index() {
             if bytes.1 == 0
                 && matches!(&end_of_relay, RelayEnd::Failed { side: Side::Backend, error } if is_reset(error))
             {

@@ -377,10 +377,7 @@ fn register(
     {
         Some(i) => (Via::Route(i), route.backends[i].state.acquire()),
         None => (
-            Via::Gone {
-                name: handed.backend.clone(),
-                addr: backend_addr,
-            },
+            Via::Gone(Box::new((handed.backend.clone(), backend_addr))),
             gone_backend(ballast, &route, &handed.backend),
         ),
     };
